@@ -1,0 +1,200 @@
+"""MoC routing: which chunks every query token attends to, computed once for all backends.
+
+For: chunk descriptors (mean of each chunk's keys), forced links (own chunk, own shot or a local
+window, the text anchor), the causal rule, per-token per-head top-k, and the training-time
+context drop-off / drop-in. The result is a `Selection` (selection.py): sparsity as data.
+Not for: computing attention (attention.py and the backends) or the fused GPU routing
+(triton_routing.py, which must return the same Selection).
+
+Rules, exactly (MOC.md §1):
+  forced(i, j): j == i; or same shot (anchor="shot"); or same shot and |i - j| <= window
+      (anchor="window"); or, with text_anchor, j is the global caption or the caption of i's shot.
+  candidate(i, j): not forced(i, j), and j < i when causal (chunk order = sequence order).
+  routed(t): the top min(k, #candidates) candidates of t's chunk by q_t · mean(K_j), per head.
+Descriptors are taken from whichever keys the caller passes: the Wan processor passes post-RoPE
+q and k by default (MoCConfig.descriptor_rope), so scores rank chunks the way attention will.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layout import TokenLayout
+from .selection import Selection
+
+ANCHORS = ("shot", "chunk", "window")
+
+
+@dataclass(frozen=True)
+class MoCConfig:
+    top_k: int = 5  # routed chunks per query token and head (paper: 3 single-shot, 5 multi-shot)
+    anchor: str = "shot"  # forced intra link: "shot" (whole shot), "chunk" (own chunk), "window"
+    window: int = 1  # anchor="window": chunks within this distance in the same shot are forced
+    text_anchor: bool = True  # video queries always see the global caption and their shot's caption
+    causal: bool = True  # a routed chunk must lie strictly before the query's chunk
+    descriptor_rope: bool = True  # route on post-RoPE q/k (True) or pre-RoPE q/k (False)
+    drop_off: float = 0.5  # training: p ~ U(0, drop_off), drop floor(p * n_routed) routed chunks
+    drop_in: float = 0.6  # training: add m ~ Poisson(drop_in) random candidate chunks (m <= top_k)
+    tile: int = 128  # query rows per tile of the selection's key-range union (= kernel BLOCK_M)
+    route_block: int = 4096  # query tokens scored at once (bounds the fp32 score buffer)
+
+    def __post_init__(self):
+        if int(self.top_k) <= 0:
+            raise ValueError(f"top_k must be >= 1 (routed chunks per query), got {self.top_k}")
+        if self.anchor not in ANCHORS:
+            raise ValueError(f"anchor must be one of {ANCHORS}, got {self.anchor!r}")
+        if int(self.window) < 0:
+            raise ValueError(f"window must be >= 0 chunks, got {self.window}")
+        if not 0.0 <= float(self.drop_off) <= 1.0:
+            raise ValueError(f"drop_off must be in [0, 1] (max fraction of routed chunks dropped), got {self.drop_off}")
+        if not 0.0 <= float(self.drop_in) <= 64.0:
+            raise ValueError(f"drop_in must be in [0, 64] (Poisson rate of added chunks), got {self.drop_in}")
+        if int(self.tile) <= 0 or int(self.tile) & (int(self.tile) - 1):
+            raise ValueError(f"tile must be a power of two >= 1, got {self.tile}")
+        if int(self.route_block) <= 0:
+            raise ValueError(f"route_block must be >= 1, got {self.route_block}")
+
+    @property
+    def max_routed(self) -> int:
+        """Slots per token in Selection.routed: top_k plus up to top_k dropped-in chunks."""
+        return 2 * self.top_k if self.drop_in > 0 else self.top_k
+
+
+def forced_links(layout: TokenLayout, config: MoCConfig) -> torch.Tensor:
+    """(C, C) bool: query chunk i always attends key chunk j (before any top-k)."""
+    lt = layout.tensors
+    idx = torch.arange(layout.num_chunks)
+    same_shot = lt.chunk_shot[:, None] == lt.chunk_shot[None, :]
+    forced = idx[:, None] == idx[None, :]
+    if config.anchor == "shot":
+        forced |= same_shot
+    elif config.anchor == "window":
+        forced |= same_shot & ((idx[:, None] - idx[None, :]).abs() <= config.window)
+    if config.text_anchor:
+        key_text = lt.chunk_is_text[None, :]
+        own_caption = lt.chunk_shot[None, :] == lt.chunk_shot[:, None]
+        global_caption = lt.chunk_shot[None, :] == -1
+        forced |= key_text & (own_caption | global_caption)
+    return forced
+
+
+def candidate_links(layout: TokenLayout, config: MoCConfig, forced: torch.Tensor) -> torch.Tensor:
+    """(C, C) bool: key chunk j may be routed to a query in chunk i."""
+    cand = ~forced
+    if config.causal:
+        cand &= torch.ones_like(forced).tril(-1)  # strictly earlier chunks only
+    return cand
+
+
+def chunk_descriptors(k: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+    """Mean key of every chunk, per head: k (B, H, N, D) -> (B, H, C, D) float32."""
+    lt = layout.tensors.to(k.device)
+    B, H, N, D = k.shape
+    sums = torch.zeros(B, H, layout.num_chunks, D, device=k.device, dtype=torch.float32)
+    sums.index_add_(2, lt.token_chunk, k.float())  # segment sum over each chunk's tokens
+    return sums / lt.chunk_len.to(torch.float32)[None, None, :, None]
+
+
+def check_qk(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, q_offset: int) -> None:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be (B, H, N, D); got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[1] != k.shape[1] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must agree in B, H and D; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if k.shape[2] != layout.num_tokens:
+        raise ValueError(f"k has {k.shape[2]} tokens but the layout has {layout.num_tokens}: "
+                         "k must cover the whole layout")
+    if not 0 <= q_offset or q_offset + q.shape[2] > layout.num_tokens:
+        raise ValueError(f"q_offset must be in [0, {layout.num_tokens - q.shape[2]}] so the "
+                         f"{q.shape[2]} queries fit the layout, got {q_offset}")
+    if q.shape[2] == 0:
+        raise ValueError("q must hold at least one query token, got 0")
+
+
+@torch.no_grad()
+def route(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: MoCConfig, *,
+          q_offset: int = 0, training: bool = False, generator: torch.Generator | None = None,
+          descriptors: torch.Tensor | None = None) -> Selection:
+    """Reference routing. q (B, H, Nq, D) are the layout's tokens [q_offset, q_offset + Nq);
+    k (B, H, N, D) covers the whole layout. Returns the Selection every backend consumes.
+    `descriptors` (B, H, C, D) may be passed when already known (e.g. cached context)."""
+    check_qk(q, k, layout, q_offset)
+    B, H, Nq, D = q.shape
+    device = q.device
+    lt = layout.tensors.to(device)
+    forced = forced_links(layout, config).to(device)
+    cand = candidate_links(layout, config, forced.cpu()).to(device)
+    desc = chunk_descriptors(k, layout) if descriptors is None else descriptors.float()
+    kk = min(config.top_k, layout.num_chunks)
+    slots = config.max_routed if training else config.top_k
+    routed = torch.full((B, H, Nq, slots), -1, dtype=torch.int32, device=device)
+
+    for t0 in range(0, Nq, config.route_block):
+        t1 = min(t0 + config.route_block, Nq)
+        qc = lt.token_chunk[q_offset + t0:q_offset + t1]  # (T,) query chunk of every token
+        allowed = cand[qc]  # (T, C)
+        scores = torch.einsum("bhtd,bhcd->bhtc", q[:, :, t0:t1].float(), desc)  # (B, H, T, C)
+        scores.masked_fill_(~allowed, float("-inf"))
+        val, idx = scores.topk(kk, dim=-1)  # (B, H, T, kk)
+        idx = torch.where(torch.isfinite(val), idx, -1)  # fewer candidates than k: keep what exists
+        if training:
+            idx = _drop_off(idx, config.drop_off, generator)
+            extra = _drop_in(idx, allowed, config, generator)
+            idx = torch.cat([idx, extra], dim=-1)
+        routed[:, :, t0:t1, :idx.shape[-1]] = idx.to(torch.int32)
+
+    return Selection.build(layout, config.tile, forced, routed, q_offset)
+
+
+def _drop_off(idx: torch.Tensor, p_max: float, generator) -> torch.Tensor:
+    """Per query: p ~ U(0, p_max); remove floor(p * n_routed) of its routed chunks at random."""
+    if p_max <= 0:
+        return idx
+    valid = idx >= 0
+    n = valid.sum(-1, keepdim=True)  # (B, H, T, 1)
+    p = torch.rand(n.shape, generator=generator, device=idx.device) * p_max
+    n_drop = torch.floor(p * n).long()
+    r = torch.rand(idx.shape, generator=generator, device=idx.device)
+    r = r.masked_fill(~valid, 2.0)  # empty slots rank last, never "dropped"
+    rank = r.argsort(-1).argsort(-1)  # random rank of every slot among the valid ones
+    return idx.masked_fill(rank < n_drop, -1)
+
+
+def _drop_in(idx: torch.Tensor, allowed: torch.Tensor, config: MoCConfig, generator) -> torch.Tensor:
+    """Per query: m ~ Poisson(drop_in), m <= top_k; add m random candidates not yet routed."""
+    B, H, T, _ = idx.shape
+    C = allowed.shape[-1]
+    lam = config.drop_in
+    if lam <= 0:
+        return idx.new_full((B, H, T, 0), -1)
+    m = torch.poisson(torch.full((B, H, T, 1), lam, device=idx.device), generator=generator)
+    m = m.clamp(max=config.top_k).long()
+    # mark already-routed chunks as taken; empty slots (-1) write into a spare column C
+    free = torch.cat([allowed.expand(B, H, T, C), allowed.new_zeros(B, H, T, 1)], -1).clone()
+    free.scatter_(-1, torch.where(idx >= 0, idx, C).long(), False)
+    free = free[..., :C]
+    r = torch.rand((B, H, T, C), generator=generator, device=idx.device).masked_fill(~free, -1.0)
+    val, extra = r.topk(min(config.top_k, C), dim=-1)
+    slot = torch.arange(extra.shape[-1], device=idx.device)
+    keep = (slot < m) & (val >= 0)
+    extra = torch.where(keep, extra, -1)
+    if extra.shape[-1] < config.top_k:
+        extra = torch.cat([extra, extra.new_full((B, H, T, config.top_k - extra.shape[-1]), -1)], -1)
+    return extra
+
+
+def expected_density(layout: TokenLayout, config: MoCConfig) -> float:
+    """Density if every query routes min(k, candidates) chunks of average length (no data)."""
+    forced = forced_links(layout, config)
+    cand = candidate_links(layout, config, forced)
+    lt = layout.tensors
+    clen = lt.chunk_len.double()
+    n_cand = cand.sum(1).double()
+    mean_cand_len = torch.where(n_cand > 0, (cand.double() @ clen) / n_cand.clamp(min=1), 0.0)
+    per_chunk = forced.double() @ clen + torch.minimum(n_cand, torch.tensor(float(config.top_k))) * mean_cand_len
+    return float((per_chunk * clen).sum() / (layout.num_tokens ** 2))
+
+
+__all__ = ["MoCConfig", "route", "forced_links", "candidate_links", "chunk_descriptors",
+           "expected_density"]

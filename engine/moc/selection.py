@@ -1,0 +1,172 @@
+"""The Selection: MoC sparsity as data, produced once by routing and consumed by every backend.
+
+For: holding, per query token and head, the chunks it routed to (plus the layout's forced links),
+and per query tile the union of chunks its tokens need, flagged full (every token of the tile
+attends the chunk) or partial (per-token masking needed). Debug views (`token_mask`,
+`dense_mask`), `density()`, and the routing statistics that feed the heatmaps.
+Not for: deciding the routing (routing.py) or computing attention (backends).
+
+Shapes: B batch, H heads, Nq query tokens (layout tokens [q_offset, q_offset + Nq)), N layout
+tokens (= keys), C chunks, R routed slots per token (-1 = empty), T = ceil(Nq / tile) tiles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .layout import TokenLayout
+
+
+@dataclass
+class RoutingStats:
+    """Cheap per-call summary; tensors live on the CPU."""
+
+    chunk_counts: torch.Tensor  # (H, C, C) int64: query tokens of chunk i (rows) routing to chunk j
+    density_per_head: torch.Tensor  # (H,) float64: attended (q, k) pairs / (Nq * N)
+    union_chunks_per_tile: float  # mean chunks (forced + routed) in a query tile's union
+    routed_chunks_per_tile: float  # mean distinct routed chunks in a tile's union (compare to k)
+    q_offset: int  # first layout token of the queries
+    num_queries: int  # Nq
+    backend: str  # which backend computed the attention ("" until one ran)
+
+    @property
+    def density(self) -> float:
+        return float(self.density_per_head.mean())
+
+
+@dataclass
+class Selection:
+    layout: TokenLayout
+    tile: int  # query rows per tile
+    q_offset: int  # queries are layout tokens [q_offset, q_offset + Nq)
+    forced: torch.Tensor  # (C, C) bool: query chunk i always attends key chunk j
+    routed: torch.Tensor  # (B, H, Nq, R) int32 routed chunk ids, -1 = empty slot
+    tile_count: torch.Tensor  # (B, H, T) int32 chunks in each tile's union
+    tile_chunks: torch.Tensor  # (B, H, T, C) int32 union chunk ids ascending, then -1
+    tile_full: torch.Tensor  # (B, H, T, C) bool, aligned with tile_chunks: no per-token mask needed
+    info: dict = field(default_factory=dict)  # what ran on it (backend, dispatch reason)
+
+    @staticmethod
+    def build(layout: TokenLayout, tile: int, forced: torch.Tensor, routed: torch.Tensor,
+              q_offset: int) -> "Selection":
+        B, H, Nq, R = routed.shape
+        C = layout.num_chunks
+        device = routed.device
+        qchunk = layout.tensors.token_chunk.to(device)[q_offset:q_offset + Nq]  # (Nq,)
+        T = -(-Nq // tile)
+        tile_of = torch.arange(Nq, device=device) // tile  # (Nq,)
+        # routed selections counted per (tile, chunk); empty slots land in spare column C
+        slot = torch.where(routed >= 0, routed.long(), C) + (tile_of * (C + 1))[None, None, :, None]
+        counts = torch.zeros(B, H, T * (C + 1), dtype=torch.int32, device=device)
+        counts.scatter_add_(2, slot.reshape(B, H, -1), torch.ones_like(slot, dtype=torch.int32).reshape(B, H, -1))
+        counts = counts.view(B, H, T, C + 1)[..., :C]
+        # forced links counted per tile (same for every head); routed and forced are disjoint
+        forced_counts = torch.zeros(T, C, dtype=torch.int32, device=device)
+        forced_counts.index_add_(0, tile_of, forced[qchunk].to(torch.int32))
+        total = counts + forced_counts  # (B, H, T, C) tokens of the tile attending each chunk
+        tile_tokens = torch.bincount(tile_of, minlength=T).to(torch.int32)  # (T,)
+        union = total > 0
+        full = total == tile_tokens[:, None]
+        ids = torch.arange(C, device=device)
+        order = torch.where(union, ids, C + ids).argsort(-1)  # union chunks first, ascending
+        tile_chunks = torch.where(union.gather(-1, order), order, -1).to(torch.int32)
+        tile_full = full.gather(-1, order) & (tile_chunks >= 0)
+        return Selection(layout, tile, q_offset, forced.to(device), routed, union.sum(-1, dtype=torch.int32),
+                         tile_chunks, tile_full)
+
+    # ---- sizes -------------------------------------------------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        B, H, Nq, _ = self.routed.shape
+        return B, H, Nq
+
+    @property
+    def num_keys(self) -> int:
+        return self.layout.num_tokens
+
+    @property
+    def query_chunks(self) -> torch.Tensor:
+        """(Nq,) chunk of every query token."""
+        Nq = self.routed.shape[2]
+        return self.layout.tensors.token_chunk.to(self.routed.device)[self.q_offset:self.q_offset + Nq]
+
+    # ---- views -------------------------------------------------------------------------------
+
+    def token_mask(self) -> torch.Tensor:
+        """(B, H, Nq, C) bool: token attends chunk (forced or routed)."""
+        B, H, Nq, R = self.routed.shape
+        C = self.layout.num_chunks
+        mask = torch.zeros(B, H, Nq, C + 1, dtype=torch.bool, device=self.routed.device)
+        mask.scatter_(-1, torch.where(self.routed >= 0, self.routed.long(), C), True)
+        return mask[..., :C] | self.forced[self.query_chunks][None, None]
+
+    def token_bits(self) -> torch.Tensor:
+        """(B, H, Nq, W) int32 bitsets over chunks, W = ceil(C / 32); bit j%32 of word j//32."""
+        mask = self.token_mask()
+        C = mask.shape[-1]
+        W = -(-C // 32)
+        mask = torch.nn.functional.pad(mask, (0, W * 32 - C)).view(*mask.shape[:-1], W, 32)
+        weights = torch.ones(32, dtype=torch.int64, device=mask.device) << torch.arange(32, device=mask.device)
+        words = (mask.long() * weights).sum(-1)  # (B, H, Nq, W) in [0, 2^32)
+        return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+    def dense_mask(self, b: int = 0, h: int = 0) -> torch.Tensor:
+        """(Nq, N) bool: the attention pattern of one (batch, head), for debugging and tests."""
+        token_chunk = self.layout.tensors.token_chunk.to(self.routed.device)
+        return self.token_mask()[b, h][:, token_chunk]
+
+    # ---- statistics --------------------------------------------------------------------------
+
+    def attended_keys(self) -> torch.Tensor:
+        """(B, H, Nq) float64: keys each query attends."""
+        clen = self.layout.tensors.chunk_len.to(self.routed.device).double()
+        forced_len = (self.forced.double() @ clen)[self.query_chunks]  # (Nq,)
+        routed_len = torch.where(self.routed >= 0, clen[self.routed.long().clamp(min=0)], 0.0).sum(-1)
+        return routed_len + forced_len[None, None]
+
+    def density(self) -> float:
+        """Fraction of the (query, key) pairs that are attended."""
+        return float(self.attended_keys().mean() / self.num_keys)
+
+    def density_per_head(self) -> torch.Tensor:
+        return (self.attended_keys().mean(dim=(0, 2)) / self.num_keys).cpu()
+
+    def attention_flops(self, head_dim: int) -> tuple[float, float]:
+        """(MoC, dense) forward FLOPs of QK^T and PV over all batches and heads: 4 * D per pair."""
+        B, H, Nq = self.shape
+        moc = float(self.attended_keys().sum()) * 4 * head_dim
+        return moc, float(B * H * Nq * self.num_keys) * 4 * head_dim
+
+    def chunk_counts(self) -> torch.Tensor:
+        """(H, C, C) int64 routed selections: rows are query chunks, columns key chunks."""
+        B, H, Nq, R = self.routed.shape
+        C = self.layout.num_chunks
+        key = torch.where(self.routed >= 0, self.routed.long(), C)  # (B, H, Nq, R)
+        flat = (self.query_chunks.long()[None, None, :, None] * (C + 1) + key).permute(1, 0, 2, 3).reshape(H, -1)
+        counts = torch.zeros(H, C * (C + 1), dtype=torch.int64, device=self.routed.device)
+        counts.scatter_add_(1, flat, torch.ones_like(flat))
+        return counts.view(H, C, C + 1)[..., :C].cpu()
+
+    def stats(self) -> RoutingStats:
+        routed_union = self.tile_count.float() - self._forced_per_tile().float()[None, None]
+        return RoutingStats(
+            chunk_counts=self.chunk_counts(),
+            density_per_head=self.density_per_head(),
+            union_chunks_per_tile=float(self.tile_count.float().mean()),
+            routed_chunks_per_tile=float(routed_union.mean()),
+            q_offset=self.q_offset,
+            num_queries=self.routed.shape[2],
+            backend=str(self.info.get("backend", "")),
+        )
+
+    def _forced_per_tile(self) -> torch.Tensor:
+        """(T,) chunks forced for at least one token of each tile."""
+        Nq = self.routed.shape[2]
+        T = self.tile_count.shape[-1]
+        tile_of = torch.arange(Nq, device=self.routed.device) // self.tile
+        any_forced = torch.zeros(T, self.layout.num_chunks, dtype=torch.int32, device=self.routed.device)
+        any_forced.index_add_(0, tile_of, self.forced[self.query_chunks].to(torch.int32))
+        return (any_forced > 0).sum(-1)
