@@ -1,0 +1,149 @@
+"""Backends against the specification: reference vs a naive masked computation, MoC with
+k >= chunks vs dense attention, flex vs reference, gradients, and the dispatch errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.moc import MoCConfig, TokenLayout, moc_attention, route
+
+from .conftest import random_layout
+
+
+def qkv(layout, B=2, H=3, D=8, seed=0, dtype=torch.float32, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    out = [torch.randn(B, H, layout.num_tokens, D, generator=g, dtype=dtype) for _ in range(3)]
+    return [t.requires_grad_(grad) for t in out]
+
+
+def naive_masked(q, k, v, mask, scale=None):
+    """float64 softmax over an explicit (Nq, N) mask, one (b, h) at a time."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            s = (q[b, h].double() @ k[b, h].double().T) * scale
+            s[~mask[b, h]] = float("-inf")
+            out[b, h] = torch.softmax(s, -1) @ v[b, h].double()
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reference_matches_naive_masked_attention(seed):
+    layout = random_layout(torch.Generator().manual_seed(100 + seed), text=seed % 2 == 1,
+                           chunking=["frame", "subframe", "fixed"][seed % 3])
+    q, k, v = qkv(layout, seed=seed)
+    sel = route(q, k, layout, MoCConfig(top_k=2, tile=8))
+    mask = torch.stack([torch.stack([sel.dense_mask(b, h) for h in range(3)]) for b in range(2)])
+    out = moc_attention(q, k, v, sel, backend="reference")
+    torch.testing.assert_close(out.double(), naive_masked(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunking", ["frame", "subframe", "fixed"])
+def test_k_at_least_chunks_equals_dense_attention(chunking):
+    layout = TokenLayout(frame_tokens=13, shot_frames=(3, 2, 4), chunking=chunking, chunk_size=5)
+    q, k, v = qkv(layout)
+    sel = route(q, k, layout, MoCConfig(top_k=layout.num_chunks, causal=False, anchor="chunk"))
+    assert sel.density() == 1.0
+    torch.testing.assert_close(moc_attention(q, k, v, sel, backend="reference"),
+                               F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_causal_single_shot_with_large_k_is_dense():
+    layout = TokenLayout(frame_tokens=11, shot_frames=(5,))
+    q, k, v = qkv(layout)
+    sel = route(q, k, layout, MoCConfig(top_k=99))
+    torch.testing.assert_close(moc_attention(q, k, v, sel, backend="reference"),
+                               F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_q_k_v_and_match_naive():
+    layout = TokenLayout(frame_tokens=7, shot_frames=(2, 3))
+    q, k, v = qkv(layout, grad=True)
+    sel = route(q, k, layout, MoCConfig(top_k=1))
+    out = moc_attention(q, k, v, sel, backend="reference")
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    (out * w).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    assert all(g.abs().sum() > 0 for g in grads)
+
+    q2, k2, v2 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    mask = torch.stack([torch.stack([sel.dense_mask(b, h) for h in range(3)]) for b in range(2)])
+    s = (q2 @ k2.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    ref = torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ v2
+    (ref * w.double()).sum().backward()
+    for got, want in zip(grads, (q2.grad, k2.grad, v2.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flex_matches_reference_on_cpu(seed):
+    """Values only: FlexAttention has no CPU backward (gradients are checked on the GPU)."""
+    layout = random_layout(torch.Generator().manual_seed(200 + seed), text=seed == 1)
+    q, k, v = qkv(layout, seed=seed)
+    sel = route(q, k, layout, MoCConfig(top_k=2))
+    ref = moc_attention(q, k, v, sel, backend="reference")
+    torch.testing.assert_close(moc_attention(q, k, v, sel, backend="flex"), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_is_not_the_dense_pattern():
+    """Guard against a BlockMask that silently admits every key: flex must differ from dense SDPA."""
+    layout = TokenLayout(frame_tokens=75, shot_frames=(2, 3))
+    q, k, v = qkv(layout, B=1, H=2)
+    sel = route(q, k, layout, MoCConfig(top_k=1))
+    assert sel.density() < 0.7
+    got = moc_attention(q, k, v, sel, backend="flex")
+    assert (got - F.scaled_dot_product_attention(q, k, v)).abs().max() > 1e-2
+
+
+def test_flex_with_q_offset_and_long_sequence():
+    """More than one 128-block, chunk edges off the block grid, queries a sub-range of the keys."""
+    layout = TokenLayout(frame_tokens=75, shot_frames=(3, 2))
+    q, k, v = qkv(layout, B=1, H=2)
+    s0, s1 = layout.shot_range(1)
+    sel = route(q[:, :, s0:s1], k, layout, MoCConfig(top_k=1), q_offset=s0)
+    ref = moc_attention(q[:, :, s0:s1], k, v, sel, backend="reference")
+    torch.testing.assert_close(moc_attention(q[:, :, s0:s1], k, v, sel, backend="flex"), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moc_attention(q[:, :, s0:s1], k, v, sel, backend="dense"), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dispatch_records_backend_and_rejects_unknown_names():
+    layout = TokenLayout(frame_tokens=4, shot_frames=(2,))
+    q, k, v = qkv(layout)
+    sel = route(q, k, layout, MoCConfig())
+    moc_attention(q, k, v, sel, backend="auto")
+    assert sel.stats().backend == ("triton" if torch.cuda.is_available() else "reference")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        moc_attention(q, k, v, sel, backend="flash")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="backend='triton' is unavailable"):
+            moc_attention(q, k, v, sel, backend="triton")
+
+
+def test_mismatched_qkv_shapes_are_clear_errors():
+    layout = TokenLayout(frame_tokens=4, shot_frames=(2,))
+    q, k, v = qkv(layout)
+    sel = route(q, k, layout, MoCConfig())
+    with pytest.raises(ValueError, match="q must be"):
+        moc_attention(q[:, :, :5], k, v, sel)
+    with pytest.raises(ValueError, match="k and v must both be"):
+        moc_attention(q, k, v[:, :, :5], sel)
+    with pytest.raises(ValueError, match=r"\(B, H, N, D\)"):
+        moc_attention(q, k, v[0], sel)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("seed", range(3))
+def test_flex_matches_reference_on_gpu(seed):
+    layout = TokenLayout(frame_tokens=301, shot_frames=(3, 4, 2), text_tokens=(17, 9, 11, 5), text_shots=(-1, 0, 1, 2))
+    q, k, v = [t.cuda().to(torch.bfloat16).requires_grad_() for t in qkv(layout, H=4, D=64, seed=seed)]
+    sel = route(q, k, layout, MoCConfig(top_k=3))
+    ref = moc_attention(q.float(), k.float(), v.float(), sel, backend="reference")
+    got = moc_attention(q, k, v, sel, backend="flex")
+    assert (got.float() - ref).norm() / ref.norm() < 1e-2
+    w = torch.randn_like(ref)
+    g_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    g_got = torch.autograd.grad((got.float() * w).sum(), (q, k, v))
+    for a, b in zip(g_got, g_ref):
+        assert (a.float() - b.float()).norm() / b.float().norm() < 2e-2
