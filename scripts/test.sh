@@ -18,6 +18,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 status=0
 # 1) everything that runs natively on the CPU
 python3 -m pytest -q -m "not interpret" "$@" || status=$?
-# 2) the Triton kernels under the interpreter (the variable must be set before Triton starts)
-TRITON_INTERPRET=1 python3 -m pytest -q -m interpret "$@" || status=$?
+# 2) the Triton kernels under the interpreter (the variable must be set before Triton starts);
+#    pytest's exit code 5 (nothing selected) is not a failure when a filter deselects them all
+TRITON_INTERPRET=1 python3 -m pytest -q -m interpret "$@" || { rc=$?; [ "$rc" = 5 ] || status=$rc; }
 exit $status

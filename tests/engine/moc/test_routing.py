@@ -217,3 +217,12 @@ def test_mismatched_shapes_are_clear_errors():
         route(q[:, :, :4], k, layout, MoCConfig(), q_offset=5)
     with pytest.raises(ValueError, match=r"\(B, H, N, D\)"):
         route(q[0], k, layout, MoCConfig())
+
+
+def test_demo_recalls_returning_frames():
+    """In the demo's story, frame j of shot 2 is frame j of shot 0 returning: routing must find it."""
+    from engine.moc.demo import routing_demo
+    lines = routing_demo(seed=1).splitlines()
+    for j in range(3):
+        line = next(l for l in lines if l.startswith(f"shot 2 frame {j}:"))
+        assert line.split(": ")[1].startswith(f"s0f{j} ")
