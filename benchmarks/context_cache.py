@@ -1,0 +1,116 @@
+"""Shot-by-shot generation: the context K/V cache against recomputing the context every step.
+
+Both variants sample the same story shot by shot with the same seeds (causal MoC, so their
+outputs agree to float rounding; tests/engine/test_engine.py checks that). With the cache, each
+finished shot costs one extra "context pass" and every later step only pushes the live shot
+through the transformer; without it, every step pushes the live shot *and all context shots*.
+Work is counted, not guessed: query tokens through the transformer (projections + FFN scale
+with it) and self-attention FLOPs (QK^T + PV over the attended keys), plus wall time.
+
+Run:  python benchmarks/context_cache.py [--shots 4 --frames 6 --steps 10]   (CPU is fine)
+Prints a table and writes benchmarks/results/context_cache.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.engine import context_noise_seed  # noqa: E402
+from engine.model import StoryModel  # noqa: E402
+from engine.sampler import Run, SamplerOptions, StorySampler  # noqa: E402
+from engine.story import GenerationSettings, MoCSettings, Shot, Story  # noqa: E402
+
+
+def make_story(shots: int, frames: int, steps: int) -> Story:
+    settings = GenerationSettings(steps=steps, guidance=4.0, height=128, width=192, mode="shot_by_shot",
+                                  moc=MoCSettings(top_k=5, backend="reference"))
+    return Story("a fox and a bird in a snowy forest",
+                 [Shot(f"shot {i}: the fox and the bird", frames, 100 + i) for i in range(shots)], settings).validate()
+
+
+def run(model: StoryModel, story: Story, context_cache: bool) -> dict:
+    sampler = StorySampler(model, story, options=SamplerOptions(context_cache=context_cache, preview=False))
+    started = time.perf_counter()
+    latents = {}
+    for i, shot in enumerate(story.shots):
+        out, _, _ = sampler.sample(Run((i,), (shot.seed,)), i)
+        latents.update(out)
+        if i + 1 < len(story.shots):
+            sampler.encode_context(i, latents[i], context_noise_seed(shot.seed))
+    seconds = time.perf_counter() - started
+    return {"context_cache": context_cache, "seconds": seconds, "forwards": sampler.forwards,
+            "query_tokens": sampler.forward_tokens, "attn_flops_moc": sampler.attn_flops_moc,
+            "attn_flops_dense": sampler.attn_flops_dense, "latents": latents}
+
+
+def regenerate_vs_full(shots: int, frames: int, steps: int) -> dict:
+    """Through the engine: regenerating the last shot (earlier shots cached, context passes
+    once per shot) against rendering every shot jointly."""
+    import tempfile
+
+    from engine.engine import StoryEngine
+    story = make_story(shots, frames, steps).with_settings(mode="joint")
+    story.shots[-1].seed = -1  # every regeneration draws a new take (a fixed seed would be a cache hit)
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = StoryEngine.load(None, device="cpu", cache_dir=tmp)
+        engine.render(make_story(2, 2, 1))  # warm-up
+        full, regen = [], []
+        for _ in range(2):
+            engine.cache.clear()
+            full.append(_timed(lambda: engine.render(story)))
+            regen.append(_timed(lambda: engine.render(story, regenerate=shots - 1)))
+        full, regen = min(full), min(regen)
+    print(f"regenerate the last of {shots} shots (cached context): {regen:.2f} s vs all shots jointly "
+          f"{full:.2f} s -> {full / regen:.2f}x")
+    return {"full_joint_seconds": full, "regenerate_last_seconds": regen, "ratio": full / regen}
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main(argv: list[str]) -> None:
+    opts = dict(zip(argv[::2], argv[1::2]))
+    shots, frames, steps = int(opts.get("--shots", 4)), int(opts.get("--frames", 6)), int(opts.get("--steps", 10))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = StoryModel.load(None, device="cpu")
+    story = make_story(shots, frames, steps)
+    run(model, make_story(2, 2, 1), True)  # warm-up (allocator, first-call overheads)
+    trials = [run(model, story, cache) for _ in range(2) for cache in (True, False)]  # interleaved: fair under load
+    cached = min((t for t in trials if t["context_cache"]), key=lambda t: t["seconds"])
+    recompute = min((t for t in trials if not t["context_cache"]), key=lambda t: t["seconds"])
+    diff = max(float((cached["latents"][i] - recompute["latents"][i]).abs().max()) for i in range(shots))
+    rows = [("query tokens through the transformer", "query_tokens"), ("self-attention FLOPs (MoC)", "attn_flops_moc"),
+            ("self-attention FLOPs if dense", "attn_flops_dense"), ("transformer forwards", "forwards"),
+            ("wall time [s] (best of 2)", "seconds")]
+    print(f"shot-by-shot, {shots} shots x {frames} latent frames, {steps} steps, guidance on, "
+          f"{model.transformer.frame_tokens(16, 24)} tokens/frame, default model on {model.device}")
+    print(f"{'':40s} {'recompute':>14s} {'K/V cache':>14s} {'ratio':>8s}")
+    result = {"config": {"shots": shots, "frames": frames, "steps": steps, "model": model.name,
+                         "device": str(model.device), "threads": torch.get_num_threads()},
+              "max_abs_latent_difference": diff}
+    for label, key in rows:
+        a, b = recompute[key], cached[key]
+        ratio = a / b if b else float("nan")
+        result[key] = {"recompute": a, "kv_cache": b, "ratio": ratio}
+        print(f"{label:40s} {a:14.4g} {b:14.4g} {ratio:7.2f}x")
+    print(f"max |latent difference| between the two: {diff:.2e}")
+    result["regenerate_last_shot"] = regenerate_vs_full(shots, frames, steps)
+    out = ROOT / "benchmarks" / "results" / "context_cache.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

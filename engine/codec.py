@@ -1,0 +1,94 @@
+"""Codecs: video frames <-> the latents the transformer denoises.
+
+For: `PixelCodec` (the default model's tiny latent space: average-pooled pixels in [-1, 1], decoded
+by bilinear upsampling; 1 latent frame = 1 video frame) and `WanVAECodec` (a Wan checkpoint's
+AutoencoderKLWan with tiling; 1 latent frame = 4 video frames after the first), plus cheap
+previews of a clean estimate.
+Not for: writing video files (video.py).
+
+Shapes: latents (C, f, h, w) per shot; frames (T, H, W, 3) uint8.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """(C=3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(1, 2, 3, 0).contiguous().cpu()
+
+
+class PixelCodec:
+    name = "pixel"
+    temporal = 1  # video frames per latent frame
+
+    def __init__(self, spatial: int = 8, channels: int = 3):
+        self.spatial = spatial  # pixels per latent cell along each side
+        self.channels = channels  # latent channels (RGB)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (self.channels, frames, height // self.spatial, width // self.spatial)
+
+    def video_frames(self, latent_frames: int) -> int:
+        return latent_frames
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """(T, H, W, 3) uint8 -> (3, T, h, w) latents (for training data)."""
+        x = frames.permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, T, H, W)
+        return F.avg_pool2d(x, self.spatial)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        x = latents.float()  # (3, f, h, w): f acts as the batch of 2D upsampling
+        x = F.interpolate(x.permute(1, 0, 2, 3), scale_factor=self.spatial, mode="bilinear", align_corners=False)
+        return to_uint8(x.permute(1, 0, 2, 3))
+
+    def preview(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decode(latents)
+
+
+class WanVAECodec:
+    name = "wan-vae"
+
+    def __init__(self, vae):
+        self.vae = vae.eval()  # diffusers AutoencoderKLWan
+        self.vae.enable_tiling()
+        self.temporal = int(vae.config.scale_factor_temporal)
+        self.spatial = int(vae.config.scale_factor_spatial)
+        self.channels = int(vae.config.z_dim)
+        self.mean = torch.tensor(vae.config.latents_mean).view(-1, 1, 1, 1)  # (C, 1, 1, 1)
+        self.std = torch.tensor(vae.config.latents_std).view(-1, 1, 1, 1)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (self.channels, frames, height // self.spatial, width // self.spatial)
+
+    def video_frames(self, latent_frames: int) -> int:
+        return 1 + self.temporal * (latent_frames - 1)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        p = next(self.vae.parameters())
+        z = latents.to(p.device, p.dtype) * self.std.to(p.device, p.dtype) + self.mean.to(p.device, p.dtype)
+        video = self.vae.decode(z[None], return_dict=False)[0][0]  # (3, T, H, W) in [-1, 1]
+        return to_uint8(video)
+
+    @torch.no_grad()
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        p = next(self.vae.parameters())
+        x = (frames.permute(3, 0, 1, 2).float() / 127.5 - 1)[None].to(p.device, p.dtype)
+        z = self.vae.encode(x).latent_dist.mode()[0]
+        return ((z - self.mean.to(z)) / self.std.to(z)).float()
+
+    def preview(self, latents: torch.Tensor) -> torch.Tensor:
+        """Cheap look at a clean estimate: three latent channels, normalised, nearest-upsampled,
+        one frame per latent frame (a full VAE decode every step would cost more than the step)."""
+        x = latents[:3].float()
+        x = x / x.abs().amax(dim=(1, 2, 3), keepdim=True).clamp(min=1e-6)
+        x = F.interpolate(x.permute(1, 0, 2, 3), scale_factor=self.spatial, mode="nearest")
+        return to_uint8(x.permute(1, 0, 2, 3))
+
+
+__all__ = ["PixelCodec", "WanVAECodec", "to_uint8"]

@@ -1,0 +1,367 @@
+"""The story engine: what the app and the CLI call to turn a Story into videos.
+
+For: `StoryEngine.load(...)` and `render(story, regenerate=..., out_dir=..., on_event=..., stop=...)`:
+plan which shots come from the shot cache and which are sampled (in which runs), run the
+sampler, store every finished take at once, write per-shot and whole-story MP4s, the routing
+report and the summary. Also `available_backends()` and the cache statistics.
+Not for: the sampling loop (sampler.py), the model (model.py, backbone.py), UI (app/).
+
+Takes and keys. A shot's *take* (frames + latents + routing) is stored under a key that hashes
+everything that determined it: model identity, every output-changing setting, the global
+caption, the shot's caption, length and seed, the keys of the shots before it (its context),
+its position in the joint run that made it, and (where attention is not causal across shots)
+the run's other shots. A *slot* (the same minus the seed actually drawn for seed = -1) points
+at the current take, so a second identical request is a cache hit even with random seeds; a
+*loose slot* (position and the shot's own fields only, no context) points at the latest take
+of that shot, which is what "stale" and locked shots show.
+Render rules:
+  * normal: shots whose slot has a take are "cached"; from the first shot without one on,
+    shots are sampled (joint: together, in runs; shot_by_shot: one at a time), except locked
+    shots that already have a take of the same caption, which stay ("stale" if their context
+    changed).
+  * regenerate=i: shots before i as in a normal render, shot i sampled anew with the earlier
+    shots as fixed context (with a fixed seed the result is deterministic, so an existing take
+    with the same key is reused), shots after i kept ("cached" if their context is unchanged, else
+    "stale": the caller decides whether to regenerate them).
+Context is always the story prefix: a shot never conditions on a later one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from engine.events import (Finished, Preview, Progress, RenderResult, RenderStopped, ShotDone, ShotResult,
+                           Stopped)
+from engine.model import StoryModel
+from engine.moc.attention import resolve_backend, triton_available
+from engine.routing_report import ShotRouting, build_report, recorded_steps
+from engine.sampler import Run, SamplerOptions, StepInfo, StorySampler
+from engine.shot_cache import ShotCache, Take
+from engine.story import MAX_SEED, Story, StoryError, atomic_write_text
+from engine.video import write_mp4
+
+KEY_VERSION = 1  # bump when sampling changes so old takes stop matching
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / "cache"
+KEEP_RENDERS = 20  # render folders kept under <cache_dir>/renders when no out_dir is given
+
+
+def generated_with(run: Run) -> str:
+    """How a take was sampled: "joint" (with other live shots), "context" (alone, against earlier
+    shots as fixed context) or "single" (alone, no context)."""
+    return "joint" if len(run.shots) > 1 else ("context" if run.start > 0 else "single")
+
+
+def context_noise_seed(seed: int) -> int:
+    """Seed of the noise a context shot is re-noised with: a function of its own seed only
+    (decorrelated from the initial noise of any shot)."""
+    return int(hashlib.sha256(f"context-noise:{seed}".encode()).hexdigest()[:15], 16)
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+
+@dataclass
+class _Planned:
+    index: int
+    status: str  # "cached" | "stale" | "generate"
+    seed: int
+    key: str = ""
+    slot: str = ""
+    loose: str = ""
+    run: int = -1  # index into the run list (generate only)
+    run_offset: int = 0  # position inside its run
+    take: Take | None = None
+
+
+class StoryEngine:
+    def __init__(self, model: StoryModel, cache: ShotCache, cache_dir: Path,
+                 options: SamplerOptions = SamplerOptions()):
+        self.model = model
+        self.cache = cache  # ShotCache: .stats() -> hits / misses / entries / bytes
+        self.cache_dir = cache_dir
+        self.options = options
+        self._lock = threading.Lock()  # one render at a time per engine
+
+    @staticmethod
+    def load(model: str | Path | None = None, device: str = "auto", cache_dir: str | Path | None = None,
+             dtype: torch.dtype | None = None, cache_bytes: int = 4 << 30,
+             options: SamplerOptions = SamplerOptions()) -> "StoryEngine":
+        """model: None = the shipped default (assets/default_model), or a local folder."""
+        m = StoryModel.load(model, device=device, dtype=dtype)
+        cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
+        return StoryEngine(m, ShotCache(cache_dir / "shots", max_bytes=cache_bytes), cache_dir, options)
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    def available_backends(self) -> list[str]:
+        names = ["auto", "reference", "dense"]
+        try:
+            from engine.moc import flex  # noqa: F401
+            names.append("flex")
+        except ImportError:
+            pass
+        if triton_available()[0] and self.model.device.type == "cuda":
+            names.append("triton")
+        return names
+
+    # ---- checks and keys ----------------------------------------------------------------------
+
+    def check(self, story: Story) -> None:
+        """Model-specific validation on top of Story.validate (raises StoryError)."""
+        story.validate()
+        tr, codec = self.model.transformer, self.model.codec
+        _, ph, pw = tr.patch_size
+        for name, patch in (("height", ph), ("width", pw)):
+            multiple = codec.spatial * patch
+            value = getattr(story.settings, name)
+            if value % multiple:
+                raise StoryError(f"settings.{name}", f"must be a multiple of {multiple} for model "
+                                 f"{self.model_name}, got {value}")
+        total = sum(s.frames for s in story.shots)
+        limit = tr.model.rope.max_seq_len
+        if total > limit:
+            raise StoryError("shots", f"the story has {total} latent frames; this model allows at most {limit}")
+        try:
+            resolve_backend(story.settings.moc.backend, self.model.device)
+        except ValueError as err:
+            raise StoryError("settings.moc.backend", f"{err}; available: {self.available_backends()}") from None
+
+    def _common(self, story: Story) -> str:
+        s = story.settings
+        moc = asdict(s.moc) if s.moc.enabled else {"enabled": False}
+        if s.moc.enabled:
+            moc["backend"] = resolve_backend(s.moc.backend, self.model.device)
+        return _hash("common", KEY_VERSION, self.model.identity, str(self.model.dtype), self.model.device.type,
+                     s.steps, s.guidance, s.height, s.width, s.mode, s.context_noise, s.negative_caption, moc,
+                     story.global_caption, self.options.context_cache)
+
+    def _sees_later(self, story: Story) -> bool:
+        moc = story.settings.moc
+        return not (moc.enabled and moc.causal)
+
+    # ---- planning -----------------------------------------------------------------------------
+
+    def plan(self, story: Story, regenerate: int | None = None) -> tuple[list[_Planned], list[Run]]:
+        """Decide, for every shot, cached / stale / generate, the runs and the keys. No sampling."""
+        S = len(story.shots)
+        if regenerate is not None and (isinstance(regenerate, bool) or not isinstance(regenerate, int)
+                                       or not 0 <= regenerate < S):
+            raise StoryError("regenerate", f"must be a shot index in [0, {S - 1}], got {regenerate!r}")
+        common = self._common(story)
+        joint = story.settings.mode == "joint"
+        rng = random.SystemRandom()
+        plans: list[_Planned] = []
+        keys: list[str] = []
+        generating = False  # joint: from the first sampled shot on, later shots are sampled too
+        for i, shot in enumerate(story.shots):
+            slot = _hash("slot", common, shot.caption, shot.frames, shot.seed, keys)
+            loose = _hash("loose", common, i, shot.caption, shot.frames, shot.seed)
+            p = _Planned(i, "generate", shot.seed, slot=slot, loose=loose)
+            if regenerate is not None and i == regenerate:
+                if shot.seed != -1:  # a fixed seed regenerates deterministically: reuse the take if it exists
+                    mates = [(shot.caption, shot.frames, shot.seed)] if self._sees_later(story) else []
+                    key = _hash("take", slot, shot.seed, 0, mates)
+                    if self.cache.contains(key):
+                        p.status, p.key = "cached", key
+            elif regenerate is not None and i > regenerate:
+                key = self.cache.pointer(slot)
+                if key is not None:
+                    p.status, p.key = "cached", key
+                elif (key := self.cache.pointer(loose)) is not None:
+                    p.status, p.key = "stale", key
+            else:
+                key = None if (generating and joint) else self.cache.pointer(slot)
+                if key is not None:
+                    p.status, p.key = "cached", key
+                elif shot.locked and (key := self.cache.pointer(loose)) is not None:
+                    p.status, p.key = "stale", key
+            if p.status == "generate":
+                generating = True
+                p.seed = shot.seed if shot.seed != -1 else rng.randint(0, MAX_SEED)
+                prev = plans[-1] if plans else None
+                joins = (joint and prev is not None and prev.status == "generate"
+                         and i != regenerate and prev.index != regenerate)
+                p.run_offset = prev.run_offset + 1 if joins else 0
+                p.key = _hash("take", slot, p.seed, p.run_offset, [])
+            keys.append(p.key)
+            plans.append(p)
+        # runs: maximal groups of consecutive generated shots that share a run
+        runs: list[Run] = []
+        for p in plans:
+            if p.status != "generate":
+                continue
+            if p.run_offset == 0:
+                runs.append(Run(shots=(p.index,), seeds=(p.seed,)))
+            else:
+                runs[-1] = Run(shots=runs[-1].shots + (p.index,), seeds=runs[-1].seeds + (p.seed,))
+            p.run = len(runs) - 1
+        # final keys and slots: with non-causal attention a shot also depends on its later run mates
+        keys = []
+        for p, shot in zip(plans, story.shots):
+            p.slot = _hash("slot", common, shot.caption, shot.frames, shot.seed, keys)
+            if p.status == "generate":
+                mates = []
+                if self._sees_later(story):
+                    mates = [(story.shots[j].caption, story.shots[j].frames, seed)
+                             for j, seed in zip(runs[p.run].shots, runs[p.run].seeds)]
+                p.key = _hash("take", p.slot, p.seed, p.run_offset, mates)
+            keys.append(p.key)
+        return plans, runs
+
+    # ---- render -------------------------------------------------------------------------------
+
+    def render(self, story: Story, *, regenerate: int | None = None, out_dir: str | Path | None = None,
+               on_event=None, stop: threading.Event | None = None) -> RenderResult:
+        """Render `story`; see the module docstring for what is sampled. Emits events through
+        `on_event`; raises RenderStopped (after emitting Stopped) when `stop` is set: every take
+        finished before that stays in the cache."""
+        self.check(story)
+        emit = on_event or (lambda event: None)
+        with self._lock:
+            try:
+                return self._render(story, regenerate, out_dir, emit, stop)
+            except RenderStopped as err:
+                emit(Stopped(str(err), err.finished_shots))
+                raise
+
+    def _render(self, story, regenerate, out_dir, emit, stop) -> RenderResult:
+        started = time.perf_counter()
+        plans, runs = self.plan(story, regenerate)
+        out_dir = Path(out_dir) if out_dir is not None else self._new_render_dir()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fps = story.settings.fps
+        results: dict[int, ShotResult] = {}
+        takes: dict[int, Take] = {}
+        seconds: dict[int, float] = {}
+        # 1. cached and stale shots first (they are final already)
+        for p in plans:
+            if p.status == "generate":
+                continue
+            take = self.cache.get(p.key)
+            if take is None:  # evicted by another process between planning and now
+                raise RuntimeError(f"take {p.key} of shot {p.index + 1} left the cache during the render; "
+                                   "render again (it will be sampled)")
+            takes[p.index] = take
+            results[p.index] = self._finish_shot(p, take, p.status, 0.0, out_dir, fps)
+            emit(ShotDone(p.index, results[p.index]))
+        # 2. sampling runs, in story order; earlier shots become context as needed
+
+        def on_step(info: StepInfo) -> None:
+            run_index = runs.index(info.run)
+            live = info.run.shots
+            label = f"shot {live[0] + 1}" if len(live) == 1 else f"shots {live[0] + 1}-{live[-1] + 1}"
+            emit(Progress(shot=live[0] if len(live) == 1 else None, step=info.step, total=info.total,
+                          message=f"{label} of {len(plans)} · step {info.step}/{info.total}",
+                          run=run_index, runs=len(runs), shots=live, density=info.density))
+            if self.options.preview:
+                frames = self.model.codec.preview(info.x0).numpy()
+                emit(Preview(shot=live[0] if len(live) == 1 else None, frames=frames, step=info.step, shots=live))
+
+        sampler = StorySampler(self.model, story, stop=stop, on_step=on_step, options=self.options)
+        encoded = 0
+        try:
+            for r, run in enumerate(runs):
+                for j in range(encoded, run.start):
+                    sampler.encode_context(j, takes[j].latents, context_noise_seed(int(takes[j].meta["seed"])))
+                encoded = run.start
+                emit(Progress(shot=run.shots[0] if len(run.shots) == 1 else None, step=0,
+                              total=story.settings.steps, message=f"run {r + 1}/{len(runs)}: starting",
+                              run=r, runs=len(runs), shots=run.shots))
+                latents, recorder, secs = sampler.sample(run, r)
+                total_frames = sum(story.shots[s].frames for s in run.shots)
+                for s in run.shots:
+                    t0 = time.perf_counter()
+                    frames = self.model.codec.decode(latents[s])
+                    routing = recorder.shot_routing(s)
+                    p = plans[s]
+                    seconds[s] = secs * story.shots[s].frames / total_frames + time.perf_counter() - t0
+                    take = Take(key=p.key, frames=frames, latents=latents[s], tensors=routing.tensors(),
+                                meta=self._take_meta(story, p, routing, run, seconds[s]))
+                    self.cache.put(take)
+                    self.cache.point(p.slot, p.key)
+                    self.cache.point(p.loose, p.key)
+                    takes[s] = take
+                    results[s] = self._finish_shot(p, take, "generated", seconds[s], out_dir, fps)
+                    emit(ShotDone(s, results[s]))
+        except RenderStopped as err:
+            raise RenderStopped(str(err), tuple(sorted(results))) from None
+        # 3. the whole story, routing report and summary
+        shots = [results[i] for i in range(len(plans))]
+        cache_saved = sum(float(takes[i].meta.get("seconds", 0.0)) for i in range(len(plans))
+                          if results[i].status != "generated")
+        story_video = write_mp4(out_dir / "story.mp4", torch.cat([takes[i].frames for i in range(len(plans))]), fps)
+        tr = self.model.transformer
+        routing = build_report([s.frames for s in story.shots],
+                               [self._routing_of(takes[i]) for i in range(len(plans))],
+                               tr.num_layers, tr.num_heads, recorded_steps(story.settings.steps))
+        summary = self._summary(story, shots, regenerate, time.perf_counter() - started, routing, story_video)
+        summary["cache_saved_s"] = round(cache_saved, 3)  # what the cached takes cost when they were made
+        atomic_write_text(out_dir / "routing.json", json.dumps(routing))
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+        result = RenderResult(shots=shots, story_video=story_video, routing=routing, summary=summary)
+        emit(Finished(result))
+        return result
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _take_meta(self, story: Story, p: _Planned, routing: ShotRouting, run: Run, seconds: float) -> dict:
+        shot = story.shots[p.index]
+        return {"shot": p.index, "seed": p.seed, "seconds": seconds, "caption": shot.caption, "frames": shot.frames,
+                "global_caption": story.global_caption, "model": self.model.identity,
+                "mode": story.settings.mode, "generated_with": generated_with(run), "run_shots": list(run.shots),
+                "created": time.time(), "routing": routing.meta()}
+
+    @staticmethod
+    def _routing_of(take: Take) -> ShotRouting | None:
+        if "routing" not in take.meta or "routing.frame_selection" not in take.tensors:
+            return None
+        return ShotRouting.from_stored(take.tensors, take.meta["routing"])
+
+    def _finish_shot(self, p: _Planned, take: Take, status: str, seconds: float, out_dir: Path,
+                     fps: int) -> ShotResult:
+        path = write_mp4(out_dir / f"shot_{p.index:02d}.mp4", take.frames, fps)
+        routing = self._routing_of(take)
+        return ShotResult(index=p.index, status=status, video_path=path, seconds=round(seconds, 3),
+                          density=round(routing.mean_density, 4) if routing else 1.0,
+                          seed=int(take.meta.get("seed", p.seed)), key=take.key, frames=int(take.frames.shape[0]),
+                          generated_with=str(take.meta.get("generated_with", "")))
+
+    def _summary(self, story: Story, shots: list[ShotResult], regenerate, seconds: float, routing: dict,
+                 story_video: Path) -> dict:
+        c = self.cache.stats()
+        return {
+            "model": self.model_name, "model_identity": self.model.identity, "trained": self.model.trained,
+            "device": str(self.model.device), "mode": story.settings.mode, "regenerate": regenerate,
+            "moc": story.settings.moc.enabled, "seconds": round(seconds, 3),
+            "shots": [{"index": s.index, "status": s.status, "cache_hit": s.status != "generated",
+                       "seconds": s.seconds, "density": s.density, "seed": s.seed, "key": s.key,
+                       "frames": s.frames, "video": s.video_path.name if s.video_path else None} for s in shots],
+            "story_video": story_video.name, "sparsity": routing["sparsity"],
+            "attn_flops_moc": routing["attn_flops_moc"], "attn_flops_dense": routing["attn_flops_dense"],
+            "time_saved_estimate_s": routing["time_saved_estimate_s"],
+            "cache": {"hits": c.hits, "misses": c.misses, "entries": c.entries, "bytes": c.bytes},
+        }
+
+    def _new_render_dir(self) -> Path:
+        root = self.cache_dir / "renders"
+        root.mkdir(parents=True, exist_ok=True)
+        old = sorted(p for p in root.iterdir() if p.is_dir())
+        for p in old[:max(0, len(old) - KEEP_RENDERS + 1)]:
+            shutil.rmtree(p, ignore_errors=True)
+        return root / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+__all__ = ["StoryEngine", "DEFAULT_CACHE_DIR", "KEY_VERSION"]

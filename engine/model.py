@@ -1,0 +1,168 @@
+"""A loaded story model: backbone + text encoder + codec + scheduler config + identity.
+
+For: `StoryModel.load(path, device, dtype)` from either the shipped default folder (a
+`storyboard.json` manifest, a small Wan transformer, MiniLM text, the pixel codec) or a local
+diffusers-format Wan2.1 text-to-video checkpoint (model_index.json, transformer/, vae/,
+text_encoder/, tokenizer/, scheduler/), offline, safetensors only; `new_scheduler()` for a fresh
+scheduler per sampling run; `identity`, the content hash that shot-cache keys start from.
+Not for: sampling (sampler.py) or building the default weights (default_model.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from engine.backbone import StoryTransformer
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_model"
+SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler")  # flow-matching schedulers we drive
+
+
+class ModelError(ValueError):
+    """A model folder is missing, incomplete or of an unsupported kind (the message says which)."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {str(device)!r} was asked for but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+def _fingerprint_file(path: Path, h: "hashlib._Hash") -> None:
+    """Name, size, and the first and last MiB: fast for multi-GB weights, changes when they do."""
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(size - (1 << 20))
+            h.update(f.read(1 << 20))
+
+
+def model_identity(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix in (".json", ".safetensors", ".txt", ".model"):
+            h.update(str(p.relative_to(folder)).encode())
+            _fingerprint_file(p, h)
+    return h.hexdigest()[:32]
+
+
+@dataclass
+class StoryModel:
+    name: str  # shown to users: folder name and kind
+    identity: str  # content hash of the folder (cache keys start from it)
+    transformer: StoryTransformer  # the backbone with MoC processors installed
+    text_encoder: object  # text.MiniLMEncoder | text.UMT5Encoder
+    codec: object  # codec.PixelCodec | codec.WanVAECodec
+    scheduler_class: type  # a diffusers flow-matching scheduler
+    scheduler_config: dict  # its config (a fresh scheduler per run: multistep schedulers keep state)
+    device: torch.device
+    dtype: torch.dtype  # transformer compute dtype
+    trained: bool  # False for the random default until the trained one ships
+
+    def new_scheduler(self):
+        return self.scheduler_class.from_config(self.scheduler_config)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+
+    @staticmethod
+    def load(path: str | Path | None = None, device: str | torch.device = "auto",
+             dtype: torch.dtype | None = None) -> "StoryModel":
+        folder = Path(path) if path is not None else DEFAULT_MODEL_DIR
+        if not folder.is_dir():
+            raise ModelError(f"model folder {str(folder)!r} does not exist")
+        dev = resolve_device(device)
+        if (folder / "storyboard.json").is_file():
+            return _load_default(folder, dev, dtype)
+        if (folder / "model_index.json").is_file():
+            return _load_wan(folder, dev, dtype)
+        raise ModelError(f"{str(folder)!r} is neither a storyboard model (storyboard.json) nor a diffusers "
+                         "Wan checkpoint (model_index.json)")
+
+
+def _load_scheduler(folder: Path) -> tuple[type, dict]:
+    import diffusers
+    cfg_path = folder / "scheduler" / "scheduler_config.json"
+    if not cfg_path.is_file():
+        raise ModelError(f"{str(cfg_path)!r} is missing")
+    config = json.loads(cfg_path.read_text())
+    name = config.get("_class_name")
+    if name not in SCHEDULERS:
+        raise ModelError(f"scheduler {name!r} is not supported; use one of {SCHEDULERS}")
+    return getattr(diffusers, name), config
+
+
+def _load_transformer(folder: Path, device, dtype):
+    from diffusers import WanTransformer3DModel
+    sub = folder / "transformer"
+    if not any(sub.glob("*.safetensors")):
+        raise ModelError(f"{str(sub)!r} holds no .safetensors weights (only safetensors are loaded)")
+    # built from its config and filled from the safetensors shards directly: diffusers'
+    # from_pretrained needs `accelerate` for this class (it keeps some modules in float32)
+    model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(sub))
+    state = {}
+    for shard in sorted(sub.glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if "norm_added_q" not in k]  # diffusers ignores these too
+    if missing or unexpected:
+        raise ModelError(f"{str(sub)!r} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    # cast, keeping in float32 what diffusers keeps in float32 (norms, time embedding, RoPE)
+    if dtype != torch.float32:
+        keep = set(model._keep_in_fp32_modules or ())
+        for name, param in model.named_parameters():
+            if not keep.intersection(name.split(".")):
+                param.data = param.data.to(dtype)
+    return StoryTransformer(model.to(device).eval().requires_grad_(False))
+
+
+def _load_default(folder: Path, device, dtype) -> StoryModel:
+    from engine.codec import PixelCodec
+    from engine.text import MiniLMEncoder
+    manifest = json.loads((folder / "storyboard.json").read_text())
+    if manifest.get("text_encoder") != "all-MiniLM-L6-v2" or manifest.get("codec", {}).get("type") != "pixel":
+        raise ModelError(f"unsupported storyboard.json in {str(folder)!r}: {manifest}")
+    dtype = dtype or torch.float32
+    transformer = _load_transformer(folder, device, dtype)
+    scheduler_class, scheduler_config = _load_scheduler(folder)
+    return StoryModel(name=f"{folder.name} ({manifest.get('description', 'storyboard model')})",
+                      identity=model_identity(folder), transformer=transformer,
+                      text_encoder=MiniLMEncoder.load(device), codec=PixelCodec(int(manifest["codec"]["spatial"])),
+                      scheduler_class=scheduler_class, scheduler_config=scheduler_config, device=device,
+                      dtype=dtype, trained=bool(manifest.get("trained", False)))
+
+
+def _load_wan(folder: Path, device, dtype) -> StoryModel:
+    from diffusers import AutoencoderKLWan
+    from engine.codec import WanVAECodec
+    from engine.text import UMT5Encoder
+    index = json.loads((folder / "model_index.json").read_text())
+    for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if part not in index or not (folder / part).is_dir():
+            raise ModelError(f"{str(folder)!r} lacks the {part!r} component of a Wan text-to-video checkpoint")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    transformer = _load_transformer(folder, device, dtype)
+    vae = AutoencoderKLWan.from_pretrained(folder / "vae", local_files_only=True, use_safetensors=True,
+                                           torch_dtype=torch.float32).to(device)
+    text = UMT5Encoder.load(folder, device, dtype)
+    scheduler_class, scheduler_config = _load_scheduler(folder)
+    return StoryModel(name=f"{folder.name} (Wan checkpoint)", identity=model_identity(folder),
+                      transformer=transformer, text_encoder=text, codec=WanVAECodec(vae),
+                      scheduler_class=scheduler_class, scheduler_config=scheduler_config, device=device,
+                      dtype=dtype, trained=True)
+
+
+__all__ = ["StoryModel", "ModelError", "DEFAULT_MODEL_DIR", "resolve_device", "model_identity"]

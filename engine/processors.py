@@ -1,0 +1,164 @@
+"""Attention processors that put MoC into diffusers' Wan blocks.
+
+For: `MoCSelfAttention` (attn1: projections, RoPE, then `story_attention`, the one place where
+self-attention is computed: routing + moc_attention, or dense SDPA when MoC is off) and
+`ShotCrossAttention` (attn2: each shot's video tokens attend to the global caption and their own
+shot's caption only). The engine describes the current forward in a `ForwardPlan` and hands it
+to every processor explicitly before the forward (backbone.StoryTransformer does this).
+Not for: owning weights (the diffusers modules do), deciding layouts (engine.py) or the MoC
+routing rules (engine/moc).
+
+Shapes: B batch (2 with guidance: conditional, unconditional), N live (query) tokens of this
+forward, K keys of the layout (context + live), H heads, D head dim, L text tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from engine.context_cache import ContextKV
+from engine.moc import MoCConfig, TokenLayout, moc_attention, route
+
+
+@dataclass
+class SelfAttentionPlan:
+    layout: TokenLayout  # every token the keys cover, in story order (context shots, then live)
+    q_offset: int  # the live (query) tokens are layout tokens [q_offset, q_offset + N)
+    moc: MoCConfig | None  # routing config; None = dense attention
+    backend: str = "auto"  # moc_attention backend
+    kv: ContextKV | None = None  # context K/V cache; None = keys are exactly the live tokens
+    recorder: "object | None" = None  # routing_report.RoutingRecorder (or None: record nothing)
+    training: bool = False  # routing drop-off / drop-in
+    generator: torch.Generator | None = None  # randomness of drop-off / drop-in
+
+
+@dataclass
+class CrossAttentionPlan:
+    shot_ranges: tuple[tuple[int, int, int], ...]  # (start, end, shot) of live tokens, in order
+    text_index: dict[int, torch.Tensor]  # shot -> (Ls,) int64 text positions it sees (global + own)
+    text_valid: torch.Tensor | None = None  # (B, L) bool, False on padding; None = no padding
+
+
+@dataclass
+class ForwardPlan:
+    self_attn: SelfAttentionPlan
+    cross_attn: CrossAttentionPlan
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # (1, N, 1, D) cos, sin of the live tokens
+    extras: dict = field(default_factory=dict)  # free-form notes for debugging
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved rotary embedding: x (B, N, H, D), cos/sin (1, N, 1, D)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, N, H, D/2) even and odd channels
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+def story_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SelfAttentionPlan,
+                    layer: int, q_route: torch.Tensor | None = None,
+                    k_route: torch.Tensor | None = None) -> torch.Tensor:
+    """The single self-attention call site (a sequence-parallel all-to-all wraps this).
+    q, k, v (B, N, H, D) live tokens -> (B, N, H, D). q_route/k_route (B, N, H, D), when given,
+    are what routing scores instead of q/k (pre-RoPE routing, MoCConfig.descriptor_rope=False)."""
+    started = time.perf_counter()
+    n = q.shape[1]
+    end = plan.layout.num_tokens
+    if plan.kv is not None:
+        k_all, v_all = plan.kv.update(layer, plan.q_offset, k, v, end, k_route)  # (B, H, K, D) views
+        kr_all = None if k_route is None else plan.kv.routing_keys(layer, end)
+    else:
+        if plan.q_offset != 0 or n != end:
+            raise ValueError(f"without a context K/V cache the queries must be the whole layout "
+                             f"({end} tokens), got {n} at offset {plan.q_offset}")
+        k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
+        kr_all = None if k_route is None else k_route.transpose(1, 2)
+    qh = q.transpose(1, 2)  # (B, H, N, D)
+    if plan.moc is None:
+        out = F.scaled_dot_product_attention(qh, k_all, v_all)
+        if plan.recorder is not None:
+            plan.recorder.record_dense(layer, qh.shape, k_all.shape[2], plan.q_offset)
+    else:
+        q_r = qh if q_route is None else q_route.transpose(1, 2)
+        k_r = k_all if kr_all is None else kr_all
+        selection = route(q_r, k_r, plan.layout, plan.moc, q_offset=plan.q_offset,
+                          training=plan.training, generator=plan.generator)
+        out = moc_attention(qh, k_all, v_all, selection, backend=plan.backend)
+        if plan.recorder is not None:
+            plan.recorder.record(layer, selection, qh.shape[-1])
+    if plan.recorder is not None:
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)  # honest attention timing for the report
+        plan.recorder.add_seconds(time.perf_counter() - started)
+    return out.transpose(1, 2)  # (B, N, H, D)
+
+
+class _PlannedProcessor:
+    """Holds the ForwardPlan the engine sets before a forward (cleared after it)."""
+
+    def __init__(self):
+        self.plan: ForwardPlan | None = None
+
+    def _plan(self) -> ForwardPlan:
+        if self.plan is None:
+            raise RuntimeError(f"{type(self).__name__} has no ForwardPlan: run the model through "
+                               "backbone.StoryTransformer.forward, which sets it")
+        return self.plan
+
+
+class MoCSelfAttention(_PlannedProcessor):
+    """attn1 of block `layer`: Wan's projections, q/k RMSNorm and RoPE, then story_attention."""
+
+    def __init__(self, layer: int):
+        super().__init__()
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, rotary_emb=None) -> torch.Tensor:
+        plan = self._plan()
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # (B, N, H, D)
+        moc = plan.self_attn.moc
+        q_route, k_route = (q, k) if moc is not None and not moc.descriptor_rope else (None, None)
+        if rotary_emb is not None:
+            q, k = apply_rope(q, *rotary_emb), apply_rope(k, *rotary_emb)
+        out = story_attention(q, k, v, plan.self_attn, self.layer, q_route, k_route)  # (B, N, H, D)
+        out = out.flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class ShotCrossAttention(_PlannedProcessor):
+    """attn2: the video tokens of shot s attend to text positions plan.text_index[s] only."""
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask=None, rotary_emb=None) -> torch.Tensor:
+        plan = self._plan().cross_attn
+        if attn.add_k_proj is not None:
+            raise ValueError("image-conditioned Wan checkpoints (I2V) are not supported; use a T2V checkpoint")
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)  # (B, H, N, D)
+        k = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)  # (B, H, L, D)
+        v = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        out = torch.empty_like(q)
+        for start, end, shot in plan.shot_ranges:
+            idx = plan.text_index[shot].to(k.device)
+            mask = None
+            if plan.text_valid is not None:
+                mask = plan.text_valid[:, idx].to(q.device)[:, None, None, :]  # (B, 1, 1, Ls)
+            out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, idx], v[:, :, idx],
+                                                                  attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # (B, N, H*D)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+__all__ = ["SelfAttentionPlan", "CrossAttentionPlan", "ForwardPlan", "MoCSelfAttention",
+           "ShotCrossAttention", "story_attention", "apply_rope"]

@@ -1,0 +1,240 @@
+"""Routing statistics: recorded while sampling, kept per shot, assembled into the story report.
+
+For: `RoutingRecorder` (the processors hand it every Selection; it keeps, per live shot, the
+query-frame x key-frame selection at a few recorded steps, density per layer x head, shot recall
+and attention FLOPs), `ShotRouting` (one take's statistics, stored in its shot-cache entry so a
+cache hit keeps its routing) and `build_report` (the routing.json the app draws).
+Not for: routing itself (engine/moc) or drawing (app/).
+
+Report schema (routing.json):
+  shot_frames [S] latent frames per shot; num_layers L; num_heads H;
+  steps [recorded step indices, <= 8, evenly spaced];
+  frame_selection {"all": FxF, "<step>": {"all": FxF, "<layer>": FxF}}: row i, column j = mean
+      over (query token of frame i, head) of the fraction of frame j's keys it attends (forced
+      links such as the own shot included; rows of a shot come from the run that made its take);
+  shot_recall SxS: row a = how shot a's *routed* (not forced) selections split over shots;
+  density LxH; sparsity = 1 - mean density; attn_flops_moc / attn_flops_dense (the current takes'
+  generation cost, QK^T + PV); plus shots (per-shot density/flops), attn_seconds and
+  time_saved_estimate_s (attention time x (dense/moc - 1): what dense attention would have added
+  if time scaled with FLOPs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.moc import Selection, TokenLayout
+
+MAX_RECORDED_STEPS = 8
+
+
+def recorded_steps(steps: int) -> list[int]:
+    n = min(MAX_RECORDED_STEPS, steps)
+    return sorted({int(round(x)) for x in np.linspace(0, steps - 1, n)})
+
+
+@dataclass
+class ShotRouting:
+    """One take's routing statistics (what the shot cache stores)."""
+
+    steps: list[int]  # recorded step indices
+    layout_shot_frames: list[int]  # frames of the shots of the run's layout (story order, from shot 0)
+    frame_selection: np.ndarray  # (len(steps), L, f, F_layout) float32 rows of this shot's frames
+    density: np.ndarray  # (L, H) float64 mean density of this shot's queries over all steps
+    recall: np.ndarray  # (S_layout,) float64 share of routed selections per layout shot
+    flops_moc: float  # attention FLOPs spent on this shot's queries (all steps, layers, batch)
+    flops_dense: float  # the same with dense attention over the same keys
+    attn_seconds: float  # wall time inside self-attention attributed to this shot
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"routing.frame_selection": torch.from_numpy(self.frame_selection.astype(np.float32)),
+                "routing.density": torch.from_numpy(self.density.astype(np.float64)),
+                "routing.recall": torch.from_numpy(self.recall.astype(np.float64))}
+
+    def meta(self) -> dict:
+        return {"steps": self.steps, "layout_shot_frames": self.layout_shot_frames,
+                "flops_moc": self.flops_moc, "flops_dense": self.flops_dense, "attn_seconds": self.attn_seconds}
+
+    @staticmethod
+    def from_stored(tensors: dict, meta: dict) -> "ShotRouting":
+        return ShotRouting(steps=list(meta["steps"]), layout_shot_frames=list(meta["layout_shot_frames"]),
+                           frame_selection=tensors["routing.frame_selection"].numpy(),
+                           density=tensors["routing.density"].numpy(), recall=tensors["routing.recall"].numpy(),
+                           flops_moc=float(meta["flops_moc"]), flops_dense=float(meta["flops_dense"]),
+                           attn_seconds=float(meta.get("attn_seconds", 0.0)))
+
+    @property
+    def mean_density(self) -> float:
+        return float(self.density.mean())
+
+
+class RoutingRecorder:
+    """Accumulates statistics of one sampling run (the live shots of one layout)."""
+
+    def __init__(self, layout: TokenLayout, live_shots: list[int], q_offset: int, num_layers: int,
+                 num_heads: int, steps: int):
+        self.layout = layout
+        self.live_shots = live_shots  # story indices of the live shots (= layout shot indices)
+        self.q_offset = q_offset
+        self.L, self.H = num_layers, num_heads
+        self.steps = recorded_steps(steps)
+        self.capture = False
+        self.step_slot = -1
+        lt = layout.tensors
+        self.F = layout.num_frames
+        C = layout.num_chunks
+        is_video = ~lt.chunk_is_text
+        self.chunk_frame = torch.where(is_video, lt.chunk_frame, 0)
+        self.chunk_len = lt.chunk_len.double()
+        self.frame_of_chunk = torch.zeros(C, self.F, dtype=torch.float64)  # (C, F) one-hot
+        self.frame_of_chunk[torch.arange(C)[is_video], lt.chunk_frame[is_video]] = 1.0
+        self.frame_len = self.chunk_len @ self.frame_of_chunk  # (F,) tokens per frame
+        self.chunk_shot = lt.chunk_shot
+        n_rec = len(self.steps)
+        self.frame_sel = {s: np.zeros((n_rec, num_layers, layout.shot_frames[s], self.F)) for s in live_shots}
+        self.att_sum = {s: np.zeros((num_layers, num_heads)) for s in live_shots}  # attended-key fractions summed
+        self.att_n = {s: np.zeros((num_layers, 1)) for s in live_shots}  # queries (x batch) summed
+        self.recall = {s: np.zeros(layout.num_shots) for s in live_shots}
+        self.flops_moc = {s: 0.0 for s in live_shots}
+        self.flops_dense = {s: 0.0 for s in live_shots}
+        self.attn_seconds = {s: 0.0 for s in live_shots}
+        self.last_density = 1.0
+        self.total_flops_moc = 0.0  # every query of every call (context tokens included)
+        self.total_flops_dense = 0.0
+
+    def begin_step(self, step: int) -> None:
+        self.capture = step in self.steps
+        self.step_slot = self.steps.index(step) if self.capture else -1
+
+    def add_seconds(self, seconds: float) -> None:
+        """Attention wall time of one forward, split over live shots by query tokens."""
+        total = sum(self.layout.shot_frames[s] for s in self.live_shots)
+        for s in self.live_shots:
+            self.attn_seconds[s] += seconds * self.layout.shot_frames[s] / total
+
+    def _shot_query_ranges(self):
+        for s in self.live_shots:
+            a, b = self.layout.shot_range(s)
+            yield s, a - self.q_offset, b - self.q_offset
+
+    def record_dense(self, layer: int, q_shape, num_keys: int, q_offset: int) -> None:
+        B, H, Nq, D = q_shape
+        self.total_flops_moc += float(B * H * Nq * num_keys * 4 * D)
+        self.total_flops_dense += float(B * H * Nq * num_keys * 4 * D)
+        for s, a, b in self._shot_query_ranges():
+            self.att_sum[s][layer] += B * (b - a)
+            self.att_n[s][layer] += B * (b - a)
+            f = float(B * H * (b - a) * num_keys * 4 * D)
+            self.flops_moc[s] += f
+            self.flops_dense[s] += f
+            if self.capture:
+                self.frame_sel[s][self.step_slot, layer] = 1.0
+        self.last_density = 1.0
+
+    def record(self, layer: int, selection: Selection, head_dim: int) -> None:
+        B, H, Nq = selection.shape
+        N = selection.num_keys
+        attended = selection.attended_keys()  # (B, H, Nq) float64, on the device
+        ranges = list(self._shot_query_ranges())
+        # reduce on the device, move only (shots, H) numbers to the CPU
+        per_shot = torch.stack([attended[:, :, a:b].sum(dim=(0, 2)) for _, a, b in ranges]).cpu()  # (S_live, H)
+        total = float(per_shot.sum()) if len(ranges) and ranges[0][1] == 0 and ranges[-1][2] == Nq else float(attended.sum())
+        self.total_flops_moc += total * 4 * head_dim
+        self.total_flops_dense += float(B * H * Nq * N) * 4 * head_dim
+        for (s, a, b), row in zip(ranges, per_shot):
+            self.att_sum[s][layer] += (row / N).numpy()
+            self.att_n[s][layer] += B * (b - a)
+            self.flops_moc[s] += float(row.sum()) * 4 * head_dim
+            self.flops_dense[s] += float(B * H * (b - a) * N) * 4 * head_dim
+        self.last_density = total / (B * H * Nq * N)
+        if not self.capture:
+            return
+        routed = selection.chunk_counts().double().sum(0)  # (C, C) routed (query token, head) pairs, summed over heads
+        forced = selection.forced.cpu().double()  # (C, C)
+        qchunk = selection.query_chunks.cpu()
+        q_tokens = torch.bincount(qchunk, minlength=self.layout.num_chunks).double()  # (C,) query tokens per chunk
+        pairs = routed / B + H * forced * q_tokens[:, None]  # (C, C) (token, head) pairs attending chunk j
+        covered = pairs * self.chunk_len[None, :]  # weight by key-chunk length: keys attended
+        frame_pairs = self.frame_of_chunk.T @ covered @ self.frame_of_chunk  # (F, F)
+        q_frame_tokens = self.frame_of_chunk.T @ q_tokens  # (F,)
+        denom = (H * q_frame_tokens)[:, None] * self.frame_len[None, :]
+        frac = torch.where(denom > 0, frame_pairs / denom.clamp(min=1), 0.0).numpy()
+        by_key_shot = torch.zeros(self.layout.num_chunks, self.layout.num_shots, dtype=torch.float64)
+        video = self.chunk_shot >= 0
+        by_key_shot[torch.arange(self.layout.num_chunks)[video], self.chunk_shot[video]] = 1.0
+        routed_by_shot = routed @ by_key_shot  # (C, S)
+        for s, _, _ in self._shot_query_ranges():
+            f0, f1 = self.layout.shot_frame_range(s)
+            self.frame_sel[s][self.step_slot, layer] = frac[f0:f1]
+            rows = (self.chunk_shot == s)
+            self.recall[s] += routed_by_shot[rows].sum(0).numpy()
+
+    def shot_routing(self, shot: int) -> ShotRouting:
+        recall = self.recall[shot]
+        total = recall.sum()
+        return ShotRouting(steps=list(self.steps),
+                           layout_shot_frames=list(self.layout.shot_frames),
+                           frame_selection=self.frame_sel[shot].astype(np.float32),
+                           density=self.att_sum[shot] / np.maximum(self.att_n[shot], 1),
+                           recall=recall / total if total > 0 else recall,
+                           flops_moc=self.flops_moc[shot], flops_dense=self.flops_dense[shot],
+                           attn_seconds=self.attn_seconds[shot])
+
+
+def build_report(shot_frames: list[int], takes: list[ShotRouting | None], num_layers: int,
+                 num_heads: int, steps: list[int], decimals: int = 4) -> dict:
+    """The story's routing report from the routing of each shot's current take."""
+    S, F, L, H = len(shot_frames), sum(shot_frames), num_layers, num_heads
+    starts = np.concatenate([[0], np.cumsum(shot_frames)]).astype(int)
+    sel = np.zeros((len(steps), L, F, F))
+    recall = np.zeros((S, S))
+    density_sum, tokens = np.zeros((L, H)), 0.0
+    flops_moc = flops_dense = attn_seconds = 0.0
+    per_shot = []
+    for s, take in enumerate(takes):
+        if take is None:
+            per_shot.append(None)
+            continue
+        f0, f1 = starts[s], starts[s + 1]
+        col = 0
+        for j, nf in enumerate(take.layout_shot_frames):
+            # place columns of layout shot j where the story's shot j has the same length
+            if j < S and shot_frames[j] == nf and take.frame_selection.shape[2] == f1 - f0:
+                for si, step in enumerate(steps):
+                    if step in take.steps:
+                        ti = take.steps.index(step)
+                        sel[si, :, f0:f1, starts[j]:starts[j + 1]] = take.frame_selection[ti, :, :, col:col + nf]
+            col += nf
+        n = min(S, len(take.recall))
+        recall[s, :n] = take.recall[:n]
+        density_sum += take.density * (f1 - f0)
+        tokens += f1 - f0
+        flops_moc += take.flops_moc
+        flops_dense += take.flops_dense
+        attn_seconds += take.attn_seconds
+        per_shot.append({"density": round(take.mean_density, decimals), "attn_flops_moc": take.flops_moc,
+                         "attn_flops_dense": take.flops_dense})
+    r = lambda a: np.round(a, decimals).tolist()  # noqa: E731
+    density = density_sum / max(tokens, 1)
+    frame_selection = {"all": r(sel.mean(axis=(0, 1))) if len(steps) else r(np.zeros((F, F)))}
+    for si, step in enumerate(steps):
+        entry = {"all": r(sel[si].mean(axis=0))}
+        for layer in range(L):
+            entry[str(layer)] = r(sel[si, layer])
+        frame_selection[str(step)] = entry
+    ratio = flops_dense / flops_moc if flops_moc > 0 else 1.0
+    return {
+        "shot_frames": list(map(int, shot_frames)), "num_layers": L, "num_heads": H, "steps": list(steps),
+        "frame_selection": frame_selection, "shot_recall": r(recall), "density": r(density),
+        "sparsity": round(float(1 - density.mean()), decimals) if tokens else 0.0,
+        "attn_flops_moc": flops_moc, "attn_flops_dense": flops_dense,
+        "attn_seconds": round(attn_seconds, 4),
+        "time_saved_estimate_s": round(attn_seconds * (ratio - 1), 4),
+        "shots": per_shot,
+    }
+
+
+__all__ = ["RoutingRecorder", "ShotRouting", "build_report", "recorded_steps", "MAX_RECORDED_STEPS"]

@@ -1,0 +1,233 @@
+"""The sampler: flow matching over a diffusers scheduler, shot by shot or jointly, with context.
+
+For: `StorySampler`, the per-render state (story geometry, encoded captions, the context K/V
+cache) with `sample(run)` (denoise the live shots of one run, every step: stop check, forward,
+guidance, scheduler step, callback with the clean estimate and routing density) and
+`encode_context(shot, latents, seed)` (one context pass: the shot's clean latents re-noised to
+t_c, its K/V written once into the cache and reused by every later step).
+Not for: choosing which shots to generate, keys, files (engine.py).
+
+A run denoises shots [m, e) together; shots [0, m) are fixed context. Latent frames are
+concatenated along time in story order, so a run is one token sequence (frame-major).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from engine.backbone import make_cross_plan
+from engine.context_cache import ContextKV
+from engine.events import RenderStopped
+from engine.moc import TokenLayout
+from engine.processors import ForwardPlan, SelfAttentionPlan
+from engine.routing_report import RoutingRecorder
+from engine.story import Story
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    context_cache: bool = True  # False: recompute the context tokens every step (the baseline)
+    preview: bool = True  # decode a preview of the clean estimate every step
+
+
+@dataclass(frozen=True)
+class Run:
+    shots: tuple[int, ...]  # live shots, consecutive story indices m..e-1
+    seeds: tuple[int, ...]  # initial-noise seed of each live shot
+
+    @property
+    def start(self) -> int:
+        return self.shots[0]
+
+    @property
+    def end(self) -> int:
+        return self.shots[-1] + 1
+
+
+@dataclass
+class StepInfo:
+    run: Run
+    step: int  # 1-based
+    total: int
+    x0: torch.Tensor  # (C, F_live, h, w) clean estimate of the live shots
+    density: float  # attention density of this step (1.0 = dense)
+
+
+class StorySampler:
+    def __init__(self, model, story: Story, *, stop: threading.Event | None = None,
+                 on_step: Callable[[StepInfo], None] | None = None, options: SamplerOptions = SamplerOptions()):
+        self.model = model
+        self.story = story
+        self.settings = story.settings
+        self.stop = stop
+        self.on_step = on_step
+        self.options = options
+        self.device = model.device
+        tr = model.transformer
+        self.transformer = tr
+        C, _, self.h, self.w = model.codec.latent_shape(1, self.settings.height, self.settings.width)
+        self.channels = C
+        self.frame_tokens = tr.frame_tokens(self.h, self.w)
+        self.shot_frames = [s.frames for s in story.shots]
+        moc = self.settings.moc
+        self.moc_config = moc.to_config() if moc.enabled else None
+        self.backend = moc.backend
+        self.guided = self.settings.guidance > 1.0
+        self.batch = 2 if self.guided else 1
+        # captions: [cond, uncond] x [global, shot 0, shot 1, ...]
+        enc = model.text_encoder
+        cond = enc.encode([story.global_caption] + [s.caption for s in story.shots])
+        self.segments = [cond]
+        if self.guided:
+            neg = enc.encode([self.settings.negative_caption] + [""] * len(story.shots))
+            self.segments.append(neg)
+        self.kv: ContextKV | None = None
+        self.context_latents: dict[int, torch.Tensor] = {}  # shot -> noisy context latents (recompute path)
+        self.forwards = 0  # transformer forwards (work counter)
+        self.forward_tokens = 0  # query tokens pushed through the transformer (work counter)
+        self.attn_flops_moc = 0.0  # self-attention FLOPs of every forward (work counter)
+        self.attn_flops_dense = 0.0  # the same forwards with dense attention
+
+    # ---- geometry -----------------------------------------------------------------------------
+
+    def layout(self, end: int) -> TokenLayout:
+        """Token layout of shots [0, end)."""
+        moc = self.settings.moc
+        return TokenLayout(frame_tokens=self.frame_tokens, shot_frames=tuple(self.shot_frames[:end]),
+                           chunking=moc.chunking, chunk_size=moc.chunk_size)
+
+    def shot_latent_shape(self, shot: int) -> tuple[int, int, int, int]:
+        return (self.channels, self.shot_frames[shot], self.h, self.w)
+
+    def _kv(self) -> ContextKV:
+        if self.kv is None:
+            tr = self.transformer
+            self.kv = ContextKV(tr.num_layers, self.batch, self.layout(len(self.shot_frames)).num_tokens,
+                                tr.num_heads, tr.head_dim, dtype=self.model.dtype, device=self.device,
+                                route_keys=self.settings.moc.enabled and not self.settings.moc.descriptor_rope)
+        return self.kv
+
+    def _check_stop(self, where: str) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise RenderStopped(f"stopped by request {where}")
+
+    # ---- one forward --------------------------------------------------------------------------
+
+    def _forward(self, x: torch.Tensor, timestep: torch.Tensor, end: int, q_offset: int,
+                 live: list[int], kv: ContextKV | None, recorder: RoutingRecorder | None) -> torch.Tensor:
+        """x (C, F, h, w) live latents; timestep () or (N,). Returns the guided flow (C, F, h, w)."""
+        layout = self.layout(end)
+        B = self.batch
+        ranges = []
+        for s in live:
+            a, b = layout.shot_range(s)
+            ranges.append((a - q_offset, b - q_offset, s))
+        text, cross = make_cross_plan([seg[:end + 1] for seg in self.segments], ranges, self.device)
+        frame_start = layout.shot_frame_range(live[0])[0]
+        frames = x.shape[1]
+        rotary = self.transformer.rotary(frame_start, frames, self.h, self.w, self.device)
+        plan = ForwardPlan(
+            self_attn=SelfAttentionPlan(layout=layout, q_offset=q_offset, moc=self.moc_config,
+                                        backend=self.backend, kv=kv, recorder=recorder),
+            cross_attn=cross, rotary=rotary)
+        dtype = self.model.dtype
+        xb = x[None].expand(B, *x.shape).to(self.device, dtype)
+        t = timestep.to(self.device, torch.float32)
+        tb = t[None].expand(B, *t.shape) if t.ndim == 1 else t.expand(B)
+        with torch.no_grad():
+            out = self.transformer.forward(xb, tb, text.to(dtype), plan).float()
+        self.forwards += 1
+        self.forward_tokens += out.shape[2] * self.frame_tokens * B
+        if self.guided:
+            cond, uncond = out[0], out[1]
+            return uncond + self.settings.guidance * (cond - uncond)
+        return out[0]
+
+    # ---- context ------------------------------------------------------------------------------
+
+    def noisy_context(self, shot: int, latents: torch.Tensor, noise_seed: int) -> torch.Tensor:
+        """Clean latents re-noised to t_c along the flow: (1 - t_c) x0 + t_c noise."""
+        t_c = self.settings.context_noise
+        g = torch.Generator().manual_seed(noise_seed)
+        noise = torch.randn(latents.shape, generator=g)
+        return ((1 - t_c) * latents.float().cpu() + t_c * noise).to(self.device)
+
+    def encode_context(self, shot: int, latents: torch.Tensor, noise_seed: int) -> None:
+        """Make shot `shot` (with every earlier shot already context) context for later shots."""
+        self._check_stop(f"before the context pass of shot {shot + 1}")
+        x = self.noisy_context(shot, latents, noise_seed)
+        if not self.options.context_cache:
+            self.context_latents[shot] = x
+            return
+        kv = self._kv()
+        layout = self.layout(shot + 1)
+        a, b = layout.shot_range(shot)
+        t_c = torch.tensor(self.settings.context_noise * self.model.num_train_timesteps)
+        work = RoutingRecorder(layout, [shot], a, self.transformer.num_layers, self.transformer.num_heads, 1)
+        work.begin_step(-1)  # count work only, record no routing maps
+        self._forward(x, t_c, shot + 1, a, [shot], kv, work)
+        self.attn_flops_moc += work.total_flops_moc
+        self.attn_flops_dense += work.total_flops_dense
+        kv.mark_context(a, b)
+
+    # ---- a run --------------------------------------------------------------------------------
+
+    def sample(self, run: Run, run_index: int = 0) -> tuple[dict[int, torch.Tensor], RoutingRecorder, float]:
+        """Denoise the live shots of `run`. Returns ({shot: clean latents (C, f, h, w)}, recorder, seconds)."""
+        started = time.perf_counter()
+        steps = self.settings.steps
+        layout = self.layout(run.end)
+        q_offset = layout.shot_range(run.start)[0]
+        noise = [torch.randn(self.shot_latent_shape(s), generator=torch.Generator().manual_seed(seed))
+                 for s, seed in zip(run.shots, run.seeds)]
+        x = torch.cat(noise, dim=1).to(self.device)  # (C, F_live, h, w), frames in story order
+        use_cache = self.options.context_cache
+        recorder = RoutingRecorder(layout, list(run.shots), q_offset if use_cache else 0,
+                                   self.transformer.num_layers, self.transformer.num_heads, steps)
+        kv = None
+        if use_cache:
+            kv = self._kv()
+            if kv.context_end != q_offset:
+                raise RuntimeError(f"context K/V covers {kv.context_end} tokens but shot {run.start + 1} "
+                                   f"starts at token {q_offset}: encode the context shots first")
+            kv.invalidate(q_offset)
+        scheduler = self.model.new_scheduler()
+        scheduler.set_timesteps(steps, device=self.device)
+        T = self.model.num_train_timesteps
+        t_c = self.settings.context_noise * T
+        for i, t in enumerate(scheduler.timesteps):
+            self._check_stop(f"at step {i + 1}/{steps} of shot{'s' if len(run.shots) > 1 else ''} "
+                             f"{', '.join(str(s + 1) for s in run.shots)}")
+            recorder.begin_step(i)
+            if use_cache:
+                flow = self._forward(x, t.float().reshape(()), run.end, q_offset, list(run.shots), kv, recorder)
+            else:
+                # baseline: context tokens ride along every step at their own noise level t_c
+                ctx = [self.context_latents[s] for s in range(run.start)]
+                full = torch.cat(ctx + [x], dim=1)
+                n_ctx = q_offset
+                per_token = torch.full((layout.num_tokens,), float(t))
+                per_token[:n_ctx] = t_c
+                flow = self._forward(full, per_token, run.end, 0, list(range(run.end)), None, recorder)
+                flow = flow[:, full.shape[1] - x.shape[1]:]
+            sigma = float(t) / T
+            x0 = x.float() - sigma * flow  # clean estimate (flow matching: x_t = (1 - s) x0 + s noise)
+            x = scheduler.step(flow.to(x.dtype), t, x, return_dict=False)[0]
+            if self.on_step is not None:
+                self.on_step(StepInfo(run=run, step=i + 1, total=steps, x0=x0, density=recorder.last_density))
+        self.attn_flops_moc += recorder.total_flops_moc
+        self.attn_flops_dense += recorder.total_flops_dense
+        out, f0 = {}, 0
+        for s in run.shots:
+            f = self.shot_frames[s]
+            out[s] = x[:, f0:f0 + f].float().cpu()
+            f0 += f
+        return out, recorder, time.perf_counter() - started
+
+
+__all__ = ["StorySampler", "SamplerOptions", "Run", "StepInfo"]

@@ -1,0 +1,212 @@
+"""The shot cache: finished takes on disk, content-addressed, atomic, size-capped (LRU).
+
+For: `ShotCache(root, max_bytes)` with `get(key) -> Take | None`, `put(take)`, `contains`,
+`invalidate(key)`, `stats()`, and two small pointer indexes (`point(name, key)`, `pointer(name)`)
+that the engine uses to find the current take of a shot slot. Safe across restarts and for two
+processes sharing one folder.
+Not for: deciding keys (engine.py computes them from everything that changes a take's output).
+
+On disk:
+  entries/<k[:2]>/<key>/take.safetensors   frames (T,H,W,3) uint8, latents (C,f,h,w) fp32, routing
+  entries/<k[:2]>/<key>/meta.json          seed, shot, caption, routing meta, ... (written last)
+  entries/<k[:2]>/<key>/used               its mtime is the LRU clock
+  pointers/<name>.json                     {"key": ...}, atomically replaced
+  tmp/                                     staging; a write is a rename of a complete folder
+  lock                                     flock for put/evict (readers never lock)
+Atomicity: a take is staged in tmp/ (files fsynced), then renamed into entries/ in one step; a
+killed writer leaves only a tmp/ folder, removed by the next ShotCache after an hour. Eviction
+renames an entry into tmp/ before deleting it, so a reader sees a whole entry or none.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from engine.story import _fsync_dir, atomic_write_text
+
+STALE_TMP_SECONDS = 3600  # staging folders older than this belong to killed writers
+
+
+@dataclass
+class Take:
+    key: str  # content address
+    frames: torch.Tensor  # (T, H, W, 3) uint8 decoded video
+    latents: torch.Tensor  # (C, f, h, w) float32 clean latents (context for later shots)
+    meta: dict  # seed, shot index, caption, generated_with, seconds, routing meta, ...
+    tensors: dict = field(default_factory=dict)  # extra tensors (routing statistics)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    hits: int  # get() calls that found an entry (this process)
+    misses: int  # get() calls that did not
+    entries: int  # takes on disk now
+    bytes: int  # their size on disk
+    max_bytes: int  # the cap
+    evictions: int  # takes this process evicted
+
+
+class ShotCache:
+    def __init__(self, root: str | Path, max_bytes: int = 4 << 30):
+        self.root = Path(root)
+        self.max_bytes = int(max_bytes)  # total size cap; least recently used takes go first
+        self.hits = self.misses = self.evictions = 0
+        for sub in ("entries", "pointers", "tmp"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._clean_tmp()
+
+    # ---- paths and locking --------------------------------------------------------------------
+
+    def _entry(self, key: str) -> Path:
+        if not key or not all(c in "0123456789abcdef" for c in key):
+            raise ValueError(f"cache keys are lowercase hex strings, got {key!r}")
+        return self.root / "entries" / key[:2] / key
+
+    @contextmanager
+    def _locked(self):
+        with open(self.root / "lock", "a+") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _clean_tmp(self) -> None:
+        now = time.time()
+        for p in (self.root / "tmp").iterdir():
+            try:
+                if now - p.stat().st_mtime > STALE_TMP_SECONDS:
+                    shutil.rmtree(p, ignore_errors=True)
+            except FileNotFoundError:
+                continue
+
+    # ---- takes --------------------------------------------------------------------------------
+
+    def contains(self, key: str) -> bool:
+        return (self._entry(key) / "meta.json").is_file()
+
+    def get(self, key: str) -> Take | None:
+        """The take, or None (a miss). Touches its LRU clock."""
+        folder = self._entry(key)
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            tensors = load_file(folder / "take.safetensors")
+            os.utime(folder / "used")
+        except (FileNotFoundError, json.JSONDecodeError, OSError):
+            self.misses += 1
+            return None
+        self.hits += 1
+        frames, latents = tensors.pop("frames"), tensors.pop("latents")
+        return Take(key=key, frames=frames, latents=latents, meta=meta, tensors=tensors)
+
+    def put(self, take: Take) -> None:
+        """Store a take atomically; a take already present (same key) is kept as it is."""
+        dest = self._entry(take.key)
+        if (dest / "meta.json").is_file():
+            return
+        stage = self.root / "tmp" / f"put-{uuid.uuid4().hex}"
+        stage.mkdir()
+        try:
+            tensors = {"frames": take.frames.contiguous().cpu(), "latents": take.latents.float().contiguous().cpu()}
+            tensors.update({k: v.contiguous().cpu() for k, v in take.tensors.items()})
+            save_file(tensors, stage / "take.safetensors")
+            _fsync_file(stage / "take.safetensors")
+            (stage / "used").touch()
+            atomic_write_text(stage / "meta.json", json.dumps({**take.meta, "key": take.key}, indent=1))
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with self._locked():
+                try:
+                    os.rename(stage, dest)  # atomic: the entry appears whole
+                except OSError:
+                    if not (dest / "meta.json").is_file():
+                        raise
+                    # another process stored the same key first: keep theirs
+                _fsync_dir(dest.parent)
+                self._evict_locked(keep=take.key)
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage, ignore_errors=True)
+
+    def invalidate(self, key: str) -> bool:
+        """Remove one take; True if it was there."""
+        with self._locked():
+            return self._remove_locked(self._entry(key))
+
+    def _remove_locked(self, folder: Path) -> bool:
+        trash = self.root / "tmp" / f"del-{uuid.uuid4().hex}"
+        try:
+            os.rename(folder, trash)
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def _scan(self) -> list[tuple[float, int, Path]]:
+        """(last used, bytes, folder) of every complete entry."""
+        out = []
+        for folder in (self.root / "entries").glob("*/*"):
+            try:
+                used = (folder / "used").stat().st_mtime
+                size = sum(p.stat().st_size for p in folder.iterdir())
+            except FileNotFoundError:
+                continue
+            if (folder / "meta.json").is_file():
+                out.append((used, size, folder))
+        return out
+
+    def _evict_locked(self, keep: str = "") -> None:
+        entries = sorted(self._scan())
+        total = sum(size for _, size, _ in entries)
+        for _, size, folder in entries:
+            if total <= self.max_bytes:
+                break
+            if folder.name == keep:
+                continue
+            if self._remove_locked(folder):
+                total -= size
+                self.evictions += 1
+
+    def stats(self) -> CacheStats:
+        entries = self._scan()
+        return CacheStats(hits=self.hits, misses=self.misses, entries=len(entries),
+                          bytes=sum(size for _, size, _ in entries), max_bytes=self.max_bytes,
+                          evictions=self.evictions)
+
+    def clear(self) -> None:
+        with self._locked():
+            for folder in list((self.root / "entries").glob("*/*")):
+                self._remove_locked(folder)
+
+    # ---- pointers: slot -> current take -------------------------------------------------------
+
+    def point(self, name: str, key: str) -> None:
+        self._entry(name)  # validates: pointer names are hex like keys
+        atomic_write_text(self.root / "pointers" / f"{name}.json", json.dumps({"key": key}))
+
+    def pointer(self, name: str) -> str | None:
+        """The take key a slot points at, if that take is still cached."""
+        self._entry(name)
+        try:
+            key = json.loads((self.root / "pointers" / f"{name}.json").read_text())["key"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+            return None
+        return key if isinstance(key, str) and self.contains(key) else None
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+__all__ = ["ShotCache", "Take", "CacheStats"]

@@ -1,0 +1,311 @@
+"""The story: what the user composes. Plain dataclasses, versioned JSON, validation, atomic save.
+
+For: the data model shared by the engine, the CLI and the app (a global caption, an ordered list
+of shots, generation settings), loading and saving it as JSON, and validation errors that name
+the field and the allowed range (`StoryError`, a ValueError).
+Not for: anything model-specific (resolution divisibility for a given checkpoint is checked by the
+engine, which raises the same StoryError) or any heavy import (this module imports only the
+standard library; `MoCSettings.to_config` imports engine.moc lazily).
+
+JSON layout (version 1):
+  {"version": 1, "global_caption": str,
+   "shots": [{"caption": str, "frames": int, "seed": int, "locked": bool}, ...],
+   "settings": {"steps", "guidance", "height", "width", "fps", "mode", "context_noise",
+                "negative_caption", "moc": {"enabled", "top_k", "chunking", "chunk_size",
+                "anchor", "window", "causal", "text_anchor", "backend"}}}
+Missing keys take their defaults; unknown keys are errors (a typo must not pass silently).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+STORY_VERSION = 1  # bump when the JSON layout changes; from_dict upgrades older versions
+MAX_SHOTS = 32  # shots per story
+MAX_SHOT_FRAMES = 128  # latent frames per shot
+MAX_CAPTION_CHARS = 2000  # characters per caption
+MAX_SEED = 2**32 - 1  # seeds stay exact as JavaScript numbers and in every RNG we use
+MODES = ("joint", "shot_by_shot")
+CHUNKINGS = ("frame", "subframe", "fixed")
+ANCHORS = ("shot", "chunk", "window")
+BACKENDS = ("auto", "reference", "flex", "triton", "dense")
+
+
+class StoryError(ValueError):
+    """A story, shot or setting is invalid. `field` is the dotted path (e.g. "shots[2].frames")."""
+
+    def __init__(self, field_path: str, message: str):
+        super().__init__(f"{field_path}: {message}")
+        self.field = field_path
+
+
+# ---- checks (each raises StoryError naming the field and the allowed range) ------------------
+
+def _check_int(path: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise StoryError(path, f"must be an integer in [{lo}, {hi}], got {value!r}")
+    if not lo <= value <= hi:
+        raise StoryError(path, f"must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _check_float(path: str, value, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise StoryError(path, f"must be a number in [{lo}, {hi}], got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise StoryError(path, f"must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def _check_bool(path: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise StoryError(path, f"must be true or false, got {value!r}")
+    return value
+
+
+def _check_choice(path: str, value, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise StoryError(path, f"must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def _check_text(path: str, value, *, allow_empty: bool) -> str:
+    if not isinstance(value, str):
+        raise StoryError(path, f"must be a string of at most {MAX_CAPTION_CHARS} characters, got {type(value).__name__}")
+    if len(value) > MAX_CAPTION_CHARS:
+        raise StoryError(path, f"must be at most {MAX_CAPTION_CHARS} characters, got {len(value)}")
+    if "\x00" in value:
+        raise StoryError(path, "must not contain NUL characters")
+    if not allow_empty and not value.strip():
+        raise StoryError(path, "must not be empty")
+    return value
+
+
+def _fields_from(path: str, cls, d) -> dict:
+    """Keyword arguments for `cls` from dict `d`; unknown keys are errors."""
+    if not isinstance(d, dict):
+        raise StoryError(path, f"must be a JSON object, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise StoryError(f"{path}.{unknown[0]}" if path else unknown[0],
+                         f"unknown field; allowed fields are {sorted(known)}")
+    return dict(d)
+
+
+# ---- the data model ----------------------------------------------------------------------------
+
+@dataclass
+class Shot:
+    caption: str  # what happens in this shot
+    frames: int  # length in latent frames (the codec decides video frames per latent frame)
+    seed: int = -1  # initial-noise seed; -1 = draw a random one (the seed used is reported)
+    locked: bool = False  # keep the current take: a locked shot is never regenerated by "generate"
+
+    def validate(self, path: str = "shot") -> None:
+        _check_text(f"{path}.caption", self.caption, allow_empty=False)
+        self.frames = _check_int(f"{path}.frames", self.frames, 1, MAX_SHOT_FRAMES)
+        if isinstance(self.seed, float) and self.seed.is_integer():
+            self.seed = int(self.seed)  # UI number widgets deliver floats
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -1 <= self.seed <= MAX_SEED:
+            raise StoryError(f"{path}.seed", f"must be -1 (random) or an integer in [0, {MAX_SEED}], got {self.seed!r}")
+        _check_bool(f"{path}.locked", self.locked)
+
+
+@dataclass
+class MoCSettings:
+    enabled: bool = True  # False: dense attention (the baseline)
+    top_k: int = 5  # routed chunks per query token and head
+    chunking: str = "frame"  # "frame" (one latent frame per chunk) | "subframe" | "fixed"
+    chunk_size: int = 0  # tokens per chunk for "subframe"/"fixed"; 0 with "frame"
+    anchor: str = "shot"  # forced intra link: "shot" | "chunk" | "window"
+    window: int = 1  # anchor="window": neighbouring chunks in the same shot that are forced
+    causal: bool = True  # routed chunks must lie strictly before the query's chunk
+    text_anchor: bool = True  # video tokens always see the global caption and their shot's caption
+    descriptor_rope: bool = True  # route on post-RoPE q/k (True) or on pre-RoPE q/k (False)
+    backend: str = "auto"  # attention backend: "auto" | "reference" | "flex" | "triton" | "dense"
+
+    def validate(self, path: str = "settings.moc") -> None:
+        _check_bool(f"{path}.enabled", self.enabled)
+        self.top_k = _check_int(f"{path}.top_k", self.top_k, 1, 64)
+        _check_choice(f"{path}.chunking", self.chunking, CHUNKINGS)
+        if self.chunking == "frame":
+            self.chunk_size = _check_int(f"{path}.chunk_size", self.chunk_size, 0, 1 << 20)
+        else:
+            self.chunk_size = _check_int(f"{path}.chunk_size", self.chunk_size, 1, 1 << 20)
+        _check_choice(f"{path}.anchor", self.anchor, ANCHORS)
+        self.window = _check_int(f"{path}.window", self.window, 0, 64)
+        _check_bool(f"{path}.causal", self.causal)
+        _check_bool(f"{path}.text_anchor", self.text_anchor)
+        _check_bool(f"{path}.descriptor_rope", self.descriptor_rope)
+        _check_choice(f"{path}.backend", self.backend, BACKENDS)
+
+    def to_config(self, **overrides):
+        """The routing config (engine.moc.MoCConfig) these settings describe."""
+        from engine.moc import MoCConfig
+        return MoCConfig(top_k=self.top_k, anchor=self.anchor, window=self.window,
+                         text_anchor=self.text_anchor, causal=self.causal,
+                         descriptor_rope=self.descriptor_rope, **overrides)
+
+
+@dataclass
+class GenerationSettings:
+    steps: int = 12  # denoising steps
+    guidance: float = 4.0  # classifier-free guidance scale; 1 = no guidance (one forward per step)
+    height: int = 128  # output height in pixels (the model may require a multiple of 16 or more)
+    width: int = 192  # output width in pixels
+    fps: int = 8  # frames per second of the written videos (does not change the frames)
+    mode: str = "joint"  # "joint" (shots denoised together) | "shot_by_shot" (context K/V cache)
+    context_noise: float = 0.25  # t_c in [0, 1]: noise level that fixed context shots are re-noised to
+    negative_caption: str = ""  # the unconditional caption used by guidance
+    moc: MoCSettings = field(default_factory=MoCSettings)  # sparse attention settings
+
+    def validate(self, path: str = "settings") -> None:
+        self.steps = _check_int(f"{path}.steps", self.steps, 1, 200)
+        self.guidance = _check_float(f"{path}.guidance", self.guidance, 1.0, 30.0)
+        self.height = _check_int(f"{path}.height", self.height, 16, 2048)
+        self.width = _check_int(f"{path}.width", self.width, 16, 2048)
+        for name in ("height", "width"):
+            if getattr(self, name) % 16:
+                raise StoryError(f"{path}.{name}", f"must be a multiple of 16 in [16, 2048], got {getattr(self, name)}")
+        self.fps = _check_int(f"{path}.fps", self.fps, 1, 60)
+        _check_choice(f"{path}.mode", self.mode, MODES)
+        self.context_noise = _check_float(f"{path}.context_noise", self.context_noise, 0.0, 1.0)
+        _check_text(f"{path}.negative_caption", self.negative_caption, allow_empty=True)
+        if not isinstance(self.moc, MoCSettings):
+            raise StoryError(f"{path}.moc", f"must be MoC settings, got {type(self.moc).__name__}")
+        self.moc.validate(f"{path}.moc")
+
+
+@dataclass
+class Story:
+    global_caption: str  # what holds for every shot (characters, place, style)
+    shots: list[Shot]  # in story order
+    settings: GenerationSettings = field(default_factory=GenerationSettings)  # how to render
+    version: int = STORY_VERSION  # JSON layout version
+
+    def validate(self) -> "Story":
+        """Raise StoryError on the first invalid field; integral floats (4.0 from a UI number
+        widget) are normalised to int in place. Returns self for chaining."""
+        self.version = _check_int("version", self.version, 1, STORY_VERSION)
+        _check_text("global_caption", self.global_caption, allow_empty=True)
+        if not isinstance(self.shots, list) or not self.shots:
+            raise StoryError("shots", f"must be a list of 1 to {MAX_SHOTS} shots, got {self.shots!r}"[:200])
+        if len(self.shots) > MAX_SHOTS:
+            raise StoryError("shots", f"must hold 1 to {MAX_SHOTS} shots, got {len(self.shots)}")
+        for i, shot in enumerate(self.shots):
+            if not isinstance(shot, Shot):
+                raise StoryError(f"shots[{i}]", f"must be a Shot, got {type(shot).__name__}")
+            shot.validate(f"shots[{i}]")
+        if not isinstance(self.settings, GenerationSettings):
+            raise StoryError("settings", f"must be GenerationSettings, got {type(self.settings).__name__}")
+        self.settings.validate("settings")
+        return self
+
+    # ---- JSON ---------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["version"] = STORY_VERSION
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "Story":
+        """Build and validate a story from parsed JSON; raises StoryError naming the bad field."""
+        d = _fields_from("", Story, d)
+        version = _check_int("version", d.get("version", STORY_VERSION), 1, STORY_VERSION)
+        if "global_caption" not in d:
+            raise StoryError("global_caption", "is required (use \"\" for none)")
+        shots_in = d.get("shots")
+        if not isinstance(shots_in, list):
+            raise StoryError("shots", f"must be a list of 1 to {MAX_SHOTS} shots")
+        if len(shots_in) > MAX_SHOTS:
+            raise StoryError("shots", f"must hold 1 to {MAX_SHOTS} shots, got {len(shots_in)}")
+        shots = []
+        for i, s in enumerate(shots_in):
+            kw = _fields_from(f"shots[{i}]", Shot, s)
+            for required in ("caption", "frames"):
+                if required not in kw:
+                    raise StoryError(f"shots[{i}].{required}", "is required")
+            shots.append(Shot(**kw))
+        settings_in = _fields_from("settings", GenerationSettings, d.get("settings", {}))
+        moc = MoCSettings(**_fields_from("settings.moc", MoCSettings, settings_in.pop("moc", {})))
+        settings = GenerationSettings(**settings_in, moc=moc)
+        return Story(global_caption=d["global_caption"], shots=shots, settings=settings,
+                     version=version).validate()
+
+    def to_json(self, indent: int = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @staticmethod
+    def from_json(text: str) -> "Story":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise StoryError("json", f"is not valid JSON: {err}") from None
+        return Story.from_dict(d)
+
+    def save(self, path: str | Path) -> Path:
+        """Validate, then write atomically (temp file in the same folder, fsync, os.replace)."""
+        self.validate()
+        return atomic_write_text(Path(path), self.to_json() + "\n")
+
+    @staticmethod
+    def load(path: str | Path) -> "Story":
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise StoryError("file", f"cannot read story file {str(path)!r}: {err}") from None
+        return Story.from_json(text)
+
+    # ---- edits (return new stories; the input is never mutated) -------------------------------
+
+    def with_settings(self, **changes) -> "Story":
+        return replace(self, settings=replace(self.settings, **changes))
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write `text` to `path` so that a reader sees the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+__all__ = ["STORY_VERSION", "MODES", "CHUNKINGS", "ANCHORS", "BACKENDS", "MAX_SHOTS", "MAX_SHOT_FRAMES",
+           "MAX_CAPTION_CHARS", "MAX_SEED", "Shot", "MoCSettings", "GenerationSettings", "Story",
+           "StoryError", "atomic_write_text"]

@@ -1,0 +1,197 @@
+"""The story engine on a tiny random model: modes, determinism, regenerate, stop, cache hits."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from engine.events import Finished, Preview, Progress, RenderStopped, ShotDone, Stopped
+from engine.sampler import SamplerOptions
+from engine.story import Shot, StoryError
+from engine.video import read_mp4
+from tests.engine.conftest import tiny_story
+
+MODES = ["joint", "shot_by_shot"]
+
+
+def frames_of(engine, result):
+    return [engine.cache.get(s.key).frames for s in result.shots]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_shapes_files_and_report(make_engine, tmp_path, mode):
+    engine = make_engine()
+    story = tiny_story(mode)
+    events = []
+    result = engine.render(story, out_dir=tmp_path / "out", on_event=events.append)
+    assert [s.status for s in result.shots] == ["generated"] * 3
+    for shot, res in zip(story.shots, result.shots):
+        take = engine.cache.get(res.key)
+        assert tuple(take.frames.shape) == (shot.frames, 48, 80, 3) and take.frames.dtype == torch.uint8
+        assert tuple(take.latents.shape) == (3, shot.frames, 6, 10)
+        assert read_mp4(res.video_path).shape == (shot.frames, 48, 80, 3)
+        assert 0 < res.density <= 1 and (res.density < 1 or res.index == 0)
+    assert read_mp4(result.story_video).shape[0] == sum(s.frames for s in story.shots)
+    for name in ("routing.json", "summary.json", "story.mp4", "shot_00.mp4", "shot_02.mp4"):
+        assert (tmp_path / "out" / name).is_file()
+    r = result.routing
+    F = 8
+    assert r["shot_frames"] == [3, 2, 3] and r["num_layers"] == 2 and r["num_heads"] == 2
+    assert r["steps"] == [0, 1, 2]
+    assert np.array(r["frame_selection"]["all"]).shape == (F, F)
+    assert np.array(r["frame_selection"]["1"]["0"]).shape == (F, F)
+    assert np.array(r["shot_recall"]).shape == (3, 3) and np.array(r["density"]).shape == (2, 2)
+    sel = np.array(r["frame_selection"]["all"])
+    assert np.allclose(sel[:3, :3], 1.0)  # intra-shot anchor: a shot always sees itself
+    assert np.allclose(sel[:3, 3:], 0.0)  # causal: shot 0 never sees later shots
+    assert 0 < r["sparsity"] < 1 and r["attn_flops_moc"] < r["attn_flops_dense"]
+    # events: progress every step of every run, a preview each step, one ShotDone per shot, Finished last
+    steps = [e for e in events if isinstance(e, Progress) and e.step > 0]
+    assert len(steps) == (3 if mode == "joint" else 9)
+    assert all(isinstance(e.frames, np.ndarray) and e.frames.dtype == np.uint8 for e in events if isinstance(e, Preview))
+    assert sorted(e.index for e in events if isinstance(e, ShotDone)) == [0, 1, 2]
+    assert isinstance(events[-1], Finished)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_same_seed_same_frames_and_second_request_is_cached(make_engine, mode):
+    a, b = make_engine("a"), make_engine("b")
+    story = tiny_story(mode)
+    ra, rb = a.render(story), b.render(story)
+    assert [s.key for s in ra.shots] == [s.key for s in rb.shots]
+    for fa, fb in zip(frames_of(a, ra), frames_of(b, rb)):
+        assert torch.equal(fa, fb)
+    again = a.render(story)
+    assert [s.status for s in again.shots] == ["cached"] * 3
+    assert a.cache.stats().hits >= 3
+
+
+def test_random_seed_is_reported_and_cached(make_engine):
+    engine = make_engine()
+    story = tiny_story("joint", seeds=(-1, -1, -1))
+    first = engine.render(story)
+    assert all(0 <= s.seed < 2**32 for s in first.shots)
+    again = engine.render(story)
+    assert [s.status for s in again.shots] == ["cached"] * 3
+    assert [s.seed for s in again.shots] == [s.seed for s in first.shots]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_regenerate_keeps_other_shots_byte_identical(make_engine, tmp_path, mode):
+    engine = make_engine()
+    story = tiny_story(mode, seeds=(3, -1, 7))
+    before = engine.render(story, out_dir=tmp_path / "before")
+    old_frames = frames_of(engine, before)
+    after = engine.render(story, regenerate=1, out_dir=tmp_path / "after")
+    assert [s.status for s in after.shots] == ["cached", "generated", "stale"]
+    assert after.shots[1].seed != before.shots[1].seed or after.shots[1].key != before.shots[1].key
+    new_frames = frames_of(engine, after)
+    assert torch.equal(new_frames[0], old_frames[0]) and torch.equal(new_frames[2], old_frames[2])
+    assert not torch.equal(new_frames[1], old_frames[1])
+    for i in (0, 2):
+        assert np.array_equal(read_mp4(after.shots[i].video_path), read_mp4(before.shots[i].video_path))
+    # the stale shot keeps its routing rows; the report still has every shot's rows
+    sel = np.array(after.routing["frame_selection"]["all"])
+    assert np.allclose(sel[5:, 5:], 1.0)
+    # a plain render now samples the stale shot against the new shot 1
+    final = engine.render(story)
+    assert [s.status for s in final.shots] == ["cached", "cached", "generated"]
+
+
+def test_locked_shot_is_kept(make_engine):
+    engine = make_engine()
+    story = tiny_story("shot_by_shot")
+    engine.render(story)
+    story.shots[0] = Shot("a green triangle spins", 3, 3)
+    story.shots[2].locked = True
+    result = engine.render(story)
+    assert [s.status for s in result.shots] == ["generated", "generated", "stale"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stop_mid_run_keeps_cache_valid(make_engine, mode):
+    engine = make_engine()
+    story = tiny_story(mode)
+    stop = threading.Event()
+    events = []
+
+    def on_event(event):
+        events.append(event)
+        if isinstance(event, Progress) and event.step == 2 and 1 in event.shots:
+            stop.set()  # stop in the middle of the run that samples shot 1
+
+    with pytest.raises(RenderStopped):
+        engine.render(story, on_event=on_event, stop=stop)
+    assert isinstance(events[-1], Stopped)
+    finished = events[-1].finished_shots
+    assert finished == (() if mode == "joint" else (0,))
+    stats = engine.cache.stats()
+    assert stats.entries == len(finished)
+    resumed = engine.render(story)
+    assert [s.status for s in resumed.shots] == ["cached" if i in finished else "generated" for i in range(3)]
+    fresh = make_engine("fresh").render(story)
+    assert [s.key for s in resumed.shots] == [s.key for s in fresh.shots]
+
+
+@pytest.mark.parametrize("descriptor_rope", [True, False], ids=["route-post-rope", "route-pre-rope"])
+def test_context_cache_equals_recomputing_context(make_engine, descriptor_rope):
+    """Causal MoC: a context shot never sees later tokens, so caching its K/V changes nothing
+    (also when routing scores pre-RoPE keys, which the cache then stores beside K/V)."""
+    story = tiny_story("shot_by_shot", descriptor_rope=descriptor_rope)
+    cached = make_engine("kv")
+    recompute = make_engine("recompute", options=SamplerOptions(context_cache=False))
+    a, b = cached.render(story), recompute.render(story)
+    for ta, tb in zip(a.shots, b.shots):
+        la, lb = cached.cache.get(ta.key).latents, recompute.cache.get(tb.key).latents
+        torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+
+
+def test_dense_mode_reports_full_density(make_engine):
+    story = tiny_story("joint", enabled=False)
+    result = make_engine().render(story)
+    assert all(s.density == 1.0 for s in result.shots)
+    assert result.routing["sparsity"] == 0.0
+
+
+def test_model_specific_errors(make_engine):
+    engine = make_engine()
+    story = tiny_story()
+    with pytest.raises(StoryError, match="regenerate"):
+        engine.render(story, regenerate=3)
+    story.settings.moc.backend = "triton"
+    with pytest.raises(StoryError) as err:
+        engine.render(story)
+    assert err.value.field == "settings.moc.backend"
+    story = tiny_story(frames=(128,) * 9 + (3,))
+    story = tiny_story()
+    story.shots = [Shot(f"s{i}", 128, i) for i in range(9)]
+    with pytest.raises(StoryError) as err:
+        engine.render(story)
+    assert err.value.field == "shots"
+
+
+def test_available_backends(make_engine):
+    names = make_engine().available_backends()
+    assert names[:2] == ["auto", "reference"]
+
+
+def test_regenerate_after_caption_edit_keeps_later_takes_as_stale(make_engine):
+    engine = make_engine()
+    story = tiny_story("joint")
+    before = engine.render(story)
+    story.shots[1] = Shot("a yellow star falls", 2, 5)
+    after = engine.render(story, regenerate=1)
+    assert [s.status for s in after.shots] == ["cached", "generated", "stale"]
+    assert after.shots[2].key == before.shots[2].key
+    assert after.shots[0].key == before.shots[0].key
+
+
+def test_regenerate_with_a_fixed_seed_twice_is_a_cache_hit(make_engine):
+    engine = make_engine()
+    story = tiny_story("joint")
+    engine.render(story)
+    first = engine.render(story, regenerate=1)
+    second = engine.render(story, regenerate=1)
+    assert first.shots[1].status == "generated" and second.shots[1].status == "cached"
+    assert second.shots[1].key == first.shots[1].key and second.shots[2].status == "stale"

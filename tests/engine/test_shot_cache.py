@@ -1,0 +1,121 @@
+"""Shot cache: round trip, atomic writes (a killed writer leaves no entry), LRU cap, two processes."""
+
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+import torch
+
+from engine.shot_cache import STALE_TMP_SECONDS, ShotCache, Take
+
+
+def take(key: str, frames: int = 3, fill: int = 1) -> Take:
+    return Take(key=key, frames=torch.full((frames, 8, 6, 3), fill, dtype=torch.uint8),
+                latents=torch.randn(3, frames, 2, 3), meta={"seed": fill},
+                tensors={"routing.density": torch.rand(2, 2, dtype=torch.float64)})
+
+
+def test_round_trip_and_counts(tmp_path):
+    cache = ShotCache(tmp_path)
+    assert cache.get("ab12") is None
+    t = take("ab12")
+    cache.put(t)
+    got = cache.get("ab12")
+    assert torch.equal(got.frames, t.frames) and torch.equal(got.latents, t.latents)
+    assert torch.equal(got.tensors["routing.density"], t.tensors["routing.density"])
+    assert got.meta["seed"] == 1 and got.meta["key"] == "ab12"
+    s = cache.stats()
+    assert (s.hits, s.misses, s.entries) == (1, 1, 1) and s.bytes > 0
+    # survives a restart
+    again = ShotCache(tmp_path)
+    assert again.contains("ab12") and again.get("ab12") is not None
+
+
+def test_put_is_idempotent_and_invalidate(tmp_path):
+    cache = ShotCache(tmp_path)
+    cache.put(take("cd34", fill=1))
+    cache.put(take("cd34", fill=2))  # same key: the first stays
+    assert cache.get("cd34").meta["seed"] == 1
+    assert cache.invalidate("cd34") and not cache.contains("cd34") and not cache.invalidate("cd34")
+
+
+def test_bad_keys_are_rejected(tmp_path):
+    cache = ShotCache(tmp_path)
+    for key in ("../x", "", "AB", "a/b"):
+        with pytest.raises(ValueError):
+            cache.get(key)
+
+
+def _killed_writer(root: str) -> None:
+    """Stage a take, then die (SIGKILL-like) before the rename that publishes it."""
+    cache = ShotCache(root)
+    real_rename = os.rename
+
+    def die(src, dst):
+        os._exit(9)
+
+    os.rename = die
+    try:
+        cache.put(take("ee55"))
+    finally:
+        os.rename = real_rename
+
+
+def test_killed_writer_leaves_no_entry(tmp_path):
+    proc = mp.get_context("fork").Process(target=_killed_writer, args=(str(tmp_path),))
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == 9
+    cache = ShotCache(tmp_path)
+    assert not cache.contains("ee55") and cache.get("ee55") is None
+    leftovers = list((tmp_path / "tmp").iterdir())
+    assert leftovers  # the staged folder is there, invisible to readers
+    old = time.time() - STALE_TMP_SECONDS - 10
+    for p in leftovers:
+        os.utime(p, (old, old))
+    ShotCache(tmp_path)  # a new cache cleans staging left by killed writers
+    assert not list((tmp_path / "tmp").iterdir())
+    cache.put(take("ee55"))
+    assert cache.get("ee55") is not None
+
+
+def test_lru_eviction_under_the_cap(tmp_path):
+    probe = ShotCache(tmp_path / "probe")
+    probe.put(take("aa00"))
+    size = probe.stats().bytes
+    cache = ShotCache(tmp_path / "c", max_bytes=int(size * 2.5))
+    cache.put(take("aa01"))
+    time.sleep(0.02)
+    cache.put(take("aa02"))
+    time.sleep(0.02)
+    assert cache.get("aa01") is not None  # aa01 is now the most recently used
+    time.sleep(0.02)
+    cache.put(take("aa03"))  # over the cap: the least recently used (aa02) goes
+    assert cache.contains("aa01") and not cache.contains("aa02") and cache.contains("aa03")
+    assert cache.stats().bytes <= cache.max_bytes and cache.stats().evictions == 1
+
+
+def _writer(root: str, worker: int) -> None:
+    cache = ShotCache(root)
+    for i in range(12):
+        cache.put(take(f"{i % 6:04x}", fill=worker))
+        assert cache.get(f"{i % 6:04x}") is not None
+        cache.point(f"ff{i % 3:02x}", f"{i % 6:04x}")
+
+
+def test_two_processes_share_one_cache(tmp_path):
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w)) for w in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    cache = ShotCache(tmp_path)
+    assert cache.stats().entries == 6
+    for i in range(6):
+        t = cache.get(f"{i:04x}")
+        assert t is not None and t.meta["seed"] in (1, 2) and int(t.frames[0, 0, 0, 0]) == t.meta["seed"]
+    assert all(cache.pointer(f"ff{i:02x}") is not None for i in range(3))
+    assert not list((tmp_path / "tmp").iterdir())
