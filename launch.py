@@ -4,6 +4,7 @@ Headless:  python launch.py --story examples/default_story.json --out outputs/de
            writes DIR/shot_XX.mp4 (XX = 0-based shot index), DIR/story.mp4, DIR/routing.json,
            DIR/summary.json and prints one line per shot.
 App:       python launch.py [--host 127.0.0.1] [--port 7860] [--share] [--model PATH]
+Routing:   python launch.py --routing-demo   (which earlier frames each frame recalls; no model)
 argparse lives here and only here; everything else takes explicit arguments.
 """
 
@@ -27,6 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1", help="app: interface to listen on")
     p.add_argument("--port", type=int, default=7860, help="app: port")
     p.add_argument("--share", action="store_true", help="app: ask Gradio for a public share link")
+    p.add_argument("--routing-demo", action="store_true",
+                   help="print MoC routing on a random multi-shot layout (no model) and exit")
     return p.parse_args(argv)
 
 
@@ -76,6 +79,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model loads from local folders
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.routing_demo:
+        from engine.moc.demo import routing_demo
+        print(routing_demo())
+        return 0
     if args.story is not None:
         return render_headless(args)
     if args.regenerate is not None or args.out is not None:

@@ -96,3 +96,9 @@ def test_missing_model_folder_is_a_message(tmp_path):
     story_path = wan_story().save(tmp_path / "story.json")
     proc = run_cli("--story", story_path, "--model", tmp_path / "nope", "--out", tmp_path / "o")
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_routing_demo_flag_prints_the_routing():
+    out = subprocess.run([sys.executable, "launch.py", "--routing-demo"], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2]).stdout
+    assert "density" in out and "shot 3 frame 2:" in out
