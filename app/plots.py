@@ -35,10 +35,11 @@ SCALE = [[0.0, "#f8fafc"], [0.15, "#ddd6fe"], [0.45, "#a78bfa"], [0.75, "#6d28d9
 FONT = dict(family="Inter, ui-sans-serif, system-ui, sans-serif", size=12, color=INK)
 
 
-def _layout(fig: go.Figure, title: str, height: int = 420) -> go.Figure:
+def _layout(fig: go.Figure, title: str, height: int = 420, top: int = 50) -> go.Figure:
+    """Shared look; `top` leaves room for an x axis drawn above the plot."""
     fig.update_layout(
-        title=dict(text=title, x=0.01, xanchor="left", font=dict(size=15)),
-        font=FONT, height=height, margin=dict(l=60, r=20, t=50, b=50),
+        title=dict(text=title, x=0.01, xanchor="left", y=0.98, yanchor="top", font=dict(size=15)),
+        font=FONT, height=height, margin=dict(l=60, r=20, t=top, b=30),
         paper_bgcolor="white", plot_bgcolor="white",
     )
     return fig
@@ -133,7 +134,7 @@ def frame_heatmap(routing: dict | None, layer: str = ALL, step: str = ALL) -> go
                      showgrid=False, zeroline=False, autorange="reversed", scaleanchor="x")
     which = f"layer {layer}" if layer != ALL else "all layers"
     when = f"step {step}" if step != ALL else "all steps"
-    return _layout(fig, f"{title} · {which} · {when}", height=520)
+    return _layout(fig, f"{title} · {which} · {when}", height=540, top=90)
 
 
 def shot_recall(routing: dict | None) -> go.Figure:
@@ -151,7 +152,7 @@ def shot_recall(routing: dict | None) -> go.Figure:
     ))
     fig.update_xaxes(title="key shot (drawn on)", side="top", showgrid=False)
     fig.update_yaxes(title="query shot", autorange="reversed", showgrid=False)
-    return _layout(fig, title, height=380)
+    return _layout(fig, title, height=400, top=90)
 
 
 def density_heatmap(routing: dict | None) -> go.Figure:
@@ -168,7 +169,7 @@ def density_heatmap(routing: dict | None) -> go.Figure:
     ))
     fig.update_xaxes(title="head", side="top", showgrid=False)
     fig.update_yaxes(title="layer", autorange="reversed", showgrid=False)
-    return _layout(fig, title, height=max(260, 60 + 34 * matrix.shape[0]))
+    return _layout(fig, title, height=max(280, 110 + 34 * matrix.shape[0]), top=90)
 
 
 def flops_figure(routing: dict | None) -> go.Figure:
@@ -201,22 +202,29 @@ def _seconds(value: float) -> str:
 
 
 def headline_numbers(routing: dict | None, summary: dict | None) -> dict[str, str]:
-    """The four numbers on the routing tab, formatted; missing ones are "–"."""
+    """The numbers on the stat cards, formatted; missing ones are "–".
+
+    time_saved: what dense attention would have added (routing "time_saved_estimate_s");
+    cache: shots served from the shot cache, and the render time that saved (summary
+    "cache_saved_s", estimated by the app from the generated shots' seconds per frame).
+    """
     routing, summary = routing or {}, summary or {}
-    out = {"sparsity": "–", "flops": "–", "time_saved": "–", "cache": "–"}
+    out = {"sparsity": "–", "flops": "–", "time_saved": "–", "cache": "–", "cache_note": "reused, not re-rendered"}
     sparsity = routing.get("sparsity")
     if sparsity is not None and math.isfinite(float(sparsity)):
         out["sparsity"] = f"{float(sparsity):.0%}"
     moc, dense = routing.get("attn_flops_moc"), routing.get("attn_flops_dense")
     if moc and dense:
         out["flops"] = f"{float(dense) / float(moc):.1f}× fewer"
-    saved = summary.get("time_saved_s", summary.get("seconds_saved"))
+    saved = routing.get("time_saved_estimate_s")
     if saved is not None:
         out["time_saved"] = _seconds(saved)
     shots = summary.get("shots")
     if isinstance(shots, list) and shots:
         cached = sum(1 for s in shots if isinstance(s, dict) and s.get("status") == "cached")
         out["cache"] = f"{cached} of {len(shots)} shots"
+        if summary.get("cache_saved_s"):
+            out["cache_note"] = f"reused, ~{_seconds(summary['cache_saved_s'])} of rendering saved"
     return out
 
 
@@ -226,8 +234,8 @@ def stat_cards(routing: dict | None, summary: dict | None) -> str:
     cards = [
         ("Sparsity", numbers["sparsity"], "of attention skipped by MoC"),
         ("Attention FLOPs", numbers["flops"], "than dense attention"),
-        ("Time saved", numbers["time_saved"], "by the shot cache"),
-        ("From cache", numbers["cache"], "reused, not re-rendered"),
+        ("Time saved", numbers["time_saved"], "in attention vs dense (estimate)"),
+        ("From cache", numbers["cache"], numbers["cache_note"]),
     ]
     body = "".join(
         f'<div class="stat-card"><div class="stat-label">{html.escape(label)}</div>'

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.context_cache import ContextKV
-from engine.moc import MoCConfig, TokenLayout, moc_attention, route
+from engine.moc import MoCConfig, TokenLayout, dense_is_faster, expected_density, moc_attention, route
 
 
 @dataclass
@@ -80,10 +80,15 @@ def story_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Sel
         k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
         kr_all = None if k_route is None else k_route.transpose(1, 2)
     qh = q.transpose(1, 2)  # (B, H, N, D)
-    if plan.moc is None:
+    B, H, _, D = qh.shape
+    dense_wins = plan.moc is not None and plan.backend == "auto" and dense_is_faster(
+        B, H, n, k_all.shape[2], D, expected_density(plan.layout, plan.moc), qh.device)
+    if plan.moc is None or dense_wins:
+        # MoC off, or "auto" at a size where dense SDPA beats routing + the sparse kernel
         out = F.scaled_dot_product_attention(qh, k_all, v_all)
         if plan.recorder is not None:
-            plan.recorder.record_dense(layer, qh.shape, k_all.shape[2], plan.q_offset)
+            plan.recorder.record_dense(layer, qh.shape, k_all.shape[2], plan.q_offset,
+                                       backend="dense-auto" if dense_wins else "dense")
     else:
         q_r = qh if q_route is None else q_route.transpose(1, 2)
         k_r = k_all if kr_all is None else kr_all
@@ -91,7 +96,7 @@ def story_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Sel
                           training=plan.training, generator=plan.generator)
         out = moc_attention(qh, k_all, v_all, selection, backend=plan.backend)
         if plan.recorder is not None:
-            plan.recorder.record(layer, selection, qh.shape[-1])
+            plan.recorder.record(layer, selection, D)
     if plan.recorder is not None:
         if out.is_cuda:
             torch.cuda.synchronize(out.device)  # honest attention timing for the report

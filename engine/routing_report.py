@@ -16,7 +16,9 @@ Report schema (routing.json):
   density LxH; sparsity = 1 - mean density; attn_flops_moc / attn_flops_dense (the current takes'
   generation cost, QK^T + PV); plus shots (per-shot density/flops), attn_seconds and
   time_saved_estimate_s (attention time x (dense/moc - 1): what dense attention would have added
-  if time scaled with FLOPs).
+  if time scaled with FLOPs); backends {name: attention calls, summed over the runs that made the current takes (a joint run
+  counts once per shot)}: which backend ran ("dense-auto":
+  backend "auto" judged dense SDPA faster at this size, so MoC did not run).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class ShotRouting:
     flops_moc: float  # attention FLOPs spent on this shot's queries (all steps, layers, batch)
     flops_dense: float  # the same with dense attention over the same keys
     attn_seconds: float  # wall time inside self-attention attributed to this shot
+    backends: dict | None = None  # attention calls of the run per backend that ran
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"routing.frame_selection": torch.from_numpy(self.frame_selection.astype(np.float32)),
@@ -56,7 +59,8 @@ class ShotRouting:
 
     def meta(self) -> dict:
         return {"steps": self.steps, "layout_shot_frames": self.layout_shot_frames,
-                "flops_moc": self.flops_moc, "flops_dense": self.flops_dense, "attn_seconds": self.attn_seconds}
+                "flops_moc": self.flops_moc, "flops_dense": self.flops_dense, "attn_seconds": self.attn_seconds,
+                "backends": self.backends or {}}
 
     @staticmethod
     def from_stored(tensors: dict, meta: dict) -> "ShotRouting":
@@ -64,7 +68,7 @@ class ShotRouting:
                            frame_selection=tensors["routing.frame_selection"].numpy(),
                            density=tensors["routing.density"].numpy(), recall=tensors["routing.recall"].numpy(),
                            flops_moc=float(meta["flops_moc"]), flops_dense=float(meta["flops_dense"]),
-                           attn_seconds=float(meta.get("attn_seconds", 0.0)))
+                           attn_seconds=float(meta.get("attn_seconds", 0.0)), backends=dict(meta.get("backends", {})))
 
     @property
     def mean_density(self) -> float:
@@ -104,6 +108,7 @@ class RoutingRecorder:
         self.last_density = 1.0
         self.total_flops_moc = 0.0  # every query of every call (context tokens included)
         self.total_flops_dense = 0.0
+        self.backends: dict[str, int] = {}  # attention calls per backend that ran ("dense-auto": auto chose dense)
 
     def begin_step(self, step: int) -> None:
         self.capture = step in self.steps
@@ -120,8 +125,9 @@ class RoutingRecorder:
             a, b = self.layout.shot_range(s)
             yield s, a - self.q_offset, b - self.q_offset
 
-    def record_dense(self, layer: int, q_shape, num_keys: int, q_offset: int) -> None:
+    def record_dense(self, layer: int, q_shape, num_keys: int, q_offset: int, backend: str = "dense") -> None:
         B, H, Nq, D = q_shape
+        self.backends[backend] = self.backends.get(backend, 0) + 1
         self.total_flops_moc += float(B * H * Nq * num_keys * 4 * D)
         self.total_flops_dense += float(B * H * Nq * num_keys * 4 * D)
         for s, a, b in self._shot_query_ranges():
@@ -136,6 +142,8 @@ class RoutingRecorder:
 
     def record(self, layer: int, selection: Selection, head_dim: int) -> None:
         B, H, Nq = selection.shape
+        name = str(selection.info.get("backend", "?"))
+        self.backends[name] = self.backends.get(name, 0) + 1
         N = selection.num_keys
         attended = selection.attended_keys()  # (B, H, Nq) float64, on the device
         ranges = list(self._shot_query_ranges())
@@ -181,7 +189,7 @@ class RoutingRecorder:
                            density=self.att_sum[shot] / np.maximum(self.att_n[shot], 1),
                            recall=recall / total if total > 0 else recall,
                            flops_moc=self.flops_moc[shot], flops_dense=self.flops_dense[shot],
-                           attn_seconds=self.attn_seconds[shot])
+                           attn_seconds=self.attn_seconds[shot], backends=dict(self.backends))
 
 
 def build_report(shot_frames: list[int], takes: list[ShotRouting | None], num_layers: int,
@@ -194,6 +202,7 @@ def build_report(shot_frames: list[int], takes: list[ShotRouting | None], num_la
     density_sum, tokens = np.zeros((L, H)), 0.0
     flops_moc = flops_dense = attn_seconds = 0.0
     per_shot = []
+    backends: dict[str, int] = {}
     for s, take in enumerate(takes):
         if take is None:
             per_shot.append(None)
@@ -215,6 +224,8 @@ def build_report(shot_frames: list[int], takes: list[ShotRouting | None], num_la
         flops_moc += take.flops_moc
         flops_dense += take.flops_dense
         attn_seconds += take.attn_seconds
+        for name, calls in (take.backends or {}).items():
+            backends[name] = backends.get(name, 0) + calls
         per_shot.append({"density": round(take.mean_density, decimals), "attn_flops_moc": take.flops_moc,
                          "attn_flops_dense": take.flops_dense})
     r = lambda a: np.round(a, decimals).tolist()  # noqa: E731
@@ -234,6 +245,7 @@ def build_report(shot_frames: list[int], takes: list[ShotRouting | None], num_la
         "attn_seconds": round(attn_seconds, 4),
         "time_saved_estimate_s": round(attn_seconds * (ratio - 1), 4),
         "shots": per_shot,
+        "backends": backends,
     }
 
 

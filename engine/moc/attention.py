@@ -9,18 +9,38 @@ Backends:
   "flex":      FlexAttention with a BlockMask built from the selection (flex.py).
   "triton":    fused block-sparse flash attention over the selection (GPU only).
   "dense":     the selection as a boolean mask through SDPA (exact; for debugging and as a floor).
-  "auto":      "triton" on CUDA when it is importable, else "reference"; the choice is recorded
-               in selection.info["backend"] and in the routing statistics.
+  "auto":      on CUDA, "sdpa" when the selection covers every (query, key) pair (plain dense
+               SDPA is then exact, and cuDNN is faster than any sparse kernel at density 1), else
+               "triton" when it is importable; on the CPU "dense" (exact, SDPA with the mask)
+               while the (Nq, N) mask stays small, else "reference". The choice and its reason
+               are recorded in selection.info["backend"] / ["dispatch"] and in the statistics.
 An unavailable backend raises; nothing is swapped silently.
+
+Before routing, `dense_is_faster` tells a caller with backend="auto" whether plain dense SDPA
+would beat routing + the fused kernel at this size (short sequences, where the paper also found
+MoC slower end to end). The model's attention call site uses it so that "auto" is never slower
+than dense; that call computes dense attention (a superset of every selection) and the routing
+report records it. An explicit backend name always runs MoC.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .selection import Selection
 
 BACKENDS = ("auto", "reference", "flex", "triton", "dense")
+DISPATCH_REASONS = {  # why "auto" picked a backend, as recorded in selection.info["dispatch"]
+    "sdpa": "auto: the selection is fully dense, so unmasked SDPA (cuDNN/flash) computes it exactly and faster",
+    "triton": "auto: sparse selection on CUDA, fused Triton kernel",
+    "reference": "auto: not on a CUDA GPU (or Triton unavailable), float32 reference",
+    "dense": "auto: on the CPU, the selection as an exact mask through SDPA (faster than the reference)",
+    "reference-shape": "auto: head dim or dtype outside the Triton kernel's (64/128; bf16/fp16/fp32), float32 reference",
+}
+TRITON_HEAD_DIMS = (64, 128)  # what triton_attention supports; "auto" sends anything else to the reference
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection) -> None:
@@ -61,7 +81,7 @@ def dense_masked_attention(q, k, v, selection: Selection, scale: float | None = 
 
 def triton_available() -> tuple[bool, str]:
     """(available, reason) for the fused Triton backend."""
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter: tests
         return False, "the Triton backend needs a CUDA GPU and none is visible"
     try:
         from . import triton_attention  # noqa: F401
@@ -70,12 +90,46 @@ def triton_available() -> tuple[bool, str]:
     return True, ""
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+# Forward cost model of routing + the fused kernel, fitted to benchmarks/results/attention_h100.json
+# (H100, bf16, structured inputs): fixed routing/plan/launch cost that grows with the key count,
+# plus the kernel's walked work (about WORK_FACTOR x the density, at Triton's lower rate) of the
+# dense time. Dense time is counted at cuDNN's measured rate.
+DENSE_TFLOPS = 580.0  # cuDNN SDPA forward on the H100, TFLOP/s
+MOC_FIXED_MS = 3.0  # routing + plan + launches at a few thousand tokens, ms
+MOC_FIXED_MS_PER_KTOKEN = 0.07  # their growth with the key count, ms per 1,000 keys
+MOC_WORK_FACTOR = 1.41  # MoC kernel time / (density x dense time)
+MASKED_DENSE_MAX_ELEMENTS = 1 << 27  # CPU "auto": largest B*H*Nq*N boolean mask for "dense"
+
+
+def dense_is_faster(batch: int, heads: int, num_queries: int, num_keys: int, head_dim: int,
+                    density: float, device: torch.device) -> bool:
+    """Whether unmasked dense SDPA is estimated faster than MoC (routing included) on `device`.
+    `density` is the expected density (routing.expected_density: known before routing)."""
+    if device.type != "cuda":
+        return False  # the CPU paths are exact and never swapped for dense attention
+    dense_ms = 4.0 * batch * heads * num_queries * num_keys * head_dim / (DENSE_TFLOPS * 1e9)
+    moc_ms = MOC_FIXED_MS + MOC_FIXED_MS_PER_KTOKEN * num_keys / 1e3 + MOC_WORK_FACTOR * density * dense_ms
+    return dense_ms <= moc_ms
+
+
+def is_fully_dense(selection: Selection) -> bool:
+    """Every query attends every key: each tile's union holds all chunks, each one full."""
+    C = selection.layout.num_chunks
+    return bool(((selection.tile_count == C) & selection.tile_full.all(-1)).all())
+
+
+def resolve_backend(backend: str, device: torch.device, selection: Selection | None = None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        if device.type == "cuda" and selection is not None and is_fully_dense(selection):
+            return "sdpa"
+        if device.type != "cuda":
+            B, H, Nq = selection.shape if selection is not None else (0, 0, 0)
+            n_keys = selection.num_keys if selection is not None else 0
+            return "dense" if B * H * Nq * n_keys <= MASKED_DENSE_MAX_ELEMENTS else "reference"
         ok, _ = triton_available()
-        return "triton" if ok and device.type == "cuda" else "reference"
+        return "triton" if ok else "reference"
     if backend == "triton":
         ok, why = triton_available()
         if not ok:
@@ -88,8 +142,14 @@ def moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: 
     """Attention of q (B, H, Nq, D) over k, v (B, H, N, D) restricted to `selection`.
     Returns (B, H, Nq, D) in q's dtype."""
     check_qkv(q, k, v, selection)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, selection)
+    reason = name
+    if backend == "auto" and name == "triton" and (q.shape[-1] not in TRITON_HEAD_DIMS or q.dtype not in TRITON_DTYPES):
+        name, reason = "reference", "reference-shape"
     selection.info["backend"] = name
+    selection.info["dispatch"] = DISPATCH_REASONS[reason] if backend == "auto" else "requested"
+    if name == "sdpa":
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     if name == "reference":
         return reference_attention(q, k, v, selection, scale)
     if name == "dense":

@@ -25,6 +25,7 @@ from .layout import TokenLayout
 from .selection import Selection
 
 ANCHORS = ("shot", "chunk", "window")
+ROUTE_IMPLS = ("auto", "reference", "triton")  # "auto": fused Triton on CUDA, the reference elsewhere
 
 
 @dataclass(frozen=True)
@@ -115,10 +116,23 @@ def check_qk(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, q_offset: in
 @torch.no_grad()
 def route(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: MoCConfig, *,
           q_offset: int = 0, training: bool = False, generator: torch.Generator | None = None,
-          descriptors: torch.Tensor | None = None) -> Selection:
-    """Reference routing. q (B, H, Nq, D) are the layout's tokens [q_offset, q_offset + Nq);
+          descriptors: torch.Tensor | None = None, impl: str = "auto") -> Selection:
+    """Routing. q (B, H, Nq, D) are the layout's tokens [q_offset, q_offset + Nq);
     k (B, H, N, D) covers the whole layout. Returns the Selection every backend consumes.
-    `descriptors` (B, H, C, D) may be passed when already known (e.g. cached context)."""
+    `descriptors` (B, H, C, D) may be passed when already known (e.g. cached context).
+    `impl`: "reference" (this function's PyTorch code, the spec), "triton" (the fused GPU kernels
+    of triton_routing.py, same Selection ties aside), "auto" (triton for CUDA tensors whose head
+    dim it supports, else reference); which one ran is in selection.info["routing"]."""
+    if impl not in ROUTE_IMPLS:
+        raise ValueError(f"impl must be one of {ROUTE_IMPLS}, got {impl!r}")
+    D = q.shape[-1]
+    fused_ok = q.is_cuda and D >= 16 and D & (D - 1) == 0
+    if impl == "triton" or (impl == "auto" and fused_ok):
+        from .triton_routing import route_triton
+        selection = route_triton(q, k, layout, config, q_offset=q_offset, training=training, generator=generator,
+                                 descriptors=descriptors)
+        selection.info["routing"] = "triton"
+        return selection
     check_qk(q, k, layout, q_offset)
     B, H, Nq, D = q.shape
     device = q.device
@@ -144,7 +158,9 @@ def route(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: MoCConf
             idx = torch.cat([idx, extra], dim=-1)
         routed[:, :, t0:t1, :idx.shape[-1]] = idx.to(torch.int32)
 
-    return Selection.build(layout, config.tile, forced, routed, q_offset)
+    selection = Selection.build(layout, config.tile, forced, routed, q_offset)
+    selection.info["routing"] = "reference"
+    return selection
 
 
 def _drop_off(idx: torch.Tensor, p_max: float, generator) -> torch.Tensor:
@@ -196,5 +212,5 @@ def expected_density(layout: TokenLayout, config: MoCConfig) -> float:
     return float((per_chunk * clen).sum() / (layout.num_tokens ** 2))
 
 
-__all__ = ["MoCConfig", "route", "forced_links", "candidate_links", "chunk_descriptors",
+__all__ = ["MoCConfig", "ROUTE_IMPLS", "route", "forced_links", "candidate_links", "chunk_descriptors",
            "expected_density"]

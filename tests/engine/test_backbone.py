@@ -141,3 +141,38 @@ def test_pre_rope_routing_scores_the_unrotated_keys():
     want = route(qr.transpose(1, 2), kr.transpose(1, 2), layout, MoCConfig(top_k=1))
     assert torch.equal(recorders[0].selection.routed, want.routed)
     assert not torch.equal(recorders[0].selection.routed, recorders[1].selection.routed)
+
+
+def test_auto_on_a_gpu_sized_short_sequence_runs_dense_and_says_so(monkeypatch):
+    """story_attention with backend="auto": when the cost model says dense SDPA is faster, dense
+    runs (no routing) and the recorder is told "dense-auto"; an explicit backend still runs MoC."""
+    import engine.processors as processors
+    from engine.moc import MoCConfig, TokenLayout
+    from engine.processors import SelfAttentionPlan, story_attention
+
+    layout = TokenLayout(frame_tokens=7, shot_frames=(3, 4))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, layout.num_tokens, 2, 16, generator=g) for _ in range(3))
+    monkeypatch.setattr(processors, "dense_is_faster", lambda *args: True)
+
+    class Calls:
+        def __init__(self):
+            self.backends = []
+
+        def record(self, layer, selection, head_dim):
+            self.backends.append(selection.info["backend"])
+
+        def record_dense(self, layer, q_shape, num_keys, q_offset, backend="dense"):
+            self.backends.append(backend)
+
+        def add_seconds(self, seconds):
+            pass
+
+    for backend, want in [("auto", "dense-auto"), ("reference", "reference")]:
+        rec = Calls()
+        out = story_attention(q, k, v, SelfAttentionPlan(layout, 0, MoCConfig(top_k=1), backend=backend,
+                                                         recorder=rec), 0)
+        assert rec.backends == [want]
+        if backend == "auto":
+            dense = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
+            torch.testing.assert_close(out, dense.transpose(1, 2))

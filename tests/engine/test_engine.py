@@ -46,6 +46,7 @@ def test_shapes_files_and_report(make_engine, tmp_path, mode):
     assert np.allclose(sel[:3, :3], 1.0)  # intra-shot anchor: a shot always sees itself
     assert np.allclose(sel[:3, 3:], 0.0)  # causal: shot 0 never sees later shots
     assert 0 < r["sparsity"] < 1 and r["attn_flops_moc"] < r["attn_flops_dense"]
+    assert set(r["backends"]) == {"dense"} and r["backends"]["dense"] > 0  # CPU "auto": exact masked SDPA
     # events: progress every step of every run, a preview each step, one ShotDone per shot, Finished last
     steps = [e for e in events if isinstance(e, Progress) and e.step > 0]
     assert len(steps) == (3 if mode == "joint" else 9)

@@ -111,13 +111,37 @@ def test_dispatch_records_backend_and_rejects_unknown_names():
     layout = TokenLayout(frame_tokens=4, shot_frames=(2,))
     q, k, v = qkv(layout)
     sel = route(q, k, layout, MoCConfig())
-    moc_attention(q, k, v, sel, backend="auto")
-    assert sel.stats().backend == ("triton" if torch.cuda.is_available() else "reference")
+    out = moc_attention(q, k, v, sel, backend="auto")
+    assert sel.stats().backend == "dense"  # CPU tensors, a small mask: exact masked SDPA
+    assert sel.info["dispatch"].startswith("auto:")
+    torch.testing.assert_close(out, moc_attention(q, k, v, sel, backend="reference"), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="backend must be one of"):
         moc_attention(q, k, v, sel, backend="flash")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="backend='triton' is unavailable"):
             moc_attention(q, k, v, sel, backend="triton")
+
+
+def test_cpu_auto_uses_the_reference_when_the_mask_would_be_large(monkeypatch):
+    from engine.moc import attention
+    layout = TokenLayout(frame_tokens=9, shot_frames=(2, 3))
+    q, k, v = qkv(layout)
+    sel = route(q, k, layout, MoCConfig(top_k=1))
+    monkeypatch.setattr(attention, "MASKED_DENSE_MAX_ELEMENTS", 10)
+    moc_attention(q, k, v, sel, backend="auto")
+    assert sel.info["backend"] == "reference"
+
+
+def test_dense_is_faster_only_for_short_sequences_on_a_gpu():
+    """The pre-routing cost model: dense wins at a few thousand tokens, MoC at MoC-180k; the CPU
+    never trades MoC for dense."""
+    from engine.moc import dense_is_faster
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert dense_is_faster(1, 12, 16_320, 16_320, 128, 0.16, cuda)
+    assert not dense_is_faster(1, 12, 65_280, 65_280, 128, 0.16, cuda)
+    assert not dense_is_faster(1, 12, 180_000, 180_000, 128, 0.16, cuda)
+    assert dense_is_faster(1, 12, 180_000, 180_000, 128, 0.9, cuda)  # nearly dense: no point routing
+    assert not dense_is_faster(1, 12, 1_000, 1_000, 128, 0.16, cpu)
 
 
 def test_mismatched_qkv_shapes_are_clear_errors():

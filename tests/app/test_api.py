@@ -1,0 +1,142 @@
+"""The named endpoints, driven with gradio_client against a running app and the real engine.
+
+Covers: generate a story; regenerate one shot while the others come from the shot cache; stop a
+run within one sampling step; save and load a story; a second client waiting in the queue sees
+its place; invalid stories come back as readable errors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from engine.story import Story
+
+from .conftest import long_story, tiny_story
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]
+
+
+def sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def client(app_url):
+    return Client(app_url, verbose=False)
+
+
+def test_endpoints_are_named(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/generate", "/regenerate", "/stop", "/save_story", "/load_story", "/example_story", "/info"} <= names
+    info = client.predict(api_name="/info")
+    assert info["model"] and isinstance(info["backends"], list) and info["examples"] == ["tiny"]
+
+
+def test_generate_then_regenerate_one_shot(client):
+    story = tiny_story(shots=3)
+    video, shot_videos, result = client.predict(story.to_dict(), api_name="/generate")
+    assert result["state"] == "finished"
+    assert [s["status"] for s in result["shots"]] == ["generated"] * 3
+    assert Path(video).stat().st_size > 0 and len(shot_videos) == 3
+    assert all(s["seed"] >= 0 for s in result["shots"])  # seed -1 resolved to the seed used
+    routing = result["routing"]
+    assert routing["shot_frames"] == [2, 2, 2] and 0.0 <= routing["sparsity"] <= 1.0
+    first = [sha(p) for p in shot_videos]
+
+    # The same request again: every shot from the cache, identical bytes.
+    _, again_videos, again = client.predict(story.to_dict(), api_name="/generate")
+    assert [s["status"] for s in again["shots"]] == ["cached"] * 3
+    assert [sha(p) for p in again_videos] == first
+
+    # Regenerate the middle shot with a new seed; shot 0 is served from the cache unchanged.
+    story.shots[1].seed = result["shots"][1]["seed"] + 1
+    _, regen_videos, regen = client.predict(story.to_dict(), 1, api_name="/regenerate")
+    statuses = [s["status"] for s in regen["shots"]]
+    assert statuses[0] == "cached" and statuses[1] == "generated" and statuses[2] != "generated"
+    by_index = {s["index"]: s for s in regen["shots"]}
+    assert by_index[0]["key"] == result["shots"][0]["key"] and by_index[1]["key"] != result["shots"][1]["key"]
+    assert by_index[1]["seed"] == story.shots[1].seed
+    regen_hashes = {Path(p).name: sha(p) for p in regen_videos}
+    names = {s["index"]: s["video"] for s in regen["shots"]}
+    assert regen_hashes[names[0]] == first[0] and regen_hashes[names[1]] != first[1]
+
+
+def wait_for_step(job, at_least: int = 1, timeout: float = 120.0) -> dict:
+    """Poll the job's streamed outputs until a progress update at step >= at_least."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for _, _, result in job.outputs()[::-1]:
+            if result and result.get("state") == "running" and result.get("step", 0) >= at_least:
+                return result
+        if job.done():
+            raise AssertionError(f"the run ended before step {at_least}: {job.outputs()[-1:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no progress within {timeout} s")
+
+
+def test_stop_a_run_within_one_step(client):
+    story = long_story()
+    job = client.submit(story.to_dict(), api_name="/generate")
+    seen = wait_for_step(job, at_least=2)
+    asked = time.monotonic()
+    assert client.predict(api_name="/stop") == "stopping"
+    _, _, result = job.result(timeout=60)
+    took = time.monotonic() - asked
+    assert result["state"] == "stopped", result
+    # The sampler checks the flag every step: at most the step in flight when Stop arrived
+    # completes (counted on the server, where the flag is set and the steps happen).
+    assert result["steps_after_stop"] is not None and 0 <= result["steps_after_stop"] <= 1, result
+    steps = [r["step"] for _, _, r in job.outputs() if r and r.get("state") == "running"]
+    assert seen["step"] <= max(steps) < story.settings.steps
+    assert took < 30, took
+    assert client.predict(api_name="/stop") == "nothing to stop"
+
+
+def test_a_second_client_sees_its_place_in_the_queue(client, app_url):
+    other = Client(app_url, verbose=False)
+    first = client.submit(long_story().to_dict(), api_name="/generate")
+    wait_for_step(first, at_least=1)
+    second = other.submit(tiny_story().to_dict(), api_name="/generate")
+    deadline = time.monotonic() + 30
+    while not any(r and r.get("state") == "queued" for _, _, r in second.outputs()):
+        assert time.monotonic() < deadline, second.outputs()
+        time.sleep(0.05)
+    queued = next(r for _, _, r in second.outputs() if r and r.get("state") == "queued")
+    assert queued["position"] == 1
+    client.predict(api_name="/stop")
+    assert first.result(timeout=60)[2]["state"] == "stopped"
+    assert second.result(timeout=120)[2]["state"] == "finished"
+
+
+def test_save_and_load_a_story(client, tmp_path):
+    story = tiny_story(shots=2)
+    story.shots[1].seed, story.shots[1].locked = 1234, True
+    saved = client.predict(story.to_dict(), api_name="/save_story")
+    assert Story.load(saved).to_dict() == story.to_dict()
+    loaded = client.predict(handle_file(saved), api_name="/load_story")
+    assert loaded == story.to_dict()
+
+    example = client.predict("tiny", api_name="/example_story")
+    assert Story.from_dict(example).shots
+
+
+def test_invalid_stories_are_readable_errors(client, tmp_path):
+    story = tiny_story(shots=2).to_dict()
+    story["shots"][1]["caption"] = "   "
+    with pytest.raises(AppError, match="Shot 2 › caption: must not be empty"):
+        client.predict(story, api_name="/generate")
+    with pytest.raises(AppError, match="shot must be a shot index"):
+        client.predict(tiny_story().to_dict(), 7, api_name="/regenerate")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"global_caption": "x", "shots": [{"caption": "a", "frames": 0}]}))
+    with pytest.raises(AppError, match="Shot 1 › frames: must be in"):
+        client.predict(handle_file(str(bad)), api_name="/load_story")
+    with pytest.raises(AppError, match="not valid JSON"):
+        client.predict("{not json", api_name="/save_story")

@@ -1,0 +1,267 @@
+"""The app in a real headless Chromium (Debian's `chromium`, driven by Playwright for Python).
+
+One page walks through what a user does, test by test and in order: open the page and edit a
+caption; generate (every video element must really play: readyState >= 2, a duration, no media
+error, time advancing); look at the routing heatmap; regenerate one shot (only that shot's video
+changes); stop a long run. Screenshots of every stage go to test-artifacts/screenshots/.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from .conftest import SCREENSHOTS
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+RENDER_TIMEOUT_MS = 180_000  # a tiny story renders in seconds; leave room for a busy 2-core CPU
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    if not CHROMIUM.exists():
+        pytest.skip(f"Debian's chromium is not installed at {CHROMIUM} (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright for Python is not installed")
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": 1480, "height": 1000})
+        page = context.new_page()
+        page.errors = []
+        page.on("pageerror", lambda error: page.errors.append(str(error)))
+        page.goto(app_url)
+        page.wait_for_selector("#generate", timeout=60_000)
+        try:
+            yield page
+        finally:
+            context.close()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+def screenshot(page, name: str) -> Path:
+    path = SCREENSHOTS / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def current_job(page) -> int:
+    return int(page.get_attribute("#status .status", "data-job") or 0)
+
+
+def wait_status(page, kind: str, after_job: int, timeout: float = RENDER_TIMEOUT_MS) -> str:
+    """Wait until a render newer than `after_job` shows status `kind` (done, stopped, error)."""
+    page.wait_for_function(
+        """([kind, after]) => { const s = document.querySelector('#status .status');
+                                return s && s.dataset.kind === kind && Number(s.dataset.job) > after; }""",
+        arg=[kind, after_job], timeout=timeout)
+    return page.inner_text("#status")
+
+
+def visible_shots(page) -> int:
+    return page.locator(".shot-card:visible").count()
+
+
+def video_state(page, selector: str) -> dict:
+    """Wait until the <video> under `selector` can play, play it muted, and report its state."""
+    page.wait_for_function(
+        """(sel) => { const v = document.querySelector(sel + ' video');
+                      return v && (v.readyState >= 2 || v.error); }""", arg=selector, timeout=30_000)
+    return page.evaluate(
+        """async (sel) => {
+            const v = document.querySelector(sel + ' video');
+            v.muted = true;
+            const start = v.currentTime;
+            try { await v.play(); } catch (e) { return {error: 'play() failed: ' + e}; }
+            await new Promise(r => setTimeout(r, 400));
+            const state = {readyState: v.readyState, duration: v.duration, error: v.error && v.error.code,
+                           advanced: v.currentTime > start || v.ended, src: v.currentSrc};
+            v.pause();
+            return state;
+        }""", selector)
+
+
+def video_digest(page, selector: str) -> str:
+    """SHA-256 of the bytes the page's <video> plays (fetched from its own src)."""
+    return page.evaluate(
+        """async (sel) => {
+            const v = document.querySelector(sel + ' video');
+            const data = await (await fetch(v.currentSrc)).arrayBuffer();
+            const hash = await crypto.subtle.digest('SHA-256', data);
+            return Array.from(new Uint8Array(hash)).map(b => b.toString(16).padStart(2, '0')).join('');
+        }""", selector)
+
+
+def set_steps(page, steps: int) -> None:
+    """Type a step count into the Settings slider's box and wait until the slider took it."""
+    page.get_by_role("tab", name="Settings").click()
+    box = page.locator("#steps input[type=number]")
+    box.fill(str(steps))
+    box.press("Enter")
+    page.wait_for_function("(n) => document.querySelector('#steps input[type=range]').value === String(n)",
+                           arg=steps, timeout=10_000)
+    page.get_by_role("tab", name="Storyboard").click()
+
+
+def statuses(page) -> list[str]:
+    return page.eval_on_selector_all(".shot-card:visible .pill", "els => els.map(e => e.dataset.status)")
+
+
+def test_1_open_and_edit_a_caption(page):
+    assert visible_shots(page) == 3
+    caption = page.locator("#shot-caption-0 textarea")
+    caption.fill("a red ball bounces high (edited in the browser)")
+    assert caption.input_value().endswith("(edited in the browser)")
+    assert statuses(page) == ["new", "new", "new"]
+    screenshot(page, "01_opened")
+
+
+def test_2_generate_and_every_video_plays(page):
+    job = current_job(page)
+    page.click("#generate")
+    wait_status(page, "done", job)
+    assert statuses(page) == ["generated"] * 3, statuses(page)
+    for selector in [f"#shot-video-{i}" for i in range(3)] + ["#story-video"]:
+        state = video_state(page, selector)
+        assert state.get("error") is None, (selector, state)
+        assert state["readyState"] >= 2 and state["duration"] > 0 and state["advanced"], (selector, state)
+    assert page.locator("#shot-caption-0 textarea").input_value().endswith("(edited in the browser)")
+    headers = page.inner_text("#shot-0 .shot-head")
+    assert "seed" in headers  # the seed actually used is shown
+    screenshot(page, "02_generated")
+    assert not page.errors, page.errors
+
+
+def test_3_routing_heatmap_renders(page):
+    page.get_by_role("tab", name="Routing").click()
+    page.wait_for_selector("#frame-heatmap .js-plotly-plot .heatmaplayer", timeout=30_000)
+    assert page.locator("#frame-heatmap .heatmaplayer image, #frame-heatmap .heatmaplayer path").count() > 0
+    assert page.locator("#frame-heatmap .shapelayer path").count() >= 2  # shot boundaries
+    assert page.locator("#shot-recall .heatmaplayer").count() == 1
+    assert "%" in page.inner_text("#routing-stats")
+    title = lambda: page.text_content("#frame-heatmap .gtitle")  # noqa: E731  (an SVG <text>)
+    assert "all layers" in title()
+    page.click("#layer input")
+    page.get_by_role("option", name="2", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#frame-heatmap .gtitle').textContent.includes('layer 2')",
+                           timeout=15_000)
+    screenshot(page, "03_routing")
+    page.get_by_role("tab", name="Storyboard").click()
+
+
+def test_4_regenerate_changes_only_that_shot(page):
+    before = [video_digest(page, f"#shot-video-{i}") for i in range(3)]
+    seed_box = page.locator("#shot-seed-1 input")
+    used = int(page.inner_text("#shot-1 .shot-head").split("seed ")[1].split()[0])
+    seed_box.fill(str(used + 1))  # a new take: another seed
+    job = current_job(page)
+    page.click("#shot-regen-1")
+    wait_status(page, "done", job)
+    after = [video_digest(page, f"#shot-video-{i}") for i in range(3)]
+    assert after[0] == before[0] and after[2] == before[2], "regenerating shot 2 changed another shot"
+    assert after[1] != before[1], "the regenerated shot did not change"
+    status = statuses(page)
+    assert status[0] == "cached" and status[1] == "generated" and status[2] in ("cached", "stale"), status
+    assert f"seed {used + 1}" in page.inner_text("#shot-1 .shot-head")
+    state = video_state(page, "#shot-video-1")
+    assert state["readyState"] >= 2 and state["duration"] > 0 and state.get("error") is None, state
+    screenshot(page, "04_regenerated")
+
+
+def test_5_stop_a_long_run(page):
+    page.get_by_role("tab", name="Settings").click()
+    screenshot(page, "06_settings")
+    set_steps(page, 200)
+    job = current_job(page)
+    page.click("#generate")
+    page.wait_for_function(
+        """() => { const s = document.querySelector('#status [data-kind="running"] .status-detail');
+                   return s && /step [2-9]/.test(s.textContent); }""", timeout=RENDER_TIMEOUT_MS)
+
+    # A second tab asking for a render meanwhile waits in the queue and sees its place.
+    other = page.context.new_page()
+    other.goto(page.url)
+    other.wait_for_selector("#generate", timeout=60_000)
+    other.click("#generate")
+    other.wait_for_selector('#status [data-kind="queued"]:has-text("place 1")', timeout=30_000)
+    assert "You are next" in other.inner_text("#status")
+    screenshot(other, "05_queued_second_tab")
+
+    page.click("#stop")
+    text = wait_status(page, "stopped", job, timeout=30_000)
+    assert "Stopped" in text
+    wait_status(other, "done", 0)  # the queued render runs once the first one stopped
+    other.close()
+    assert "rendering" not in statuses(page) and "queued" not in statuses(page), statuses(page)
+    screenshot(page, "05_stopped")
+    print(f"\nbrowser screenshots: {SCREENSHOTS}")
+
+
+def test_6_lock_keeps_the_take_and_sessions_are_separate(page):
+    set_steps(page, 3)
+    job = current_job(page)
+    page.click("#generate")
+    wait_status(page, "done", job)
+    # test 4's takes again; shot 3 was stale there (its context changed), so it is sampled now
+    assert statuses(page) == ["cached", "cached", "generated"], statuses(page)
+    page.check("#shot-lock-1 input[type=checkbox]")
+    page.wait_for_function("() => document.querySelector('#shot-caption-1 textarea').disabled", timeout=10_000)
+    assert "locked" in page.inner_text("#shot-1 .shot-head")
+    before = [video_digest(page, f"#shot-video-{i}") for i in range(3)]
+    # A new first shot changes the context of every later shot; the locked take stays as it is.
+    page.locator("#shot-caption-0 textarea").fill("a red ball rolls in from the left")
+    job = current_job(page)
+    page.click("#generate")
+    wait_status(page, "done", job)
+    assert statuses(page) == ["generated", "stale", "generated"], statuses(page)
+    after = [video_digest(page, f"#shot-video-{i}") for i in range(3)]
+    assert after[1] == before[1] and after[0] != before[0]
+
+    # Another tab is another session with its own story.
+    other = page.context.new_page()
+    other.goto(page.url)
+    other.wait_for_selector("#generate", timeout=60_000)
+    assert "rolls in from the left" not in other.locator("#shot-caption-0 textarea").input_value()
+    other.click("#shot-remove-2")
+    other.wait_for_function(
+        "() => [...document.querySelectorAll('.shot-card')].filter(e => e.offsetParent !== null).length === 2",
+        timeout=10_000)
+    other.close()
+    assert visible_shots(page) == 3
+    screenshot(page, "07_locked")
+
+
+def test_7_save_and_open_a_story(page, tmp_path):
+    page.click("#save-story")
+    link = page.wait_for_selector("#saved-story a[href]", timeout=15_000)
+    href = link.get_attribute("href")
+    saved = page.evaluate("async (url) => await (await fetch(url)).text()", href)
+    assert '"global_caption"' in saved and "rolls in from the left" in saved and '"locked": true' in saved
+
+    story = tmp_path / "opened.json"
+    story.write_text(saved.replace("rolls in from the left", "rolls in (opened from a file)"))
+    with page.expect_file_chooser() as chooser:
+        page.click("#open-story")
+    chooser.value.set_files(str(story))
+    page.wait_for_function(
+        "() => document.querySelector('#shot-caption-0 textarea').value.endsWith('(opened from a file)')",
+        timeout=15_000)
+    assert statuses(page) == ["new", "new", "new"]  # another story: the old takes are not shown
+    screenshot(page, "08_opened_file")
+
+
+def test_8_errors_are_readable_messages(page):
+    page.locator("#shot-caption-2 textarea").fill("   ")
+    page.click("#generate")
+    page.wait_for_selector('#status [data-kind="error"]', timeout=15_000)
+    text = page.inner_text("#status")
+    assert "Shot 3 › caption: must not be empty" in text and "Traceback" not in page.content()
+    screenshot(page, "09_error")
