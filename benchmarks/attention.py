@@ -34,13 +34,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.workload import moc_layout, random_qkv, structured_qkv  # noqa: E402
-from engine.moc import MoCConfig, route  # noqa: E402
+from engine.moc import MoCConfig, attend, route  # noqa: E402
 from engine.moc.flex import build_block_mask, flex_moc_attention  # noqa: E402
 from engine.moc.triton_attention import kernel_plan, triton_moc_attention  # noqa: E402
 
 FRAME_TOKENS = {"16k": 136, "64k": 544, "180k": 1500}
 HEADS, HEAD_DIM, TOP_K = 12, 128, 5
-BACKENDS = ("moc-triton", "moc-flex", "dense-cudnn", "dense-flash")
+BACKENDS = ("moc-triton", "moc-flex", "moc-auto", "dense-cudnn", "dense-flash")
 
 
 def time_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -98,7 +98,17 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) 
     reference_out = None
     rows = []
     for backend in backends:
-        if backend in moc_attend:
+        dispatch = None
+        if backend == "moc-auto":
+            # the model's entry point: dense SDPA when the cost model says it is faster, else MoC
+            fwd = attn = lambda: attend(q, k, v, layout, config, backend="auto")[0]  # noqa: E731
+            with torch.no_grad():
+                chosen = attend(q, k, v, layout, config, backend="auto")[1]
+            dispatch = "dense" if chosen is None else str(chosen.info["backend"])
+            density = 1.0 if chosen is None else sel.density()
+            union = float(sel.layout.num_chunks) if chosen is None else stats.union_chunks_per_tile
+            routed_union = float("nan") if chosen is None else stats.routed_chunks_per_tile
+        elif backend in moc_attend:
             attend = moc_attend[backend]
             fwd = lambda: attend(routing())  # noqa: E731
             attn = lambda: attend(sel)  # noqa: E731
@@ -128,17 +138,18 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) 
         with torch.no_grad():
             fwd_peak = peak_gib(fwd)
         moc_flops, dense_flops = sel.attention_flops(HEAD_DIM)
-        flops = dense_flops if backend.startswith("dense") else moc_flops
+        flops = dense_flops if backend.startswith("dense") or dispatch == "dense" else moc_flops
         rows.append({
             "tokens": N, "size": size, "backend": backend, "inputs": inputs,
             "fwd_ms": round(fwd_ms, 3), "fwd_bwd_ms": round(fwd_bwd_ms, 3),
-            "routing_ms": round(routing_ms, 3) if backend.startswith("moc") else 0.0,
+            "routing_ms": round(routing_ms, 3) if backend.startswith("moc") and dispatch != "dense" else 0.0,
             "attn_ms": round(attn_ms, 3), "attn_tflops": round(flops / attn_ms / 1e9, 1),
             "density": round(density, 4), "work": round(work, 4) if backend == "moc-triton" else None,
             "union_chunks_per_tile": round(union, 2), "routed_chunks_per_tile": round(routed_union, 2),
             "kernel_union_chunks_per_tile": round(kernel_union, 2) if backend == "moc-triton" else None,
             "peak_mem_gib": round(peak, 3), "fwd_peak_mem_gib": round(fwd_peak, 3),
             "rel_err_vs_triton": None if err != err else round(err, 5),
+            "dispatch": dispatch,
         })
         print(format_row(rows[-1]), flush=True)
         del out
@@ -148,7 +159,7 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) 
 
 COLUMNS = [("tokens", 7), ("inputs", 10), ("backend", 11), ("fwd_ms", 9), ("fwd_bwd_ms", 10),
            ("routing_ms", 10), ("attn_ms", 9), ("attn_tflops", 11), ("density", 7), ("work", 6),
-           ("union_chunks_per_tile", 6), ("peak_mem_gib", 8)]
+           ("union_chunks_per_tile", 6), ("peak_mem_gib", 8), ("dispatch", 8)]
 
 
 def format_row(row: dict) -> str:
@@ -170,6 +181,10 @@ def summary(rows: list[dict]) -> list[str]:
             if f:
                 line += (f", attention {f['attn_ms'] / t['attn_ms']:.2f}x vs flex (same selection), "
                          f"fwd incl. routing {f['fwd_ms'] / t['fwd_ms']:.2f}x vs flex")
+            a = by.get((size, inputs, "moc-auto"))
+            if a:
+                line += (f"; auto entry point ({a['dispatch']}): fwd {c['fwd_ms'] / a['fwd_ms']:.2f}x, "
+                         f"fwd+bwd {c['fwd_bwd_ms'] / a['fwd_bwd_ms']:.2f}x vs cuDNN")
             out.append(line)
     return out
 

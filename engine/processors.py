@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.context_cache import ContextKV
-from engine.moc import MoCConfig, TokenLayout, dense_is_faster, expected_density, moc_attention, route
+from engine.moc import MoCConfig, TokenLayout, attend
 
 
 @dataclass
@@ -80,22 +80,19 @@ def story_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Sel
         k_all, v_all = k.transpose(1, 2), v.transpose(1, 2)
         kr_all = None if k_route is None else k_route.transpose(1, 2)
     qh = q.transpose(1, 2)  # (B, H, N, D)
-    B, H, _, D = qh.shape
-    dense_wins = plan.moc is not None and plan.backend == "auto" and dense_is_faster(
-        B, H, n, k_all.shape[2], D, expected_density(plan.layout, plan.moc), qh.device)
-    if plan.moc is None or dense_wins:
-        # MoC off, or "auto" at a size where dense SDPA beats routing + the sparse kernel
+    D = qh.shape[-1]
+    if plan.moc is None:
         out = F.scaled_dot_product_attention(qh, k_all, v_all)
         if plan.recorder is not None:
-            plan.recorder.record_dense(layer, qh.shape, k_all.shape[2], plan.q_offset,
-                                       backend="dense-auto" if dense_wins else "dense")
+            plan.recorder.record_dense(layer, qh.shape, k_all.shape[2], plan.q_offset)
     else:
-        q_r = qh if q_route is None else q_route.transpose(1, 2)
-        k_r = k_all if kr_all is None else kr_all
-        selection = route(q_r, k_r, plan.layout, plan.moc, q_offset=plan.q_offset,
-                          training=plan.training, generator=plan.generator)
-        out = moc_attention(qh, k_all, v_all, selection, backend=plan.backend)
-        if plan.recorder is not None:
+        q_r = None if q_route is None else q_route.transpose(1, 2)
+        out, selection = attend(qh, k_all, v_all, plan.layout, plan.moc, backend=plan.backend,
+                                q_offset=plan.q_offset, training=plan.training, generator=plan.generator,
+                                q_route=q_r, k_route=kr_all)
+        if plan.recorder is not None and selection is None:  # "auto" judged dense SDPA faster here
+            plan.recorder.record_dense(layer, qh.shape, k_all.shape[2], plan.q_offset, backend="dense-auto")
+        elif plan.recorder is not None:
             plan.recorder.record(layer, selection, D)
     if plan.recorder is not None:
         if out.is_cuda:

@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from .layout import TokenLayout
+from .routing import MoCConfig, expected_density, route
 from .selection import Selection
 
 BACKENDS = ("auto", "reference", "flex", "triton", "dense")
@@ -159,3 +161,20 @@ def moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: 
         return flex_moc_attention(q, k, v, selection, scale)
     from .triton_attention import triton_moc_attention
     return triton_moc_attention(q, k, v, selection, scale)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, config: MoCConfig, *,
+           backend: str = "auto", q_offset: int = 0, training: bool = False,
+           generator: torch.Generator | None = None, q_route: torch.Tensor | None = None,
+           k_route: torch.Tensor | None = None, scale: float | None = None) -> tuple[torch.Tensor, Selection | None]:
+    """Routing + attention, the way the model runs self-attention: q (B, H, Nq, D) are layout
+    tokens [q_offset, q_offset + Nq), k and v (B, H, N, D) the whole layout. q_route/k_route, when
+    given, are what routing scores instead of q/k (pre-RoPE routing). With backend="auto" on a GPU,
+    unmasked dense SDPA runs instead when `dense_is_faster` at this size; the selection is then None.
+    Returns (out (B, H, Nq, D), selection)."""
+    B, H, Nq, D = q.shape
+    if backend == "auto" and dense_is_faster(B, H, Nq, k.shape[2], D, expected_density(layout, config), q.device):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), None
+    selection = route(q if q_route is None else q_route, k if k_route is None else k_route, layout, config,
+                      q_offset=q_offset, training=training, generator=generator)
+    return moc_attention(q, k, v, selection, backend=backend, scale=scale), selection

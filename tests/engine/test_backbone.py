@@ -146,14 +146,14 @@ def test_pre_rope_routing_scores_the_unrotated_keys():
 def test_auto_on_a_gpu_sized_short_sequence_runs_dense_and_says_so(monkeypatch):
     """story_attention with backend="auto": when the cost model says dense SDPA is faster, dense
     runs (no routing) and the recorder is told "dense-auto"; an explicit backend still runs MoC."""
-    import engine.processors as processors
+    import engine.moc.attention as moc_attention_module
     from engine.moc import MoCConfig, TokenLayout
     from engine.processors import SelfAttentionPlan, story_attention
 
     layout = TokenLayout(frame_tokens=7, shot_frames=(3, 4))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, layout.num_tokens, 2, 16, generator=g) for _ in range(3))
-    monkeypatch.setattr(processors, "dense_is_faster", lambda *args: True)
+    monkeypatch.setattr(moc_attention_module, "dense_is_faster", lambda *args: True)
 
     class Calls:
         def __init__(self):

@@ -171,3 +171,14 @@ def test_flex_matches_reference_on_gpu(seed):
     g_got = torch.autograd.grad((got.float() * w).sum(), (q, k, v))
     for a, b in zip(g_got, g_ref):
         assert (a.float() - b.float()).norm() / b.float().norm() < 2e-2
+
+
+def test_attend_routes_then_attends_like_the_two_calls():
+    layout = TokenLayout(frame_tokens=9, shot_frames=(2, 3))
+    q, k, v = qkv(layout)
+    s0, s1 = layout.shot_range(1)
+    from engine.moc import attend
+    out, sel = attend(q[:, :, s0:s1], k, v, layout, MoCConfig(top_k=1), backend="reference", q_offset=s0)
+    want = route(q[:, :, s0:s1], k, layout, MoCConfig(top_k=1), q_offset=s0)
+    assert torch.equal(sel.routed, want.routed)
+    torch.testing.assert_close(out, moc_attention(q[:, :, s0:s1], k, v, want, backend="reference"))
