@@ -34,7 +34,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.workload import moc_layout, random_qkv, structured_qkv  # noqa: E402
-from engine.moc import MoCConfig, attend, route  # noqa: E402
+from engine.moc import MoCConfig, route  # noqa: E402
+from engine.moc import attend as model_attention  # noqa: E402  (the model's entry point)
 from engine.moc.flex import build_block_mask, flex_moc_attention  # noqa: E402
 from engine.moc.triton_attention import kernel_plan, triton_moc_attention  # noqa: E402
 
@@ -101,9 +102,9 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) 
         dispatch = None
         if backend == "moc-auto":
             # the model's entry point: dense SDPA when the cost model says it is faster, else MoC
-            fwd = attn = lambda: attend(q, k, v, layout, config, backend="auto")[0]  # noqa: E731
+            fwd = attn = lambda: model_attention(q, k, v, layout, config, backend="auto")[0]  # noqa: E731
             with torch.no_grad():
-                chosen = attend(q, k, v, layout, config, backend="auto")[1]
+                chosen = model_attention(q, k, v, layout, config, backend="auto")[1]
             dispatch = "dense" if chosen is None else str(chosen.info["backend"])
             density = 1.0 if chosen is None else sel.density()
             union = float(sel.layout.num_chunks) if chosen is None else stats.union_chunks_per_tile

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.context_cache import ContextKV
-from engine.moc import MoCConfig, TokenLayout, attend
+from engine.moc import MoCConfig, TokenLayout, attend, dense_attention
 
 
 @dataclass
@@ -82,7 +82,7 @@ def story_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Sel
     qh = q.transpose(1, 2)  # (B, H, N, D)
     D = qh.shape[-1]
     if plan.moc is None:
-        out = F.scaled_dot_product_attention(qh, k_all, v_all)
+        out = dense_attention(qh, k_all, v_all)
         if plan.recorder is not None:
             plan.recorder.record_dense(layer, qh.shape, k_all.shape[2], plan.q_offset)
     else:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .layout import TokenLayout
 from .routing import MoCConfig, expected_density, route
@@ -79,6 +80,20 @@ def dense_masked_attention(q, k, v, selection: Selection, scale: float | None = 
     """The selection as an explicit boolean mask through SDPA (memory O(Nq * N))."""
     mask = selection.token_mask()[..., selection.layout.tensors.token_chunk.to(q.device)]
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+# SDPA's own order tries FlashAttention-2 before cuDNN; on the H100 cuDNN is ~1.6x faster
+# (MOC.md §4, benchmarks/results/attention_h100.json), so dense calls ask for it first.
+DENSE_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                  SDPBackend.MATH]
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Unmasked SDPA, cuDNN first on CUDA: the dense path of the model and of "auto"."""
+    if not q.is_cuda:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    with sdpa_kernel(DENSE_PRIORITY, set_priority=True):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def triton_available() -> tuple[bool, str]:
@@ -151,7 +166,7 @@ def moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: 
     selection.info["backend"] = name
     selection.info["dispatch"] = DISPATCH_REASONS[reason] if backend == "auto" else "requested"
     if name == "sdpa":
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        return dense_attention(q, k, v, scale)
     if name == "reference":
         return reference_attention(q, k, v, selection, scale)
     if name == "dense":
@@ -174,7 +189,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     Returns (out (B, H, Nq, D), selection)."""
     B, H, Nq, D = q.shape
     if backend == "auto" and dense_is_faster(B, H, Nq, k.shape[2], D, expected_density(layout, config), q.device):
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale), None
+        return dense_attention(q, k, v, scale), None
     selection = route(q if q_route is None else q_route, k if k_route is None else k_route, layout, config,
                       q_offset=q_offset, training=training, generator=generator)
     return moc_attention(q, k, v, selection, backend=backend, scale=scale), selection
