@@ -201,6 +201,10 @@ def _seconds(value: float) -> str:
     return f"{value:.1f} s" if value < 120 else f"{value / 60:.1f} min"
 
 
+BACKEND_NAMES = {"dense-auto": "dense (faster at this size)", "dense": "dense masked SDPA",
+                 "triton": "Triton", "reference": "reference", "flex": "FlexAttention", "sdpa": "SDPA"}
+
+
 def headline_numbers(routing: dict | None, summary: dict | None) -> dict[str, str]:
     """The numbers on the stat cards, formatted; missing ones are "–".
 
@@ -209,7 +213,12 @@ def headline_numbers(routing: dict | None, summary: dict | None) -> dict[str, st
     "cache_saved_s", estimated by the app from the generated shots' seconds per frame).
     """
     routing, summary = routing or {}, summary or {}
-    out = {"sparsity": "–", "flops": "–", "time_saved": "–", "cache": "–", "cache_note": "reused, not re-rendered"}
+    out = {"sparsity": "–", "flops": "–", "time_saved": "–", "cache": "–", "cache_note": "reused, not re-rendered",
+           "sparsity_note": "of attention skipped by MoC"}
+    backends = routing.get("backends") or {}
+    if backends:  # which attention ran; "dense-auto": auto judged dense faster at this size
+        names = [BACKEND_NAMES.get(name, name) for name, _ in sorted(backends.items(), key=lambda kv: -kv[1])]
+        out["sparsity_note"] += f" · ran on {', '.join(names)}"
     sparsity = routing.get("sparsity")
     if sparsity is not None and math.isfinite(float(sparsity)):
         out["sparsity"] = f"{float(sparsity):.0%}"
@@ -232,7 +241,7 @@ def stat_cards(routing: dict | None, summary: dict | None) -> str:
     """HTML cards with the headline numbers (the app styles `.stat-card`)."""
     numbers = headline_numbers(routing, summary)
     cards = [
-        ("Sparsity", numbers["sparsity"], "of attention skipped by MoC"),
+        ("Sparsity", numbers["sparsity"], numbers["sparsity_note"]),
         ("Attention FLOPs", numbers["flops"], "than dense attention"),
         ("Time saved", numbers["time_saved"], "in attention vs dense (estimate)"),
         ("From cache", numbers["cache"], numbers["cache_note"]),

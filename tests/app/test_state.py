@@ -153,4 +153,6 @@ def test_plots_from_a_report():
         assert figure(routing).data and not figure(None).data
     numbers = plots.headline_numbers(routing, {"shots": [{"status": "cached"}, {"status": "generated"}]})
     assert numbers == {"sparsity": "60%", "flops": "2.5× fewer", "time_saved": "1.5 s", "cache": "1 of 2 shots",
-                       "cache_note": "reused, not re-rendered"}
+                       "cache_note": "reused, not re-rendered", "sparsity_note": "of attention skipped by MoC"}
+    ran = plots.headline_numbers({**routing, "backends": {"triton": 3, "dense-auto": 9}}, None)
+    assert ran["sparsity_note"].endswith("ran on dense (faster at this size), Triton")
