@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusers import WanTransformer3DModel  # noqa: E402
 
+from benchmarks.attention import time_ms  # noqa: E402  (median of CUDA-event timings)
 from engine.backbone import StoryTransformer, make_cross_plan  # noqa: E402
 from engine.moc import MoCConfig, TokenLayout  # noqa: E402
 from engine.processors import ForwardPlan, SelfAttentionPlan  # noqa: E402
@@ -53,19 +54,6 @@ def forward(st, layout, latents, timestep, text, cross, rotary, moc: MoCConfig |
                        cross_attn=cross, rotary=rotary)
     with torch.no_grad():
         return st.forward(latents, timestep, text, plan)
-
-
-def time_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -97,7 +85,7 @@ def main() -> None:
     rows = []
     for name, cfg, backend in [("dense-cudnn", None, "auto"), ("moc-triton", moc, "triton"), ("moc-auto", moc, "auto")]:
         torch.cuda.reset_peak_memory_stats()
-        ms = time_ms(lambda: forward(st, layout, *rest, cfg, backend), args.repeats)
+        ms = time_ms(lambda: forward(st, layout, *rest, cfg, backend), args.repeats, warmup=1)
         rows.append({"tokens": layout.num_tokens, "layers": args.layers, "attention": name,
                      "forward_ms": round(ms, 1), "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)})
         print(rows[-1], flush=True)
