@@ -301,7 +301,6 @@ class StoryboardApp:
     def _engine_html(self) -> str:
         rows = [("Model", getattr(self.engine, "model_name", "?")), ("Device", self._device()),
                 ("Backends", ", ".join(self._available_backends()) or "?")]
-        cache = getattr(self.engine, "cache", None)
         stats = self._cache_stats()
         if stats:
             rows.append(("Shot cache", f"{stats.get('entries', 0)} takes, {stats.get('bytes', 0) / 2**20:.1f} MiB "
@@ -315,7 +314,6 @@ class StoryboardApp:
         return str(device)
 
     def _cache_stats(self) -> dict:
-        cache = getattr(self.engine, "cache", None)
         if cache is None or not callable(getattr(cache, "stats", None)):
             return {}
         stats = cache.stats()
