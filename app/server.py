@@ -314,6 +314,7 @@ class StoryboardApp:
         return str(device)
 
     def _cache_stats(self) -> dict:
+        cache = getattr(self.engine, "cache", None)
         if cache is None or not callable(getattr(cache, "stats", None)):
             return {}
         stats = cache.stats()
