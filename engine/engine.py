@@ -240,6 +240,7 @@ class StoryEngine:
     def _render(self, story, regenerate, out_dir, emit, stop) -> RenderResult:
         started = time.perf_counter()
         plans, runs = self.plan(story, regenerate)
+        self.cache.record_misses(sum(p.status == "generate" for p in plans))  # shots no take could serve
         out_dir = Path(out_dir) if out_dir is not None else self._new_render_dir()
         out_dir.mkdir(parents=True, exist_ok=True)
         fps = story.settings.fps

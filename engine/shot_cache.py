@@ -96,6 +96,10 @@ class ShotCache:
     def contains(self, key: str) -> bool:
         return (self._entry(key) / "meta.json").is_file()
 
+    def record_misses(self, count: int) -> None:
+        """Count lookups made by key planning (pointer/contains) that found no usable take."""
+        self.misses += count
+
     def get(self, key: str) -> Take | None:
         """The take, or None (a miss). Touches its LRU clock."""
         folder = self._entry(key)

@@ -63,9 +63,10 @@ def test_same_seed_same_frames_and_second_request_is_cached(make_engine, mode):
     assert [s.key for s in ra.shots] == [s.key for s in rb.shots]
     for fa, fb in zip(frames_of(a, ra), frames_of(b, rb)):
         assert torch.equal(fa, fb)
+    assert a.cache.stats().misses == 3  # the first render found no take for any shot
     again = a.render(story)
     assert [s.status for s in again.shots] == ["cached"] * 3
-    assert a.cache.stats().hits >= 3
+    assert a.cache.stats().hits >= 3 and a.cache.stats().misses == 3
 
 
 def test_random_seed_is_reported_and_cached(make_engine):
