@@ -42,8 +42,8 @@ def test_endpoints_are_named(client):
 def test_generate_then_regenerate_one_shot(client):
     story = tiny_story(shots=3)
     video, shot_videos, result = client.predict(story.to_dict(), api_name="/generate")
-    assert result["state"] == "finished"
-    assert [s["status"] for s in result["shots"]] == ["generated"] * 3
+    assert result["state"] == "finished", result
+    assert [s["status"] for s in result["shots"]] == ["generated"] * 3, result["shots"]
     assert Path(video).stat().st_size > 0 and len(shot_videos) == 3
     assert all(s["seed"] >= 0 for s in result["shots"])  # seed -1 resolved to the seed used
     routing = result["routing"]
@@ -52,20 +52,23 @@ def test_generate_then_regenerate_one_shot(client):
 
     # The same request again: every shot from the cache, identical bytes.
     _, again_videos, again = client.predict(story.to_dict(), api_name="/generate")
-    assert [s["status"] for s in again["shots"]] == ["cached"] * 3
-    assert [sha(p) for p in again_videos] == first
+    assert [s["status"] for s in again["shots"]] == ["cached"] * 3, again.get("shots", again)
+    assert [sha(p) for p in again_videos] == first, (result["shots"], again["shots"])
 
     # Regenerate the middle shot with a new seed; shot 0 is served from the cache unchanged.
     story.shots[1].seed = result["shots"][1]["seed"] + 1
     _, regen_videos, regen = client.predict(story.to_dict(), 1, api_name="/regenerate")
+    context = f"first render {result['shots']}; regenerate {regen.get('shots', regen)}"  # for a failure report
     statuses = [s["status"] for s in regen["shots"]]
-    assert statuses[0] == "cached" and statuses[1] == "generated" and statuses[2] != "generated"
+    assert statuses[0] == "cached" and statuses[1] == "generated" and statuses[2] != "generated", context
     by_index = {s["index"]: s for s in regen["shots"]}
-    assert by_index[0]["key"] == result["shots"][0]["key"] and by_index[1]["key"] != result["shots"][1]["key"]
-    assert by_index[1]["seed"] == story.shots[1].seed
+    assert by_index[0]["key"] == result["shots"][0]["key"], context
+    assert by_index[1]["key"] != result["shots"][1]["key"], context
+    assert by_index[1]["seed"] == story.shots[1].seed, context
     regen_hashes = {Path(p).name: sha(p) for p in regen_videos}
     names = {s["index"]: s["video"] for s in regen["shots"]}
-    assert regen_hashes[names[0]] == first[0] and regen_hashes[names[1]] != first[1]
+    assert regen_hashes[names[0]] == first[0], context
+    assert regen_hashes[names[1]] != first[1], context
 
 
 def wait_for_step(job, at_least: int = 1, timeout: float = 120.0) -> dict:
