@@ -17,6 +17,7 @@ q and k by default (MoCConfig.descriptor_rope), so scores rank chunks the way at
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -200,8 +201,10 @@ def _drop_in(idx: torch.Tensor, allowed: torch.Tensor, config: MoCConfig, genera
     return extra
 
 
+@functools.lru_cache(maxsize=256)
 def expected_density(layout: TokenLayout, config: MoCConfig) -> float:
-    """Density if every query routes min(k, candidates) chunks of average length (no data)."""
+    """Density if every query routes min(k, candidates) chunks of average length (no data).
+    Memoised: the model's attention call asks once per layer and step with the same layout."""
     forced = forced_links(layout, config)
     cand = candidate_links(layout, config, forced)
     lt = layout.tensors
