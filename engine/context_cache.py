@@ -29,7 +29,6 @@ class ContextKV:
         # routing keys when routing does not use the attention keys (MoCConfig.descriptor_rope=False)
         self.r = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)] if route_keys else None
         self.context_end = 0  # tokens [0, context_end) hold finished context K/V
-        self.writes = 0  # token-rows written (a work counter for benchmarks)
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, end: int,
                k_route: torch.Tensor | None = None):
@@ -48,8 +47,6 @@ class ContextKV:
             raise ValueError("pass k_route exactly when the cache was built with route_keys=True")
         if k_route is not None:
             self.r[layer][:, start:start + n] = k_route
-        if layer == 0:
-            self.writes += n
         return self.k[layer][:, :end].transpose(1, 2), self.v[layer][:, :end].transpose(1, 2)
 
     def routing_keys(self, layer: int, end: int) -> torch.Tensor:

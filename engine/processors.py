@@ -15,7 +15,7 @@ forward, K keys of the layout (context + live), H heads, D head dim, L text toke
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +48,6 @@ class ForwardPlan:
     self_attn: SelfAttentionPlan
     cross_attn: CrossAttentionPlan
     rotary: tuple[torch.Tensor, torch.Tensor] | None = None  # (1, N, 1, D) cos, sin of the live tokens
-    extras: dict = field(default_factory=dict)  # free-form notes for debugging
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
