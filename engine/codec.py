@@ -1,9 +1,10 @@
 """Codecs: video frames <-> the latents the transformer denoises.
 
-For: `PixelCodec` (the default model's tiny latent space: average-pooled pixels in [-1, 1], decoded
-by bilinear upsampling; 1 latent frame = 1 video frame) and `WanVAECodec` (a Wan checkpoint's
-AutoencoderKLWan with tiling; 1 latent frame = 4 video frames after the first), plus cheap
-previews of a clean estimate.
+For: `FrameVAECodec` (the default model's learned codec: a small diffusers AutoencoderKL trained on
+ShapeStory frames, 8x smaller per side, 1 latent frame = 1 video frame, latents normalised per
+channel), `PixelCodec` (average-pooled pixels, decoded by bilinear upsampling: tests and the
+untrained recipe), `WanVAECodec` (a Wan checkpoint's AutoencoderKLWan with tiling; 1 latent frame
+= 4 video frames after the first), plus cheap previews of a clean estimate.
 Not for: writing video files (video.py).
 
 Shapes: latents (C, f, h, w) per shot; frames (T, H, W, 3) uint8.
@@ -50,6 +51,64 @@ class PixelCodec:
         return self.decode(latents)
 
 
+class FrameVAECodec:
+    """Per-frame AutoencoderKL: frames (T, H, W, 3) <-> normalised latents (C, T, H/8, W/8).
+    `preview` is a fitted linear map latent -> RGB (no decoder run: previews come every step)."""
+    name = "frame-vae"
+    temporal = 1
+
+    def __init__(self, vae, mean, std, preview_rgb=None, batch: int = 16):
+        self.vae = vae.eval()  # diffusers AutoencoderKL
+        self.spatial = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.channels = int(vae.config.latent_channels)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1, 1)  # (C, 1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1, 1)
+        # (C + 1, 3): rgb = [latent, 1] @ preview_rgb, in [-1, 1]
+        self.preview_rgb = None if preview_rgb is None else torch.as_tensor(preview_rgb, dtype=torch.float32)
+        self.batch = batch  # frames per decoder call (bounds memory)
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (self.channels, frames, height // self.spatial, width // self.spatial)
+
+    def video_frames(self, latent_frames: int) -> int:
+        return latent_frames
+
+    @torch.no_grad()
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) in [-1, 1] -> (n, C, h, w) normalised latents (the mode, no sampling)."""
+        p = next(self.vae.parameters())
+        z = self.vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float()
+        return (z - self.mean[:, 0].to(z.device)[None]) / self.std[:, 0].to(z.device)[None]
+
+    @torch.no_grad()
+    def decode_images(self, z: torch.Tensor) -> torch.Tensor:
+        """(n, C, h, w) normalised latents -> (n, 3, H, W) in [-1, 1]."""
+        p = next(self.vae.parameters())
+        z = z.float() * self.std[:, 0].to(z.device)[None] + self.mean[:, 0].to(z.device)[None]
+        return self.vae.decode(z.to(p.device, p.dtype)).sample.float()
+
+    def encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """(T, H, W, 3) uint8 -> (C, T, h, w) latents."""
+        x = frames.permute(0, 3, 1, 2).float() / 127.5 - 1  # (T, 3, H, W)
+        z = torch.cat([self.encode_images(x[i:i + self.batch]) for i in range(0, x.shape[0], self.batch)])
+        return z.permute(1, 0, 2, 3).cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(C, f, h, w) latents -> (f, H, W, 3) uint8."""
+        z = latents.permute(1, 0, 2, 3)  # (f, C, h, w)
+        x = torch.cat([self.decode_images(z[i:i + self.batch]).cpu() for i in range(0, z.shape[0], self.batch)])
+        return to_uint8(x.permute(1, 0, 2, 3))
+
+    def preview(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.preview_rgb is None:
+            return WanVAECodec.preview(self, latents)
+        z = latents.float().cpu()  # (C, f, h, w)
+        rgb = torch.einsum("cfhw,cr->rfhw", z, self.preview_rgb[:-1]) + self.preview_rgb[-1].view(3, 1, 1, 1)
+        x = F.interpolate(rgb.permute(1, 0, 2, 3), scale_factor=self.spatial, mode="nearest")
+        return to_uint8(x.permute(1, 0, 2, 3))
+
+
 class WanVAECodec:
     name = "wan-vae"
 
@@ -91,4 +150,4 @@ class WanVAECodec:
         return to_uint8(x.permute(1, 0, 2, 3))
 
 
-__all__ = ["PixelCodec", "WanVAECodec", "to_uint8"]
+__all__ = ["FrameVAECodec", "PixelCodec", "WanVAECodec", "to_uint8"]

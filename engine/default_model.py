@@ -1,13 +1,10 @@
-"""The shipped default model's recipe: a small Wan transformer, MiniLM text, the pixel codec.
+"""The default model's recipe: a small Wan transformer, MiniLM text, a learned frame codec.
 
-For: `DEFAULT_TRANSFORMER` (the backbone config the default model and a future training script
-share) and `write_default_model(folder, seed)`, which writes a deterministic random-initialised
-model folder (assets/default_model). Until the trained default exists, that folder is what the
-CLI and the app run: its videos are noise-like colour fields, not stories.
-Not for: loading (model.py) or training.
-
-Regenerate the shipped folder with:
-  python -c "from engine.default_model import write_default_model; write_default_model('assets/default_model')"
+For: `DEFAULT_TRANSFORMER` and `DEFAULT_VAE` (the configs the trainer builds and the shipped
+assets/default_model holds, see engine/trainer.py and assets/default_model/MODEL_CARD.md),
+the frame size it was trained at, and `write_default_model(folder, seed)`, which writes a
+deterministic random-initialised model folder with the pixel codec (tests build tiny ones).
+Not for: loading (model.py) or training (trainer.py).
 """
 
 from __future__ import annotations
@@ -17,34 +14,51 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_TRANSFORMER = dict(  # diffusers WanTransformer3DModel config of the default model
-    patch_size=(1, 2, 2),  # (t, h, w) latent cells per token
-    num_attention_heads=2,  # heads (few: on the CPU attention cost grows with heads x tokens^2)
-    attention_head_dim=32,  # channels per head (RoPE: 12 time, 10 height, 10 width)
-    in_channels=3,  # pixel codec latents are RGB
-    out_channels=3,
+HEIGHT, WIDTH = 128, 192  # frame size the default model is trained at (32 x 48 latent cells)
+DEFAULT_TRANSFORMER = dict(  # diffusers WanTransformer3DModel config of the trained default model
+    patch_size=(1, 4, 4),  # (t, h, w) latent cells per token: 8 x 12 = 96 tokens per frame
+    num_attention_heads=4,  # heads
+    attention_head_dim=64,  # channels per head (a head dim the fused Triton kernels take)
+    in_channels=4,  # frame-codec latent channels
+    out_channels=4,
     text_dim=384,  # MiniLM token states
-    freq_dim=64,  # sinusoidal timestep features
-    ffn_dim=128,  # feed-forward width
-    num_layers=4,  # transformer blocks
+    freq_dim=256,  # sinusoidal timestep features
+    ffn_dim=1024,  # feed-forward width
+    num_layers=8,  # transformer blocks (9.1M parameters, 17.4 MiB in fp16)
     cross_attn_norm=True,
     qk_norm="rms_norm_across_heads",
     eps=1e-6,
     rope_max_seq_len=1024,  # max latent frames in a story
 )
+DEFAULT_VAE = dict(  # diffusers AutoencoderKL config of the frame codec
+    in_channels=3,
+    out_channels=3,
+    # two 2x downsamples: 4x smaller per side. Three (8x, 16 x 24 cells) measured 27-30 dB PSNR on
+    # the H100 and lost the dots pattern and small shapes' corners; 4x keeps them
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 128),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+)
+PIXEL_TRANSFORMER = dict(  # the random pixel-codec recipe (tests): RGB latents, small
+    DEFAULT_TRANSFORMER, patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=3, out_channels=3,
+    freq_dim=64, ffn_dim=128, num_layers=4)
 DEFAULT_CODEC = {"type": "pixel", "spatial": 8}  # 128x192 video -> 16x24 latent -> 8x12 = 96 tokens per frame
 DEFAULT_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
 
 
 def write_default_model(folder: str | Path, seed: int = 0, transformer: dict | None = None,
                         codec: dict | None = None, scheduler: dict | None = None) -> Path:
-    """Write a random-initialised storyboard model folder (overrides: tests build tiny ones)."""
+    """Write a random-initialised storyboard model folder with the pixel codec (overrides: tests
+    build tiny ones)."""
     from diffusers import WanTransformer3DModel
     folder = Path(folder)
     gen_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)  # diffusers initialises from the global RNG; restored below
-        model = WanTransformer3DModel(**{**DEFAULT_TRANSFORMER, **(transformer or {})})
+        model = WanTransformer3DModel(**{**PIXEL_TRANSFORMER, **(transformer or {})})
     finally:
         torch.random.set_rng_state(gen_state)
     model.save_pretrained(folder / "transformer", safe_serialization=True)
@@ -56,4 +70,4 @@ def write_default_model(folder: str | Path, seed: int = 0, transformer: dict | N
     return folder
 
 
-__all__ = ["DEFAULT_TRANSFORMER", "DEFAULT_CODEC", "DEFAULT_SCHEDULER", "write_default_model"]
+__all__ = ["DEFAULT_TRANSFORMER", "DEFAULT_VAE", "PIXEL_TRANSFORMER", "HEIGHT", "WIDTH", "DEFAULT_CODEC", "DEFAULT_SCHEDULER", "write_default_model"]

@@ -31,7 +31,12 @@ class ModelError(ValueError):
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelError(f"device must be auto, cpu, cuda or cuda:N, got {str(device)[:60]!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelError(f"device must be auto, cpu, cuda or cuda:N, got {str(device)[:60]!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {str(device)!r} was asked for but no CUDA GPU is visible; use --device cpu")
     return dev
@@ -84,10 +89,19 @@ class StoryModel:
         if not folder.is_dir():
             raise ModelError(f"model folder {str(folder)!r} does not exist")
         dev = resolve_device(device)
-        if (folder / "storyboard.json").is_file():
-            return _load_default(folder, dev, dtype)
-        if (folder / "model_index.json").is_file():
-            return _load_wan(folder, dev, dtype)
+        try:
+            if (folder / "storyboard.json").is_file():
+                return _load_default(folder, dev, dtype)
+            if (folder / "model_index.json").is_file():
+                return _load_wan(folder, dev, dtype)
+        except ModelError:
+            raise
+        except Exception as err:  # malformed files: a truncated shard, a config that is not JSON, ...
+            if isinstance(err, MemoryError):
+                raise
+            detail = str(err).splitlines()[0][:300] if str(err) else ""
+            raise ModelError(f"cannot load the model in {str(folder)!r}: {type(err).__name__}: {detail} "
+                             "(re-copy the folder, or drop --model to use the shipped default)") from err
         raise ModelError(f"{str(folder)!r} is neither a storyboard model (storyboard.json) nor a diffusers "
                          "Wan checkpoint (model_index.json)")
 
@@ -128,18 +142,45 @@ def _load_transformer(folder: Path, device, dtype):
     return StoryTransformer(model.to(device).eval().requires_grad_(False))
 
 
+def _load_frame_vae(folder: Path, codec: dict, device):
+    """The learned frame codec: vae/ (AutoencoderKL, safetensors) + the manifest's latent statistics."""
+    from diffusers import AutoencoderKL
+    from engine.codec import FrameVAECodec
+    sub = folder / "vae"
+    if not (sub / "config.json").is_file() or not any(sub.glob("*.safetensors")):
+        raise ModelError(f"{str(sub)!r} must hold config.json and .safetensors weights of the frame codec")
+    for key in ("latent_mean", "latent_std"):
+        if not isinstance(codec.get(key), list):
+            raise ModelError(f"storyboard.json in {str(folder)!r}: codec.{key} must be a list of numbers")
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(sub))
+    state = {}
+    for shard in sorted(sub.glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = vae.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"{str(sub)!r} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    vae = vae.float().to(device).eval().requires_grad_(False)
+    return FrameVAECodec(vae, codec["latent_mean"], codec["latent_std"], codec.get("preview_rgb"))
+
+
 def _load_default(folder: Path, device, dtype) -> StoryModel:
     from engine.codec import PixelCodec
     from engine.text import MiniLMEncoder
     manifest = json.loads((folder / "storyboard.json").read_text())
-    if manifest.get("text_encoder") != "all-MiniLM-L6-v2" or manifest.get("codec", {}).get("type") != "pixel":
-        raise ModelError(f"unsupported storyboard.json in {str(folder)!r}: {manifest}")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("codec", {}), dict):
+        raise ModelError(f"storyboard.json in {str(folder)!r} must be a JSON object with a codec object")
+    codec = manifest.get("codec", {})
+    if manifest.get("text_encoder") != "all-MiniLM-L6-v2" or codec.get("type") not in ("pixel", "frame-vae"):
+        raise ModelError(f"unsupported storyboard.json in {str(folder)!r}: text_encoder must be 'all-MiniLM-L6-v2' "
+                         f"and codec.type 'pixel' or 'frame-vae'")
     dtype = dtype or torch.float32
     transformer = _load_transformer(folder, device, dtype)
     scheduler_class, scheduler_config = _load_scheduler(folder)
+    codec = (_load_frame_vae(folder, codec, device) if codec["type"] == "frame-vae"
+             else PixelCodec(int(codec["spatial"])))
     return StoryModel(name=f"{folder.name} ({manifest.get('description', 'storyboard model')})",
                       identity=model_identity(folder), transformer=transformer,
-                      text_encoder=MiniLMEncoder.load(device), codec=PixelCodec(int(manifest["codec"]["spatial"])),
+                      text_encoder=MiniLMEncoder.load(device), codec=codec,
                       scheduler_class=scheduler_class, scheduler_config=scheduler_config, device=device,
                       dtype=dtype, trained=bool(manifest.get("trained", False)))
 

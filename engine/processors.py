@@ -127,7 +127,8 @@ class MoCSelfAttention(_PlannedProcessor):
             q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        q, k = attn.norm_q(q), attn.norm_k(k)
+        # under autocast the RMSNorms return float32 while v is bf16: attention takes one dtype
+        q, k = attn.norm_q(q).to(v.dtype), attn.norm_k(k).to(v.dtype)
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # (B, N, H, D)
         moc = plan.self_attn.moc
         q_route, k_route = (q, k) if moc is not None and not moc.descriptor_rope else (None, None)
@@ -149,6 +150,7 @@ class ShotCrossAttention(_PlannedProcessor):
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)  # (B, H, N, D)
         k = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)  # (B, H, L, D)
         v = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        q, k = q.to(v.dtype), k.to(v.dtype)  # autocast: the norms return float32, v is bf16
         out = torch.empty_like(q)
         for start, end, shot in plan.shot_ranges:
             idx = plan.text_index[shot].to(k.device)

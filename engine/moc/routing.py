@@ -164,15 +164,23 @@ def route(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: MoCConf
     return selection
 
 
+def _draw(fn, shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Random numbers from `generator` on the generator's own device, then moved to `device`:
+    a CPU generator drives GPU routing too, and one seed gives one draw on either device."""
+    if generator is None:
+        return fn(shape, device=device)
+    return fn(shape, generator=generator, device=generator.device).to(device)
+
+
 def _drop_off(idx: torch.Tensor, p_max: float, generator) -> torch.Tensor:
     """Per query: p ~ U(0, p_max); remove floor(p * n_routed) of its routed chunks at random."""
     if p_max <= 0:
         return idx
     valid = idx >= 0
     n = valid.sum(-1, keepdim=True)  # (B, H, T, 1)
-    p = torch.rand(n.shape, generator=generator, device=idx.device) * p_max
+    p = _draw(torch.rand, n.shape, generator, idx.device) * p_max
     n_drop = torch.floor(p * n).long()
-    r = torch.rand(idx.shape, generator=generator, device=idx.device)
+    r = _draw(torch.rand, idx.shape, generator, idx.device)
     r = r.masked_fill(~valid, 2.0)  # empty slots rank last, never "dropped"
     rank = r.argsort(-1).argsort(-1)  # random rank of every slot among the valid ones
     return idx.masked_fill(rank < n_drop, -1)
@@ -185,13 +193,14 @@ def _drop_in(idx: torch.Tensor, allowed: torch.Tensor, config: MoCConfig, genera
     lam = config.drop_in
     if lam <= 0:
         return idx.new_full((B, H, T, 0), -1)
-    m = torch.poisson(torch.full((B, H, T, 1), lam, device=idx.device), generator=generator)
+    gen_device = idx.device if generator is None else generator.device
+    m = torch.poisson(torch.full((B, H, T, 1), lam, device=gen_device), generator=generator).to(idx.device)
     m = m.clamp(max=config.top_k).long()
     # mark already-routed chunks as taken; empty slots (-1) write into a spare column C
     free = torch.cat([allowed.expand(B, H, T, C), allowed.new_zeros(B, H, T, 1)], -1).clone()
     free.scatter_(-1, torch.where(idx >= 0, idx, C).long(), False)
     free = free[..., :C]
-    r = torch.rand((B, H, T, C), generator=generator, device=idx.device).masked_fill(~free, -1.0)
+    r = _draw(torch.rand, (B, H, T, C), generator, idx.device).masked_fill(~free, -1.0)
     val, extra = r.topk(min(config.top_k, C), dim=-1)
     slot = torch.arange(extra.shape[-1], device=idx.device)
     keep = (slot < m) & (val >= 0)

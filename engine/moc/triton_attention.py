@@ -299,8 +299,9 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 def _tuned(kernel, configs):
-    """The autotuned launcher of a kernel; tuned once per (head dim, tile, routed slots, tiles, dtypes)."""
-    return triton.autotune(configs=configs, key=["HEAD_DIM", "TILE", "R", "T"],
+    """The autotuned launcher of a kernel; tuned once per (head dim, tile, routed slots, dtypes): not per
+    sequence length, so training on stories of many lengths tunes once, not once per length."""
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "TILE", "R"],
                            prune_configs_by={"early_config_prune": _prune_configs})(kernel)
 
 

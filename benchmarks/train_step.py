@@ -1,0 +1,99 @@
+"""Training step time of the default model: MoC (fused Triton kernels) against dense attention.
+
+One optimiser step of `engine.training.training_loss` (forward + backward + AdamW, bf16 autocast)
+on the default transformer config, at the batch shapes the trainer uses (stories of S shots x F
+frames, as many stories as fit the token budget). Latents and caption states are random: the
+step's cost does not depend on their values, and no codec or text encoder is needed. Also
+counts host synchronisations per step (torch.cuda.set_sync_debug_mode), the usual reason a
+small model's step is launch-bound.
+
+Run (GPU):  python benchmarks/train_step.py [--json benchmarks/results/train_step_h100.json]
+Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.default_model import DEFAULT_TRANSFORMER  # noqa: E402
+from engine.moc import MoCConfig  # noqa: E402
+from engine.training import StoryBatch, TrainingConfig, training_loss  # noqa: E402
+
+SHAPES = [(2, 8, 49152), (4, 8, 49152), (8, 8, 49152), (8, 8, 98304)]  # (shots, frames, tokens per step)
+
+
+def make_batch(shots: int, frames: int, tokens: int, device) -> StoryBatch:
+    per_story = shots * frames * 96
+    B = max(1, tokens // per_story)
+    latents = torch.randn(B, 4, shots * frames, 16, 24, device=device)
+    text = [[torch.randn(12, 384) for _ in range(shots + 1)] for _ in range(B)]
+    return StoryBatch(latents, (frames,) * shots, text)
+
+
+def step_ms(tr, opt, batch, config, repeats: int) -> float:
+    def one(i):
+        g = torch.Generator(device=batch.latents.device).manual_seed(i)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = training_loss(tr, batch, config, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    for i in range(3):
+        one(i)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for i in range(repeats):
+        one(i)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "train_step_h100.json")
+    args = p.parse_args(argv)
+    from diffusers import WanTransformer3DModel
+    from engine.backbone import StoryTransformer
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    tr = StoryTransformer(WanTransformer3DModel(**DEFAULT_TRANSFORMER).to(dev).train())
+    opt = torch.optim.AdamW(tr.model.parameters(), lr=1e-5)
+    rows = []
+    for shots, frames, tokens in SHAPES:
+        batch = make_batch(shots, frames, tokens, dev)
+        row = {"shots": shots, "frames": frames, "stories": batch.latents.shape[0],
+               "tokens": batch.latents.shape[0] * shots * frames * 96}
+        for name, cfg in (("dense", TrainingConfig(moc=None)), ("moc", TrainingConfig(moc=MoCConfig(), backend="triton"))):
+            row[f"{name}_ms"] = round(step_ms(tr, opt, batch, cfg, args.repeats), 2)
+            torch.cuda.set_sync_debug_mode("warn")
+            import warnings
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step_ms(tr, opt, batch, cfg, 1)
+            torch.cuda.set_sync_debug_mode(0)
+            row[f"{name}_syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught) / 4  # 3 warm-up + 1
+        row["moc_over_dense"] = round(row["moc_ms"] / row["dense_ms"], 3)
+        rows.append(row)
+    print(f"{'shots':>5} {'frames':>6} {'stories':>7} {'tokens':>7} {'dense ms':>9} {'MoC ms':>8} {'MoC/dense':>9} "
+          f"{'syncs dense':>11} {'syncs MoC':>9}")
+    for r in rows:
+        print(f"{r['shots']:>5} {r['frames']:>6} {r['stories']:>7} {r['tokens']:>7} {r['dense_ms']:>9.1f} "
+              f"{r['moc_ms']:>8.1f} {r['moc_over_dense']:>9.2f} {r['dense_syncs_per_step']:>11.0f} {r['moc_syncs_per_step']:>9.0f}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                     "config": DEFAULT_TRANSFORMER, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""The default model's trainer: ShapeStory stories -> frame codec -> story transformer -> assets.
+
+For: `train(config, work_dir)`, the one resumable training command behind
+`scripts/train_default.py`, in three stages that each skip when their output exists:
+  1. codec: a small diffusers AutoencoderKL on ShapeStory frames (L1 + MSE, tiny KL weight), then
+     per-channel latent statistics and a linear latent -> RGB map for live previews;
+  2. transformer: diffusers' WanTransformer3DModel trained by `engine.training.training_loss`
+     (flow matching, per-shot noise levels, MoC routing with drop-off / drop-in on the fused Triton
+     kernels, bf16 autocast) on batches of stories that share a shot layout, with an EMA copy,
+     a JSONL loss log, periodic sample strips and checkpoints (safetensors, never pickle);
+  3. export: the EMA weights in fp16 as a storyboard model folder (`export_model`).
+Stories are rendered on the training device by `engine.shapestory.render.draw` (no files); the
+text encoder is MiniLM, exactly as at inference.
+Not for: the loss itself (training.py) or loading the result (model.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from engine.default_model import DEFAULT_SCHEDULER, DEFAULT_TRANSFORMER, DEFAULT_VAE, HEIGHT, WIDTH
+from engine.shapestory.render import FrameParams, draw, frame_params
+from engine.shapestory.world import HELDOUT_SEED_START, sample_story
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    height: int = HEIGHT  # frame height, pixels
+    width: int = WIDTH  # frame width, pixels
+    transformer: dict = field(default_factory=lambda: dict(DEFAULT_TRANSFORMER))  # WanTransformer3DModel config
+    vae: dict = field(default_factory=lambda: dict(DEFAULT_VAE))  # AutoencoderKL config
+    codec_steps: int = 2500  # codec optimiser steps
+    codec_batch: int = 48  # frames per codec step
+    codec_lr: float = 3e-4
+    kl_weight: float = 1e-4  # keeps the latents' scale bounded
+    tokens_per_step: int = 49152  # video tokens per transformer step (stories per batch follow from it)
+    lr: float = 4e-4  # peak transformer learning rate (AdamW)
+    warmup: int = 300  # linear warm-up steps
+    min_lr_ratio: float = 0.1  # cosine decay to this fraction at the end of the time budget
+    ema: float = 0.9985  # EMA decay of the exported weights
+    minutes: float = 20.0  # transformer training budget, wall-clock minutes (summed over resumes)
+    max_steps: int = 0  # stop after this many transformer steps as well (0 = time only)
+    caption_drop: float = 0.1  # probability a story trains with empty captions (guidance's unconditional)
+    character_weight: float = 6.0  # extra loss weight of latent cells the characters cover (1 + w * coverage):
+    # characters are a few percent of the pixels, yet what the captions and the memory are about
+    shot_weights: tuple[int, ...] = (1, 1, 2, 2, 2, 3, 3, 3)  # relative frequency of 1..8 shot stories
+    frames_choices: tuple[int, ...] = (6, 8, 8, 10)  # latent frames per shot (one per batch)
+    moc: bool = True  # MoC routing (False: dense attention, the baseline)
+    backend: str = "triton"  # moc_attention backend on the GPU ("reference" on the CPU)
+    log_every: int = 50  # steps per loss-log record (the mean over them)
+    checkpoint_minutes: float = 3.0  # transformer checkpoint period
+    sample_minutes: float = 5.0  # sample strip period
+    sample_steps: int = 12  # sampler steps for the sample strips
+    seed: int = 0  # data and noise streams
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+def _step_rng(seed: int, step: int) -> random.Random:
+    return random.Random(f"{seed}:{step}")
+
+
+def story_batch_plan(config: TrainerConfig, step: int) -> tuple[list, int, int]:
+    """(specs, shots, frames) of training step `step`: one shot layout, several stories; seeds
+    below HELDOUT_SEED_START and names from the training pool, drawn from (seed, step) alone."""
+    rng = _step_rng(config.seed, step)
+    shots = rng.choices(range(1, 9), weights=config.shot_weights)[0]
+    frames = rng.choice(config.frames_choices)
+    tokens = shots * frames * _frame_tokens(config)
+    count = max(1, config.tokens_per_step // tokens)
+    specs = [sample_story(rng.randrange(HELDOUT_SEED_START), num_shots=shots, frames=frames, names="train")
+             for _ in range(count)]
+    return specs, shots, frames
+
+
+def _frame_tokens(config: TrainerConfig) -> int:
+    down = 2 ** (len(config.vae["block_out_channels"]) - 1)
+    _, ph, pw = config.transformer["patch_size"]
+    return (config.height // down // ph) * (config.width // down // pw)
+
+
+def _prepare(config: TrainerConfig, step: int):
+    """CPU side of a step (runs in a worker thread): stories, frame parameters, captions."""
+    specs, shots, frames = story_batch_plan(config, step)
+    params = FrameParams.cat([frame_params(s, config.height, config.width) for s in specs])
+    rng = _step_rng(config.seed + 1, step)
+    captions = []
+    for s in specs:
+        if rng.random() < config.caption_drop:
+            captions.append([""] * (shots + 1))
+        else:
+            captions.append([s.global_caption] + [sh.caption for sh in s.shots])
+    return specs, shots, frames, params, captions
+
+
+def random_frames(config: TrainerConfig, count: int, rng: random.Random, device) -> torch.Tensor:
+    """`count` frames of random stories (codec training), (count, 3, H, W) in [-1, 1]."""
+    parts, n = [], 0
+    while n < count:
+        spec = sample_story(rng.randrange(HELDOUT_SEED_START), frames=rng.choice((2, 4, 8)), names="train")
+        p = frame_params(spec, config.height, config.width)
+        parts.append(p)
+        n += p.radius.shape[0]
+    p = FrameParams.cat(parts)
+    pick = torch.tensor(rng.sample(range(p.radius.shape[0]), count))
+    p = FrameParams(*(getattr(p, f)[pick] for f in FrameParams.__dataclass_fields__))
+    return draw(p, config.height, config.width, device) * 2 - 1
+
+
+# ---- small helpers -------------------------------------------------------------------------------
+
+def _log(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def _save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    tmp.replace(path)
+
+
+def _write_json_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# ---- stage 1: codec ------------------------------------------------------------------------------
+
+def train_codec(config: TrainerConfig, work: Path, device) -> None:
+    from diffusers import AutoencoderKL
+    out = work / "codec"
+    if (out / "codec.json").is_file():
+        print("codec: done already, skipping", flush=True)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    vae = AutoencoderKL(**config.vae).to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.codec_lr, weight_decay=0.0)
+    rng = random.Random(f"codec:{config.seed}")
+    started = time.time()
+    amp = device.type == "cuda"
+    for step in range(1, config.codec_steps + 1):
+        lr = config.codec_lr * min(1.0, step / 100) * (0.5 + 0.5 * math.cos(math.pi * step / config.codec_steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = random_frames(config, config.codec_batch, rng, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            post = vae.encode(x).latent_dist
+            # the mode, not a sample: a unit-variance sample at the start drowns the latents in
+            # noise and the decoder learns blur; the KL term still bounds the latents' scale
+            rec = vae.decode(post.mode()).sample.float()
+        kl = post.kl().mean() / x[0].numel()
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + config.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 100 == 0 or step == 1:
+            psnr = -10 * math.log10(F.mse_loss(rec.detach().clamp(-1, 1), x).item() / 4 + 1e-12)
+            _log(work / "codec_log.jsonl", {"stage": "codec", "step": step, "loss": round(loss.item(), 5),
+                                            "psnr": round(psnr, 2), "lr": lr, "seconds": round(time.time() - started, 1)})
+    vae.eval()
+    # latent statistics and the preview map, from fresh frames
+    zs, xs = [], []
+    with torch.no_grad():
+        for _ in range(16):
+            x = random_frames(config, 64, rng, device)
+            zs.append(vae.encode(x).latent_dist.mode().float())
+            xs.append(F.avg_pool2d(x, 2 ** (len(config.vae["block_out_channels"]) - 1)))
+    z, x = torch.cat(zs), torch.cat(xs)  # (n, C, h, w), (n, 3, h, w)
+    mean, std = z.mean(dim=(0, 2, 3)), z.std(dim=(0, 2, 3))
+    zn = ((z - mean[None, :, None, None]) / std[None, :, None, None]).permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+    A = torch.cat([zn, torch.ones(zn.shape[0], 1, device=zn.device)], 1)  # (P, C + 1)
+    preview_rgb = torch.linalg.lstsq(A.cpu(), x.permute(0, 2, 3, 1).reshape(-1, 3).cpu()).solution  # (C + 1, 3)
+    _write_reconstructions(vae, config, rng, device, work / "codec_reconstructions.png")
+    _save_atomic(vae.state_dict(), out / "vae.safetensors")
+    _write_json_atomic({"latent_mean": mean.tolist(), "latent_std": std.tolist(),
+                        "preview_rgb": preview_rgb.tolist(), "steps": config.codec_steps,
+                        "seconds": round(time.time() - started, 1)}, out / "codec.json")
+
+
+@torch.no_grad()
+def _write_reconstructions(vae, config: TrainerConfig, rng: random.Random, device, path: Path) -> None:
+    """Ground-truth frames (top) and their encode -> decode (bottom), for the model card."""
+    import cv2
+    x = random_frames(config, 8, rng, device)
+    rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+    img = torch.cat([torch.cat(list(x), 2), torch.cat(list(rec), 2)], 1)  # (3, 2H, 8W)
+    img = ((img + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    cv2.imwrite(str(path), img[..., ::-1])
+
+
+def load_codec(config: TrainerConfig, work: Path, device):
+    from diffusers import AutoencoderKL
+    from engine.codec import FrameVAECodec
+    meta = json.loads((work / "codec" / "codec.json").read_text())
+    vae = AutoencoderKL(**config.vae)
+    vae.load_state_dict(load_file(work / "codec" / "vae.safetensors"))
+    return FrameVAECodec(vae.to(device).eval().requires_grad_(False), meta["latent_mean"], meta["latent_std"],
+                         meta["preview_rgb"])
+
+
+# ---- stage 2: transformer --------------------------------------------------------------------------
+
+def _lr_at(config: TrainerConfig, step: int, elapsed: float) -> float:
+    frac = min(1.0, elapsed / (config.minutes * 60))
+    cos = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+    return config.lr * min(1.0, step / config.warmup) * cos
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer, params: list) -> dict:
+    out = {}
+    for i, p in enumerate(params):
+        st = opt.state.get(p)
+        if st:
+            out[f"exp_avg.{i}"], out[f"exp_avg_sq.{i}"] = st["exp_avg"], st["exp_avg_sq"]
+            out[f"step.{i}"] = torch.as_tensor(st["step"]).float().reshape(1)
+    return out
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, params: list, tensors: dict, device) -> None:
+    for i, p in enumerate(params):
+        if f"exp_avg.{i}" in tensors:
+            opt.state[p] = {"exp_avg": tensors[f"exp_avg.{i}"].to(device),
+                            "exp_avg_sq": tensors[f"exp_avg_sq.{i}"].to(device),
+                            "step": tensors[f"step.{i}"].reshape(()).clone()}
+
+
+def _text(encoder, captions: list[list[str]]) -> list[list[torch.Tensor]]:
+    flat = encoder.encode([c for story in captions for c in story])
+    out, i = [], 0
+    for story in captions:
+        out.append(flat[i:i + len(story)])
+        i += len(story)
+    if len(encoder._memo) > 50_000:  # captions rarely repeat: keep the memo bounded
+        encoder._memo.clear()
+    return out
+
+
+def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Path | None = None,
+                      init_from: Path | None = None) -> None:
+    """Train until config.minutes of training time (summed over resumes) or config.max_steps.
+    init_from: a storyboard model folder whose transformer starts the run (a warm restart)."""
+    from diffusers import WanTransformer3DModel
+    from engine.backbone import StoryTransformer
+    from engine.moc import MoCConfig
+    from engine.text import MiniLMEncoder
+    from engine.training import StoryBatch, TrainingConfig, training_loss
+
+    ckpt = work / "ckpt"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    codec = load_codec(config, work, device)
+    text = MiniLMEncoder.load(device, text_folder)
+    text.model.float()
+    torch.manual_seed(config.seed)
+    model = WanTransformer3DModel(**config.transformer).to(device)
+    state = {"step": 0, "elapsed": 0.0}
+    if (ckpt / "state.json").is_file():
+        state = json.loads((ckpt / "state.json").read_text())
+        model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        print(f"resuming at step {state['step']} ({state['elapsed'] / 60:.1f} min trained)", flush=True)
+    elif init_from is not None:
+        weights = {}
+        for shard in sorted((Path(init_from) / "transformer").glob("*.safetensors")):
+            weights.update(load_file(shard))
+        model.load_state_dict({k: v.float() for k, v in weights.items()})
+        print(f"warm start from {init_from}", flush=True)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    if (ckpt / "ema.safetensors").is_file():
+        ema.load_state_dict(load_file(ckpt / "ema.safetensors"))
+    tr = StoryTransformer(model.train())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    if (ckpt / "optimizer.safetensors").is_file():
+        _load_optimizer(opt, params, load_file(ckpt / "optimizer.safetensors"), device)
+    backend = config.backend if device.type == "cuda" else "reference"
+    tcfg = TrainingConfig(moc=MoCConfig() if config.moc else None, backend=backend)
+    ema_params = [p for p in ema.parameters()]
+    model_params = list(model.parameters())
+    pool = ThreadPoolExecutor(1)
+    step = state["step"]
+    pending = pool.submit(_prepare, config, step + 1)
+    last_ckpt = last_sample = time.time()
+    window, window_t = [], time.time()
+    amp = device.type == "cuda"
+    while state["elapsed"] < config.minutes * 60 and not (config.max_steps and step >= config.max_steps):
+        t0 = time.time()
+        step += 1
+        specs, shots, frames, fparams, captions = pending.result()
+        pending = pool.submit(_prepare, config, step + 1)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            x, cover = draw(fparams, config.height, config.width, device, with_mask=True)  # (B*S*F, 3 | 1, H, W)
+            x = x * 2 - 1
+            z = torch.cat([codec.encode_images(x[i:i + 256]) for i in range(0, x.shape[0], 256)])
+        B = len(specs)
+        z = z.float().view(B, shots * frames, *z.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
+        cover = F.adaptive_avg_pool2d(cover.float(), z.shape[-2:]).view(B, shots * frames, *z.shape[-2:])
+        batch = StoryBatch(z, (frames,) * shots, _text(text, captions), 1 + config.character_weight * cover)
+        gen = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + step)
+        lr = _lr_at(config, step, state["elapsed"])
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = training_loss(tr, batch, tcfg, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            decay = min(config.ema, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+        window.append(loss.item())
+        state["elapsed"] += time.time() - t0
+        state["step"] = step
+        if step % config.log_every == 0 or step == 1:
+            dt = (time.time() - window_t) / max(len(window), 1)
+            _log(work / "train_log.jsonl", {"stage": "transformer", "step": step, "loss": round(sum(window) / len(window), 5),
+                                            "grad_norm": round(float(gnorm), 3), "lr": round(lr, 7),
+                                            "stories": B, "shots": shots, "frames": frames,
+                                            "sec_per_step": round(dt, 4), "minutes": round(state["elapsed"] / 60, 2)})
+            window, window_t = [], time.time()
+        if time.time() - last_ckpt > config.checkpoint_minutes * 60:
+            save_checkpoint(ckpt, model, ema, opt, params, state)
+            last_ckpt = time.time()
+        if time.time() - last_sample > config.sample_minutes * 60:
+            write_sample(config, work, ema, text, codec, device, step)
+            last_sample = time.time()
+    pool.shutdown(wait=False, cancel_futures=True)
+    save_checkpoint(ckpt, model, ema, opt, params, state)
+    write_sample(config, work, ema, text, codec, device, step)
+
+
+def save_checkpoint(ckpt: Path, model, ema, opt, params, state: dict) -> None:
+    _save_atomic(model.state_dict(), ckpt / "model.safetensors")
+    _save_atomic(ema.state_dict(), ckpt / "ema.safetensors")
+    _save_atomic(_optimizer_tensors(opt, params), ckpt / "optimizer.safetensors")
+    _write_json_atomic(state, ckpt / "state.json")  # last: a checkpoint counts once its state is written
+    print(f"checkpoint at step {state['step']}", flush=True)
+
+
+def sample_model(config: TrainerConfig, transformer_module, text, codec, device, dtype=torch.float32,
+                 sampler_steps: int | None = None):
+    """A StoryModel around weights in training (for sample strips)."""
+    import diffusers
+    from engine.backbone import StoryTransformer
+    from engine.model import StoryModel
+    return StoryModel(name="training sample", identity="training", transformer=StoryTransformer(transformer_module),
+                      text_encoder=text, codec=codec, scheduler_class=diffusers.FlowMatchEulerDiscreteScheduler,
+                      scheduler_config=dict(DEFAULT_SCHEDULER), device=device, dtype=dtype, trained=True)
+
+
+@torch.no_grad()
+def write_sample(config: TrainerConfig, work: Path, ema, text, codec, device, step: int) -> Path:
+    """A strip per held-out story: ground truth above, the EMA model's joint render below."""
+    import cv2
+    import numpy as np
+    from engine.sampler import Run, StorySampler
+    from engine.shapestory.render import story_frames
+    from engine.shapestory.world import to_story
+    module = copy.deepcopy(ema).eval()
+    model = sample_model(config, module, text, codec, device)
+    rows = []
+    for k in range(2):
+        spec = sample_story(HELDOUT_SEED_START + 900_000 + k, num_shots=4, frames=8, names="heldout")
+        story = to_story(spec, steps=config.sample_steps, guidance=4.0, height=config.height, width=config.width)
+        sampler = StorySampler(model, story)
+        latents, _, _ = sampler.sample(Run(tuple(range(len(story.shots))), tuple(s.seed for s in story.shots)))
+        gt = story_frames(spec, config.height, config.width).numpy()
+        for s in range(len(story.shots)):
+            gen = codec.decode(latents[s]).numpy()
+            rows.append(np.concatenate([np.concatenate(list(gt[s, ::2]), 1), np.concatenate(list(gen[::2]), 1)], 1))
+    out = work / "samples"
+    out.mkdir(exist_ok=True)
+    path = out / f"step_{step:06d}.png"
+    cv2.imwrite(str(path), np.concatenate(rows, 0)[..., ::-1])
+    return path
+
+
+# ---- stage 3: export ------------------------------------------------------------------------------
+
+def export_model(config: TrainerConfig, work: Path, out: Path, card: dict | None = None,
+                 shard_mb: int = 12) -> Path:
+    """The EMA transformer and the codec in fp16 as a storyboard model folder (safetensors shards
+    under `shard_mb` MiB, so each file travels and diffs within limits)."""
+    from diffusers import AutoencoderKL, WanTransformer3DModel
+    out = Path(out)
+    meta = json.loads((work / "codec" / "codec.json").read_text())
+    tr = WanTransformer3DModel(**config.transformer)
+    tr.load_state_dict(load_file(work / "ckpt" / "ema.safetensors"))
+    tr.half().save_pretrained(out / "transformer", safe_serialization=True, max_shard_size=f"{shard_mb}MB")
+    vae = AutoencoderKL(**config.vae)
+    vae.load_state_dict(load_file(work / "codec" / "vae.safetensors"))
+    vae.half().save_pretrained(out / "vae", safe_serialization=True, max_shard_size=f"{shard_mb}MB")
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(dict(DEFAULT_SCHEDULER), out / "scheduler" / "scheduler_config.json")
+    state = json.loads((work / "ckpt" / "state.json").read_text())
+    manifest = {"format": 2, "description": "ShapeStory default, trained", "trained": True,
+                "text_encoder": "all-MiniLM-L6-v2",
+                "codec": {"type": "frame-vae", "latent_mean": meta["latent_mean"], "latent_std": meta["latent_std"],
+                          "preview_rgb": meta["preview_rgb"]},
+                "training": {"transformer_steps": state["step"], "transformer_minutes": round(state["elapsed"] / 60, 2),
+                             "codec_steps": meta["steps"], "codec_minutes": round(meta["seconds"] / 60, 2),
+                             "config": {k: v for k, v in asdict(config).items() if k not in ("transformer", "vae")},
+                             **(card or {})}}
+    _write_json_atomic(manifest, out / "storyboard.json")
+    return out
+
+
+def train(config: TrainerConfig, work: str | Path, device="cuda", text_folder: Path | None = None,
+          export_to: Path | None = None, init_from: Path | None = None) -> None:
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    _write_json_atomic(asdict(config), work / "config.json")
+    train_codec(config, work, dev)
+    train_transformer(config, work, dev, text_folder, init_from)
+    if export_to is not None:
+        export_model(config, work, export_to)
+
+
+__all__ = ["TrainerConfig", "train", "train_codec", "train_transformer", "export_model", "story_batch_plan",
+           "load_codec", "write_sample"]

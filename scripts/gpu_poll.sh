@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# On the lent GPU: keep the call (and so the machine) alive while a detached training runs,
+# printing its progress; when the exported model exists, pack it (and logs, samples) into $OUT
+# in pieces under 16 MB. Usage: bash scripts/gpu_poll.sh SECONDS
+set -u
+end=$(( $(date +%s) + ${1:-560} ))
+while [ "$(date +%s)" -lt "$end" ]; do
+  [ -f /root/run/model/storyboard.json ] && break
+  sleep 20
+done
+grep -v "Loading weights" /root/run/log.txt | tail -n 8
+if [ -f /root/run/model/storyboard.json ]; then
+  cd /root/run && tar czf /tmp/run.tgz model samples codec_reconstructions.png train_log.jsonl codec_log.jsonl \
+    codec/codec.json log.txt config.json && split -b 15M /tmp/run.tgz "$OUT/run.tgz." && ls -la "$OUT"
+fi

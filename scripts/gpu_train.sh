@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# On the lent GPU (device tool): install the carried wheels, smoke-test the trainer on the GPU
+# (Triton backend), then start the real training detached (setsid) and show its first lines.
+# Carry: .whl (diffusers, importlib_metadata) and .carry/minilm (MiniLM weights in fp16).
+# Usage: bash scripts/gpu_train.sh MINUTES [extra train_default.py args]
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+minutes=${1:-20}; shift || true
+if [ "${SMOKE:-1}" = 1 ]; then
+  python3 scripts/train_default.py --work /tmp/smoke --tiny --codec-steps 5 --max-steps 4 --text-encoder .carry/minilm 2>&1 | tail -4 || exit 1
+fi
+mkdir -p /root/run
+setsid nohup python3 scripts/train_default.py --work /root/run --minutes "$minutes" --text-encoder .carry/minilm \
+  --export /root/run/model "$@" > /root/run/log.txt 2>&1 < /dev/null &
+sleep ${WAIT:-100}
+tail -n 25 /root/run/log.txt

