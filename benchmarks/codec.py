@@ -1,0 +1,108 @@
+"""Frame codec quality: train a codec recipe, then score its reconstructions with the scorer.
+
+"Shapes must be recognisable after encode -> decode (measured with the benchmark's own
+detector on ground-truth clips)". For each recipe this trains the codec stage of the trainer
+(engine.trainer.train_codec, fresh) and measures, on held-out ground-truth stories: PSNR of
+encode -> decode, and the scorer's look_ok / motion_ok / adherence on the reconstructed clips
+against the same numbers on the clean clips.
+
+Recipes: "4x" (DEFAULT_VAE: two downsamples, 32 x 48 latents for 128 x 192 frames; the
+transformer patchifies 4 x 4 for 96 tokens per frame) and "8x" (three downsamples, 16 x 24
+latents, patches of 2 x 2: the same token count).
+
+Run (GPU):  python benchmarks/codec.py --recipes 8x,4x --steps 3000 [--stories 40] [--json PATH]
+A shipped codec, no training (CPU is fine):  python benchmarks/codec.py --model assets/default_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.default_model import DEFAULT_VAE  # noqa: E402
+from engine.shapestory.render import story_frames  # noqa: E402
+from engine.shapestory.score import score_story  # noqa: E402
+from engine.shapestory.world import HELDOUT_SEED_START, sample_story  # noqa: E402
+from engine.trainer import TrainerConfig, load_codec, train_codec  # noqa: E402
+
+RECIPES = {
+    "4x": DEFAULT_VAE,
+    "8x": dict(DEFAULT_VAE, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+               block_out_channels=(32, 64, 128, 128)),
+}
+
+
+def evaluate(codec, stories: int) -> dict:
+    looks, motions, adherence, psnrs = [], [], [], []
+    for i in range(stories):
+        spec = sample_story(HELDOUT_SEED_START + 500_000 + i, num_shots=2 + i % 3, frames=8)
+        gt = story_frames(spec)  # (S, F, H, W, 3)
+        rec = [codec.decode(codec.encode(gt[s])).numpy() for s in range(gt.shape[0])]
+        for s in range(gt.shape[0]):
+            mse = np.mean((rec[s].astype(np.float64) - gt[s].numpy()) ** 2)
+            psnr = 10 * math.log10(255 ** 2 / max(mse, 1e-9))
+            psnrs.append(psnr)
+        score = score_story(spec, rec)
+        apps = [a for sh in score.shots for a in sh.appearances]
+        looks += [a.look_ok for a in apps]
+        motions += [a.motion_ok for a in apps]
+        adherence.append(score.adherence)
+    return {"psnr_db": round(float(np.mean(psnrs)), 2), "look_ok": round(float(np.mean(looks)), 4),
+            "motion_ok": round(float(np.mean(motions)), 4), "adherence": round(float(np.mean(adherence)), 4),
+            "appearances": len(looks)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipes", default="8x,4x")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--stories", type=int, default=40)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--model", type=Path, help="score this storyboard model folder's codec instead of training")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "codec.json")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    rows = []
+    if args.model is not None:
+        from engine.model import StoryModel
+        codec = StoryModel.load(args.model, device=str(device)).codec
+        codec.vae.float()
+        rows.append({"recipe": str(args.model), "latent": list(codec.latent_shape(1, 128, 192)),
+                     "parameters": sum(q.numel() for q in codec.vae.parameters()), **evaluate(codec, args.stories)})
+        print(json.dumps(rows[-1]), flush=True)
+    for name in ([] if args.model is not None else args.recipes.split(",")):
+        config = replace(TrainerConfig(), vae=RECIPES[name], codec_steps=args.steps)
+        with tempfile.TemporaryDirectory() as work:
+            t0 = time.time()
+            train_codec(config, Path(work), device)
+            seconds = time.time() - t0
+            codec = load_codec(config, Path(work), device)
+            row = {"recipe": name, "steps": args.steps, "train_seconds": round(seconds, 1),
+                   "latent": list(codec.latent_shape(1, config.height, config.width)),
+                   "parameters": sum(q.numel() for q in codec.vae.parameters()), **evaluate(codec, args.stories)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"{'recipe':>6} {'latent':>14} {'PSNR dB':>8} {'look_ok':>8} {'motion_ok':>9} {'adherence':>9} {'train s':>8}")
+    for r in rows:
+        print(f"{r['recipe']:>6} {str(r['latent']):>14} {r['psnr_db']:>8.2f} {r['look_ok']:>8.3f} {r['motion_ok']:>9.3f} "
+              f"{r['adherence']:>9.3f} {r.get('train_seconds', 0):>8.1f}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                                     "stories": args.stories, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

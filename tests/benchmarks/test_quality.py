@@ -1,0 +1,136 @@
+"""The quality benchmark: the routing-follows-the-story numbers on hand-built cases (exact), the
+routing counts it reads from a real MoC render (causal, top-k, forced links excluded), and one
+end-to-end run of its CLI on a tiny random model (JSON layout, summary ranges, targets)."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.quality import (BenchConfig, main, moc_backend, render, routed_by_shot, routing_follows_story,
+                                story_settings)
+from engine.default_model import write_default_model
+from engine.model import StoryModel
+from engine.moc import MoCConfig, Selection, TokenLayout, forced_links
+from engine.routing_report import RoutingRecorder
+from engine.shapestory.world import Appearance, Character, ShotSpec, StorySpec, sample_story, to_story
+
+TINY_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=12, num_layers=2, ffn_dim=32, freq_dim=32)
+FRACTIONS = ("adherence", "identity", "identity_no_global", "background", "smoothness", "sparsity_8_shots")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    return write_default_model(tmp_path_factory.mktemp("tiny_model"), seed=1, transformer=TINY_TRANSFORMER)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    return StoryModel.load(tiny_model_dir, device="cpu")
+
+
+def hand_spec() -> StorySpec:
+    """Kip enters in shot 0, Mo in shot 1; shot 2 names Mo, shot 3 names Kip, shot 4 names both
+    without their looks; shot 5 has Kip described (not counted)."""
+    chars = (Character("Kip", "red", "circle", "big"), Character("Mo", "blue", "square", "small"))
+
+    def shot(*apps):
+        return ShotSpec("caption", "wide", tuple(Appearance(c, "still", 0.5, 0.5, d) for c, d in apps))
+    shots = (shot((0, True)), shot((1, True)), shot((1, False)), shot((0, False)), shot((0, False), (1, False)),
+             shot((0, True)))
+    return StorySpec(seed=0, world="sky", pattern="none", global_caption="Shapes.", characters=chars, shots=shots,
+                     frames=8)
+
+
+def test_routing_follows_story_by_hand():
+    spec = hand_spec()
+    routed = np.zeros((6, 6))
+    routed[2, :3] = [4, 12, 500]  # shot 2 (Mo): own-shot counts never enter; 12 of 16 into shot 1
+    routed[3, :4] = [60, 20, 20, 900]  # shot 3 (Kip): 60 of 100 into shot 0
+    routed[4, :4] = [10, 30, 40, 20]  # shot 4 (Kip, Mo): Kip in shots 0, 3 -> 30/100; Mo in 1, 2 -> 70/100
+    rows = {e["shot"]: e for e in routing_follows_story(spec, routed, [8] * 6, top_k=5)}
+    assert sorted(rows) == [2, 3, 4]  # shots naming a known character without its look
+    assert rows[2]["share"] == pytest.approx(0.75) and rows[2]["chance"] == pytest.approx(0.5)
+    assert rows[2]["share_over_chance"] == pytest.approx(1.5)
+    assert rows[3]["share"] == pytest.approx(0.6) and rows[3]["chance"] == pytest.approx(1 / 3)
+    assert rows[3]["share_over_chance"] == pytest.approx(1.8)
+    assert rows[4]["characters"] == ["Kip", "Mo"]
+    assert rows[4]["share"] == pytest.approx((0.3 + 0.7) / 2) and rows[4]["chance"] == pytest.approx(0.5)
+    assert rows[4]["share_over_chance"] == pytest.approx((0.6 + 1.4) / 2)
+
+
+def test_routing_follows_story_without_choice():
+    """No score where routing cannot choose: the character is in every earlier shot, at most
+    top_k chunks are routable, or nothing was routed."""
+    spec = hand_spec()
+    routed = np.ones((6, 6))
+    assert routing_follows_story(spec, routed, [2] * 6, top_k=5)[0]["share"] is None  # shot 2: 4 routable chunks
+    assert routing_follows_story(spec, routed, [3] * 6, top_k=5)[0]["share"] is not None  # 6 routable chunks
+    assert routing_follows_story(spec, np.zeros((6, 6)), [8] * 6, top_k=5)[0]["share"] is None
+    only_kip = dataclasses.replace(spec, shots=(spec.shots[0], spec.shots[3]))
+    assert routing_follows_story(only_kip, routed, [8] * 2, top_k=5)[0]["share"] is None  # chance would be 1
+
+
+def test_routed_by_shot_reads_routed_selections_only():
+    """A hand-built Selection through the RoutingRecorder: forced own-shot links never count."""
+    layout = TokenLayout(frame_tokens=2, shot_frames=(2, 2, 2))  # 3 shots x 2 frames x 2 tokens, chunk = frame
+    config = MoCConfig(top_k=2)
+    routed = torch.full((1, 1, 12, 2), -1, dtype=torch.int32)  # (B, H, Nq, R)
+    routed[0, 0, 4:8] = torch.tensor([0, 1], dtype=torch.int32)  # shot 1's tokens -> frames 0, 1 (shot 0)
+    routed[0, 0, 8:12] = torch.tensor([0, 2], dtype=torch.int32)  # shot 2's tokens -> frame 0 (shot 0), 2 (shot 1)
+    selection = Selection.build(layout, config.tile, forced_links(layout, config), routed, 0)
+    recorder = RoutingRecorder(layout, [0, 1, 2], 0, num_layers=2, num_heads=1, steps=1)
+    recorder.begin_step(0)
+    for layer in range(2):
+        recorder.record(layer, selection, head_dim=4)
+    expected = np.array([[0, 0, 0], [16, 0, 0], [8, 8, 0]])  # 4 tokens x 2 slots x 2 layers
+    np.testing.assert_array_equal(routed_by_shot([recorder], 3), expected)
+
+
+@pytest.mark.parametrize("mode", ["joint", "shot_by_shot"])
+def test_render_routes_causally_with_top_k(tiny_model, mode):
+    """Real MoC sampling: shot s routes only into shots < s, min(top_k, routable chunks) per query."""
+    model = tiny_model
+    config = BenchConfig(steps=2, height=32, width=48, frames=3)
+    spec = sample_story(5, num_shots=3, frames=3)
+    story = to_story(spec, **story_settings("moc", mode, moc_backend(model)[0], config))
+    rendered = render(model, story)
+    assert len(rendered.frames) == 3 and rendered.frames[0].shape == (3, 32, 48, 3)
+    assert rendered.shot_chunks == [3, 3, 3]
+    tr = model.transformer
+    # one routed chunk per (query token, head, guidance batch entry, layer, recorded step)
+    per_pick = 3 * tr.frame_tokens(4, 6) * tr.num_heads * 2 * tr.num_layers * 2
+    k = story.settings.moc.top_k
+    expected = np.array([[0, 0, 0], [per_pick * 3, 0, 0], [0, 0, 0]], dtype=float)
+    np.testing.assert_array_equal(np.triu(rendered.routed), 0)
+    np.testing.assert_array_equal(rendered.routed[:2], expected[:2])
+    assert rendered.routed[2].sum() == per_pick * min(k, 6)
+
+
+@pytest.mark.slow
+def test_benchmark_end_to_end(tiny_model_dir, tmp_path):
+    out = tmp_path / "quality.json"
+    result = main(["--model", str(tiny_model_dir), "--stories", "3", "--steps", "2", "--height", "32",
+                   "--width", "48", "--frames", "3", "--device", "cpu", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["summary"] == json.loads(json.dumps(result["summary"]))
+    summary = saved["summary"]
+    for variant in ("moc", "dense", "isolated"):
+        parts = [summary[variant]] + [summary["by_mode"][mode][variant] for mode in ("joint", "shot_by_shot")]
+        for part in parts:
+            for key in FRACTIONS:
+                assert part[key] is None or 0.0 <= part[key] <= 1.0, (variant, key, part[key])
+            assert "routing_share_over_chance" in part
+    assert summary["moc"]["routing_share_over_chance"] > 0  # the 8-shot story has shots to score
+    assert summary["dense"]["sparsity_8_shots"] == 0.0 and summary["moc"]["sparsity_8_shots"] > 0.3
+    names = [t["target"] for t in saved["targets"]]
+    assert names == ["moc adherence", "moc identity", "moc vs dense", "memory gain", "routing follows the story",
+                     "sparsity, 8 shots"]
+    assert all(t["pass"] in (True, False) for t in saved["targets"])
+    assert saved["config"]["stories"] == 3 and len(saved["config"]["seeds"]) == 3
+    assert [row["num_shots"] for row in saved["stories"]] == [8, 2, 3]
+    assert all(len(row["runs"]) == 6 for row in saved["stories"])
+    assert 0.0 <= saved["codec_check"]["look_ok"] <= 1.0
+    assert all(r["seconds"] >= 0 for row in saved["stories"] for r in row["runs"])
