@@ -1,9 +1,10 @@
 """The storyboard app: a Gradio Blocks UI and named API endpoints over one StoryEngine.
 
-For: laying out the editor (story, shot cards, settings), turning clicks into `app.state`
-edits, sending renders to the `app.worker.Worker` and streaming its events back as UI updates,
-drawing the routing report with `app.plots`, and the `gradio_client` endpoints
-(`/generate`, `/regenerate`, `/stop`, `/save_story`, `/load_story`, `/example_story`, `/info`).
+For: laying out the editor (story, shot cards, settings, a note on what the default model
+draws), turning clicks into `app.state` edits, sending renders to the `app.worker.Worker` and
+streaming its events back as UI updates, drawing the routing report with `app.plots`, and the
+`gradio_client` endpoints (`/generate`, `/regenerate`, `/stop`, `/save_story`, `/load_story`,
+`/example_story`, `/info`).
 Not for: rendering (engine/), story rules (engine/story.py) or argument parsing (launch.py).
 
 Reading order: `serve` -> `StoryboardApp.build` (the layout) -> `StoryboardApp._render` (one
@@ -28,7 +29,10 @@ import gradio as gr
 import numpy as np
 
 from engine.events import Finished, Preview, Progress, ShotDone, Stopped
-from engine.story import ANCHORS, CHUNKINGS, Shot, Story, StoryError
+from engine.model import DEFAULT_MODEL_DIR, model_identity
+from engine.shapestory.world import (ACTION_WORDS, ACTIONS, COLOURS, FRAMING_WORDS, MAX_CHARACTERS, PATTERNS,
+                                     SHAPES, SIZES, WORLDS, Character)
+from engine.story import ANCHORS, CHUNKINGS, MAX_STORY_BYTES, Shot, Story, StoryError
 
 from . import plots
 from .state import (MAX_SHOTS, STATUSES, Board, add_shot, apply_result, apply_shot, duplicate_shot,
@@ -44,15 +48,63 @@ PREVIEW_MIN_HEIGHT = 112  # small previews are upscaled (nearest) to at least th
 
 
 def fallback_story() -> Story:
-    """The story the editor opens with when examples/ has none."""
-    return Story(global_caption="A red ball and a blue cube on a green lawn, bright daylight",
-                 shots=[Shot("The red ball bounces in place", 3), Shot("The blue cube slides to the right", 3),
-                        Shot("The ball rolls towards the cube", 3)])
+    """The story the editor opens with when examples/ has none: ShapeStory, which the default
+    model draws (a look stated once, then the name alone)."""
+    return Story(global_caption="A story on a clear sky.",
+                 shots=[Shot("Kip, a small red triangle, bounces.", 8),
+                        Shot("Wide shot: Momo, a big blue circle, slides to the right.", 8),
+                        Shot("Kip moves left while Momo grows.", 8)])
+
+
+def _listing(words, last: str = "or") -> str:
+    """['a', 'b', 'c'] -> 'a, b or c'."""
+    words = list(words)
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
+
+
+def _action_listing() -> str:
+    """The caption verbs of ACTIONS, a shared verb said once: 'moves left/right/up/down, grows, …'."""
+    phrases = [ACTION_WORDS[a][0] for a in ACTIONS]  # "moves left", ..., "grows", ..., "stays still"
+    verbs = [phrase.split(" ", 1)[0] for phrase in phrases]
+    groups: dict[str, list[str]] = {}  # head -> the tails that follow it, in ACTIONS order
+    for phrase, verb in zip(phrases, verbs):
+        if verbs.count(verb) > 1:
+            groups.setdefault(verb, []).append(phrase.split(" ", 1)[1])
+        else:
+            groups[phrase] = []
+    return _listing(f"{head} {'/'.join(tails)}" if tails else head for head, tails in groups.items())
+
+
+def model_note(trained: bool = True) -> str:
+    """What the default model understands, in Markdown, built from the ShapeStory vocabulary
+    (engine/shapestory/world.py) so that the note grows with it."""
+    kip = Character("Kip", "red", "triangle", "small")
+    introduced = f"{kip.name}, a {kip.look()}, {ACTION_WORDS['bounces'][0]}."  # "Kip, a small red triangle, ..."
+    named = f"{kip.name} {ACTION_WORDS['up'][1]}."  # "Kip rises."
+    wide, close = FRAMING_WORDS["wide"][0], FRAMING_WORDS["close"][0]
+    patterns = [p for p in PATTERNS if p != "none"]
+    note = (
+        f"The default model draws **ShapeStory**: 1–{MAX_CHARACTERS} named characters "
+        f"({_listing(SHAPES)}; {_listing(SIZES)}; {_listing(COLOURS)}) on {_listing(WORLDS)} "
+        f"(optionally with {_listing(patterns)}). In each shot a character {_action_listing()}, "
+        f"wide or close-up (\"{wide} …\", \"{close} …\"). Introduce a character with its look once "
+        f"(\"{introduced}\"), then just use its name (\"{named}\"): its look comes from memory of earlier shots. "
+        "Any Wan2.1 diffusers checkpoint loads with `python launch.py --model PATH`.")
+    if not trained:
+        note += " *This copy of the default model is untrained: it draws coloured noise.*"
+    return note
+
+
+def is_default_model(engine) -> bool:
+    """Whether `engine` runs the shipped default model (same content as assets/default_model)."""
+    identity = getattr(getattr(engine, "model", None), "identity", None)
+    return identity is not None and DEFAULT_MODEL_DIR.is_dir() and identity == model_identity(DEFAULT_MODEL_DIR)
 
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 7860, cache_dir=None, device: str = "auto",
-          share: bool = False):
-    """Load the engine, build the app and serve it until interrupted (called by launch.py)."""
+          share: bool = False, auth: tuple[str, str] | None = None):
+    """Load the engine, build the app and serve it until interrupted (called by launch.py).
+    auth: (user, password) every browser and API client must give (None: no login)."""
     from engine.engine import StoryEngine
 
     kwargs = {"model": model, "device": device}
@@ -61,7 +113,7 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 7860, cache_dir=None,
     engine = StoryEngine.load(**kwargs)
     app = StoryboardApp(engine)
     try:
-        app.launch(host=host, port=port, share=share)
+        app.launch(host=host, port=port, share=share, auth=auth)
     finally:
         app.close()
 
@@ -91,7 +143,7 @@ class StoryboardApp:
             allowed.append(str(cache_root))
         return demo.launch(server_name=host, server_port=port, share=share, theme=THEME, css=CSS,
                            allowed_paths=allowed, footer_links=["api", "settings"], show_error=False, ssr_mode=False,
-                           **kwargs)
+                           max_file_size=MAX_STORY_BYTES, **kwargs)
 
     def close(self) -> None:
         self.worker.close()
@@ -166,6 +218,10 @@ class StoryboardApp:
                                               elem_id="save-story")
                 self.saved_file = gr.File(label="Story JSON", visible=False, elem_id="saved-story",
                                           interactive=False)
+                if is_default_model(self.engine):
+                    with gr.Accordion("What the default model knows", open=True, elem_id="model-note"):
+                        gr.Markdown(model_note(trained=bool(getattr(self.engine.model, "trained", True))),
+                                    elem_classes="hint")
                 with gr.Row(elem_classes="shot-grid", equal_height=False):
                     self.slots = [self._build_slot(i, story) for i in range(MAX_SHOTS)]
                 self.add_btn = gr.Button("+ Add shot", elem_id="add-shot", elem_classes="add-shot")
@@ -610,9 +666,11 @@ class StoryboardApp:
     def _api_regenerate(self, story: Any, shot: float, request: gr.Request):
         """Regenerate shot `shot` (0-based) with the other shots as fixed context."""
         story = self._api_story(story)
-        if shot is None or not 0 <= int(shot) < len(story.shots):
-            raise gr.Error(f"shot must be a shot index in [0, {len(story.shots) - 1}], got {shot!r}",
+        index = _int_or_raw(shot)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(story.shots):
+            raise gr.Error(f"shot must be a shot index in [0, {len(story.shots) - 1}], got {shot!r}"[:200],
                            print_exception=False)
+        shot = index
         yield from self._api_render(story, int(shot), request)
 
     def _api_render(self, story: Story, regenerate: int | None, request: gr.Request):

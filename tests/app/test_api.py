@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,15 @@ def test_endpoints_are_named(client):
     assert {"/generate", "/regenerate", "/stop", "/save_story", "/load_story", "/example_story", "/info"} <= names
     info = client.predict(api_name="/info")
     assert info["model"] and isinstance(info["backends"], list) and info["examples"] == ["tiny"]
+
+
+def test_the_editor_says_what_the_default_model_knows(app_url):
+    config = json.loads(urllib.request.urlopen(app_url + "config", timeout=30).read())
+    props = [c.get("props", {}) for c in config["components"]]
+    note = next(p for p in props if p.get("elem_id") == "model-note")
+    assert note["label"] == "What the default model knows" and note.get("visible", True)
+    text = next(str(p["value"]) for p in props if "ShapeStory" in str(p.get("value", "")))
+    assert "Kip, a small red triangle" in text and "--model PATH" in text
 
 
 def test_generate_then_regenerate_one_shot(client):

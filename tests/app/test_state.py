@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from app import plots
-from app.server import preview_strip, readable_story_error, shot_header, status_html
+from app.server import (fallback_story, is_default_model, model_note, preview_strip, readable_story_error,
+                        shot_header, status_html)
 from app.state import (MAX_SHOTS, Board, ShotView, add_shot, apply_shot, duplicate_shot,
                        mark_queued, move_shot, new_board, refresh, remove_shot, set_story, settle)
 from engine.events import ShotResult
+from engine.model import DEFAULT_MODEL_DIR, model_identity
+from engine.shapestory.world import ACTION_WORDS, ACTIONS, COLOURS, PATTERNS, SHAPES, SIZES, WORLDS
 from engine.story import Shot, Story, StoryError
 
 from .conftest import tiny_story
@@ -107,6 +111,19 @@ def test_readable_story_error_names_the_shot():
     with pytest.raises(StoryError) as info:
         Story.from_dict(story.with_settings(steps=0).to_dict())
     assert readable_story_error(info.value).startswith("Settings › steps: must be in [1, 200]")
+
+
+def test_model_note_names_the_vocabulary_and_the_model_flag():
+    note = model_note()
+    action_words = [ACTION_WORDS[a][0].split()[-1] for a in ACTIONS]  # left ... grows ... still
+    for word in [*SHAPES, *SIZES, *COLOURS, *WORLDS, *(p for p in PATTERNS if p != "none"), *action_words]:
+        assert word in note, word
+    assert "Kip, a small red triangle" in note and "python launch.py --model PATH" in note
+    assert "untrained" not in note and "untrained" in model_note(trained=False)
+    # shown for the shipped default model only (a Wan checkpoint knows other things)
+    assert is_default_model(SimpleNamespace(model=SimpleNamespace(identity=model_identity(DEFAULT_MODEL_DIR))))
+    assert not is_default_model(SimpleNamespace(model=SimpleNamespace(identity="another model")))
+    assert fallback_story().validate().shots[0].caption.startswith("Kip, a small red triangle")
 
 
 def test_html_helpers_escape_user_text():
