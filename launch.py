@@ -3,31 +3,88 @@
 Headless:  python launch.py --story examples/default_story.json --out outputs/demo [--regenerate N]
            writes DIR/shot_XX.mp4 (XX = 0-based shot index), DIR/story.mp4, DIR/routing.json,
            DIR/summary.json and prints one line per shot.
-App:       python launch.py [--host 127.0.0.1] [--port 7860] [--share] [--model PATH]
+App:       python launch.py [--host 127.0.0.1] [--port 7860] [--share] [--model PATH] [--auth USER:PASS | FILE]
 Routing:   python launch.py --routing-demo   (which earlier frames each frame recalls; no model)
 argparse lives here and only here; everything else takes explicit arguments.
+Every failure ends in one line on stderr and a non-zero exit (2: bad input, 1: anything else,
+130: stopped); STORYBOARD_DEBUG=1 shows the traceback too.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
 from pathlib import Path
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class UsageError(Exception):
+    """A flag's value is unusable; the message names the flag and what it accepts."""
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, 65535], got {text!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [1, 65535], got {port}")
+    return port
+
+
+def _shot_index(text: str) -> int:
+    try:
+        index = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a 0-based shot index (an integer >= 0), got {text!r}") from None
+    if index < 0:
+        raise argparse.ArgumentTypeError(f"must be a 0-based shot index (>= 0), got {index}")
+    return index
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """--auth USER:PASS, or a file whose first line is USER:PASS (keeps the password out of `ps`)."""
+    if value is None:
+        return None
+    text = value
+    if ":" not in value or Path(value).is_file():
+        try:
+            text = Path(value).read_text(encoding="utf-8").splitlines()[0].strip() if Path(value).is_file() else value
+        except (OSError, UnicodeDecodeError, IndexError) as err:
+            raise UsageError(f"--auth: cannot read {value!r}: {err}") from None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise UsageError("--auth: give USER:PASS or a file whose first line is USER:PASS (both non-empty)")
+    return user, password
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="MoC Storyboard: multi-shot video generation with Mixture-of-Contexts attention")
     p.add_argument("--story", type=Path, help="render this story JSON headless (no UI)")
     p.add_argument("--out", type=Path, help="output folder for --story (default: outputs/<story name>)")
-    p.add_argument("--regenerate", type=int, metavar="N", help="regenerate shot N only (0-based); other shots come from the cache")
+    p.add_argument("--regenerate", type=_shot_index, metavar="N", help="regenerate shot N only (0-based); other shots come from the cache")
     p.add_argument("--model", type=Path, help="local model folder (default: the shipped model in assets/default_model)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--cache-dir", type=Path, help="shot cache folder (default: ./cache)")
     p.add_argument("--host", default="127.0.0.1", help="app: interface to listen on")
-    p.add_argument("--port", type=int, default=7860, help="app: port")
+    p.add_argument("--port", type=_port, default=7860, help="app: port")
     p.add_argument("--share", action="store_true", help="app: ask Gradio for a public share link")
+    p.add_argument("--auth", metavar="USER:PASS|FILE",
+                   help="app: require this login (or the USER:PASS on the first line of FILE); "
+                        "use it whenever --host is not loopback")
     p.add_argument("--routing-demo", action="store_true",
                    help="print MoC routing on a random multi-shot layout (no model) and exit")
     return p.parse_args(argv)
@@ -43,6 +100,10 @@ def render_headless(args) -> int:
         story = Story.load(args.story)
     except StoryError as err:
         print(f"error: {args.story}: {err}", file=sys.stderr)
+        return 2
+    if args.regenerate is not None and args.regenerate >= len(story.shots):
+        print(f"error: --regenerate must be a shot index in [0, {len(story.shots) - 1}] for {args.story}, "
+              f"got {args.regenerate}", file=sys.stderr)
         return 2
     out = args.out or Path("outputs") / args.story.stem
     try:
@@ -77,6 +138,27 @@ def render_headless(args) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # the one place that turns any failure into one line
+        if os.environ.get("STORYBOARD_DEBUG"):
+            raise
+        from engine.engine import ResourceError
+        from engine.model import ModelError
+        from engine.story import StoryError
+        kind = "" if isinstance(err, (StoryError, ModelError, OSError, ResourceError)) else f"{type(err).__name__}: "
+        print(f"error: {kind}{str(err).splitlines()[0] if str(err) else ''}"[:500]
+              + ("" if kind == "" else "  (STORYBOARD_DEBUG=1 shows the traceback)"), file=sys.stderr)
+        return 2 if isinstance(err, (StoryError, ModelError)) else 1
+
+
+def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model loads from local folders
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if args.routing_demo:
@@ -88,9 +170,14 @@ def main(argv=None) -> int:
     if args.regenerate is not None or args.out is not None:
         print("error: --out and --regenerate need --story", file=sys.stderr)
         return 2
+    auth = parse_auth(args.auth)
+    if not is_loopback(args.host) or args.share:
+        where = "a public share link" if args.share else f"{args.host}"
+        print(f"warning: serving on {where}: anyone who can reach it can use the app, its GPU and its cache"
+              + ("" if auth else "; the app has no login unless --auth USER:PASS is given"), file=sys.stderr)
     from app.server import serve
     serve(model=args.model, host=args.host, port=args.port, cache_dir=args.cache_dir, device=args.device,
-          share=args.share)
+          share=args.share, auth=auth)
     return 0
 
 

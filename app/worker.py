@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from engine.engine import ResourceError
 from engine.events import Finished, Progress, RenderStopped, Stopped
 from engine.story import Story, StoryError
 
@@ -219,6 +220,8 @@ class Worker:
 def readable_error(error: BaseException) -> str:
     """One line a user can act on, for errors the engine did not phrase itself."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, ResourceError):
+        return text  # phrased by the engine: names the settings to lower
     if isinstance(error, MemoryError) or "out of memory" in text.lower():
         return "Out of memory: try fewer or shorter shots, fewer steps, or a smaller resolution."
     if isinstance(error, OSError) and "No space left" in text:

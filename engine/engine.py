@@ -28,6 +28,8 @@ Context is always the story prefix: a shot never conditions on a later one.
 
 from __future__ import annotations
 
+import errno
+import gc
 import hashlib
 import json
 import random
@@ -236,6 +238,17 @@ class StoryEngine:
             except RenderStopped as err:
                 emit(Stopped(str(err), err.finished_shots))
                 raise
+            except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+                if not is_out_of_memory(err):
+                    raise
+                free_memory()
+                raise ResourceError(out_of_memory_message(story, self.model.device)) from err
+            except OSError as err:
+                if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise ResourceError(f"The disk is full (writing {err.filename or 'the shot cache'}): free some "
+                                    "space or choose a --cache-dir with room; every shot finished so far is "
+                                    "kept in the cache") from err
 
     def _render(self, story, regenerate, out_dir, emit, stop) -> RenderResult:
         started = time.perf_counter()
@@ -365,4 +378,38 @@ class StoryEngine:
         return root / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
 
-__all__ = ["StoryEngine", "DEFAULT_CACHE_DIR", "KEY_VERSION"]
+class ResourceError(RuntimeError):
+    """The machine ran out of something (GPU or CPU memory, disk); the message names what to change.
+    The engine stays usable: the next render starts afresh, and finished takes stay cached."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def out_of_memory_message(story: Story, device) -> str:
+    """One line naming the settings that lower peak memory, with their current values."""
+    s = story.settings
+    longest = max(range(len(story.shots)), key=lambda i: story.shots[i].frames)
+    tips = [f"settings.height x settings.width (now {s.height}x{s.width})",
+            f"shot frames (longest: shots[{longest}].frames = {story.shots[longest].frames})"]
+    if s.mode == "joint" and len(story.shots) > 1:
+        tips.append("settings.mode = shot_by_shot (now joint: every shot is denoised at once)")
+    if not s.moc.enabled:
+        tips.append("settings.moc.enabled = true (dense attention holds every pair)")
+    if s.guidance > 1:
+        tips.append(f"settings.guidance = 1 (now {s.guidance:g}: two forwards per step)")
+    where = "GPU" if torch.device(device).type == "cuda" else "CPU"
+    return f"Out of {where} memory: lower " + "; or ".join(tips) + ". Finished shots stay cached."
+
+
+__all__ = ["StoryEngine", "DEFAULT_CACHE_DIR", "KEY_VERSION", "ResourceError"]

@@ -20,6 +20,7 @@ renames an entry into tmp/ before deleting it, so a reader sees a whole entry or
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -55,6 +56,22 @@ class CacheStats:
     bytes: int  # their size on disk
     max_bytes: int  # the cap
     evictions: int  # takes this process evicted
+
+
+def _save_tensors(tensors: dict, path: Path) -> None:
+    """safetensors' save_file, with its I/O failures as the OSError they are (a full disk must be
+    recognisable as one: safetensors reports it as SafetensorError)."""
+    try:
+        save_file(tensors, path)
+    except Exception as err:  # SafetensorError is not importable as a public name in every version
+        text = str(err)
+        if isinstance(err, OSError):
+            raise
+        if "os error 28" in text or "No space left" in text:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path)) from err
+        if "os error 122" in text:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", str(path)) from err
+        raise
 
 
 class ShotCache:
@@ -124,7 +141,7 @@ class ShotCache:
         try:
             tensors = {"frames": take.frames.contiguous().cpu(), "latents": take.latents.float().contiguous().cpu()}
             tensors.update({k: v.contiguous().cpu() for k, v in take.tensors.items()})
-            save_file(tensors, stage / "take.safetensors")
+            _save_tensors(tensors, stage / "take.safetensors")
             _fsync_file(stage / "take.safetensors")
             (stage / "used").touch()
             atomic_write_text(stage / "meta.json", json.dumps({**take.meta, "key": take.key}, indent=1))

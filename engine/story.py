@@ -30,6 +30,8 @@ MAX_SHOTS = 32  # shots per story
 MAX_SHOT_FRAMES = 128  # latent frames per shot
 MAX_CAPTION_CHARS = 2000  # characters per caption
 MAX_SEED = 2**32 - 1  # seeds stay exact as JavaScript numbers and in every RNG we use
+MAX_STORY_BYTES = 1 << 20  # a story file or upload (32 shots of 2,000-character captions fit in 200 kB)
+MAX_JSON_DEPTH = 16  # a story nests 4 deep; deeper documents are refused before parsing
 MODES = ("joint", "shot_by_shot")
 CHUNKINGS = ("frame", "subframe", "fixed")
 ANCHORS = ("shot", "chunk", "window")
@@ -85,6 +87,10 @@ def _check_text(path: str, value, *, allow_empty: bool) -> str:
         raise StoryError(path, f"must be at most {MAX_CAPTION_CHARS} characters, got {len(value)}")
     if "\x00" in value:
         raise StoryError(path, "must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StoryError(path, "must be valid Unicode text (it holds a lone surrogate such as \\ud800)") from None
     if not allow_empty and not value.strip():
         raise StoryError(path, "must not be empty")
     return value
@@ -93,7 +99,7 @@ def _check_text(path: str, value, *, allow_empty: bool) -> str:
 def _fields_from(path: str, cls, d) -> dict:
     """Keyword arguments for `cls` from dict `d`; unknown keys are errors."""
     if not isinstance(d, dict):
-        raise StoryError(path, f"must be a JSON object, got {type(d).__name__}")
+        raise StoryError(path or "story", f"must be a JSON object, got {type(d).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -247,11 +253,35 @@ class Story:
         return json.dumps(self.to_dict(), indent=indent)
 
     @staticmethod
-    def from_json(text: str) -> "Story":
+    def from_json(text: str | bytes) -> "Story":
+        """Parse and validate; any malformed document (not UTF-8, too large, nested too deeply,
+        NaN / Infinity, numbers of thousands of digits) is a StoryError, never another exception."""
+        if isinstance(text, (bytes, bytearray)):
+            if len(text) > MAX_STORY_BYTES:
+                raise StoryError("json", f"must be at most {MAX_STORY_BYTES} bytes, got {len(text)}")
+            try:
+                text = bytes(text).decode("utf-8-sig")
+            except UnicodeDecodeError as err:
+                raise StoryError("json", f"must be UTF-8 text: {err}") from None
+        if not isinstance(text, str):
+            raise StoryError("json", f"must be text, got {type(text).__name__}")
+        text = text.removeprefix("\ufeff")  # a byte-order mark from some editors
+        if len(text) > MAX_STORY_BYTES:
+            raise StoryError("json", f"must be at most {MAX_STORY_BYTES} characters, got {len(text)}")
+        depth = json_depth(text)
+        if depth > MAX_JSON_DEPTH:
+            raise StoryError("json", f"nests {depth} levels deep; a story needs at most {MAX_JSON_DEPTH}")
+
+        def no_constants(name):
+            raise StoryError("json", f"holds {name}, which is not a JSON number; use a finite number")
         try:
-            d = json.loads(text)
+            d = json.loads(text, parse_constant=no_constants)
         except json.JSONDecodeError as err:
             raise StoryError("json", f"is not valid JSON: {err}") from None
+        except (ValueError, RecursionError) as err:  # e.g. an integer of more than 4,300 digits
+            if isinstance(err, StoryError):
+                raise
+            raise StoryError("json", f"is not a usable JSON document: {str(err)[:120]}") from None
         return Story.from_dict(d)
 
     def save(self, path: str | Path) -> Path:
@@ -263,15 +293,34 @@ class Story:
     def load(path: str | Path) -> "Story":
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise StoryError("file", f"cannot read story file {str(path)!r}: {err}") from None
-        return Story.from_json(text)
+            if not path.is_file():
+                raise StoryError("file", f"{str(path)!r} is not a story file (it does not exist or is a folder)")
+            size = path.stat().st_size
+            if size > MAX_STORY_BYTES:
+                raise StoryError("file", f"{str(path)!r} is {size} bytes; a story file holds at most {MAX_STORY_BYTES}")
+            data = path.read_bytes()
+        except OSError as err:
+            raise StoryError("file", f"cannot read story file {str(path)!r}: {err.strerror or err}") from None
+        return Story.from_json(data)
 
     # ---- edits (return new stories; the input is never mutated) -------------------------------
 
     def with_settings(self, **changes) -> "Story":
         return replace(self, settings=replace(self.settings, **changes))
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of objects and arrays in a JSON text (strings skipped), without parsing."""
+    import re
+    depth = best = 0
+    for token in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text):
+        c = token.group()
+        if c in "[{":
+            depth += 1
+            best = max(best, depth)
+        elif c in "]}":
+            depth -= 1
+    return best
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -308,4 +357,4 @@ def _fsync_dir(folder: Path) -> None:
 
 __all__ = ["STORY_VERSION", "MODES", "CHUNKINGS", "ANCHORS", "BACKENDS", "MAX_SHOTS", "MAX_SHOT_FRAMES",
            "MAX_CAPTION_CHARS", "MAX_SEED", "Shot", "MoCSettings", "GenerationSettings", "Story",
-           "StoryError", "atomic_write_text"]
+           "StoryError", "atomic_write_text", "json_depth", "MAX_STORY_BYTES", "MAX_JSON_DEPTH"]

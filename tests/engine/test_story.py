@@ -55,7 +55,7 @@ def test_bad_json_and_missing_file(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(StoryError, match="json"):
         Story.load(tmp_path / "bad.json")
-    with pytest.raises(StoryError, match="cannot read"):
+    with pytest.raises(StoryError, match="not a story file"):
         Story.load(tmp_path / "missing.json")
     with pytest.raises(StoryError):
         Story.from_dict([1, 2])
