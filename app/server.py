@@ -142,7 +142,7 @@ class StoryboardApp:
         if cache_root:
             allowed.append(str(cache_root))
         return demo.launch(server_name=host, server_port=port, share=share, theme=THEME, css=CSS,
-                           allowed_paths=allowed, footer_links=["api", "settings"], show_error=False, ssr_mode=False,
+                           allowed_paths=allowed, footer_links=["api", "settings"], show_error=True, ssr_mode=False,
                            max_file_size=MAX_STORY_BYTES, **kwargs)
 
     def close(self) -> None:
@@ -340,7 +340,7 @@ class StoryboardApp:
         with gr.Column(visible=False):
             self.api_trigger = gr.Button("api")
             self.api_story = gr.JSON(label="story")
-            self.api_shot = gr.Number(label="shot", precision=0)
+            self.api_shot = gr.Number(label="shot")  # no rounding: 0.5 is an error, not shot 0
             self.api_file_in = gr.File(label="story_file", file_types=[".json"])
             self.api_video = gr.File(label="story_video")
             self.api_shot_videos = gr.File(label="shot_videos", file_count="multiple")

@@ -111,7 +111,7 @@ class ShotCache:
     # ---- takes --------------------------------------------------------------------------------
 
     def contains(self, key: str) -> bool:
-        return (self._entry(key) / "meta.json").is_file()
+        return _is_whole_entry(self._entry(key))
 
     def record_misses(self, count: int) -> None:
         """Count lookups made by key planning (pointer/contains) that found no usable take."""
@@ -120,6 +120,9 @@ class ShotCache:
     def get(self, key: str) -> Take | None:
         """The take, or None (a miss). Touches its LRU clock."""
         folder = self._entry(key)
+        if not _is_whole_entry(folder):  # missing, or planted (a link to elsewhere): never served
+            self.misses += 1
+            return None
         try:
             meta = json.loads((folder / "meta.json").read_text())
             tensors = load_file(folder / "take.safetensors")
@@ -134,8 +137,11 @@ class ShotCache:
     def put(self, take: Take) -> None:
         """Store a take atomically; a take already present (same key) is kept as it is."""
         dest = self._entry(take.key)
-        if (dest / "meta.json").is_file():
+        if _is_whole_entry(dest):
             return
+        if dest.is_symlink():  # planted: the link goes, what it points at is never touched
+            with self._locked():
+                dest.unlink(missing_ok=True)
         stage = self.root / "tmp" / f"put-{uuid.uuid4().hex}"
         stage.mkdir()
         try:
@@ -177,6 +183,8 @@ class ShotCache:
         """(last used, bytes, folder) of every complete entry."""
         out = []
         for folder in (self.root / "entries").glob("*/*"):
+            if folder.is_symlink():  # planted links are neither counted nor followed
+                continue
             try:
                 used = (folder / "used").stat().st_mtime
                 size = sum(p.stat().st_size for p in folder.iterdir())
@@ -220,9 +228,22 @@ class ShotCache:
         self._entry(name)
         try:
             key = json.loads((self.root / "pointers" / f"{name}.json").read_text())["key"]
-        except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or tampered with
             return None
-        return key if isinstance(key, str) and self.contains(key) else None
+        if not isinstance(key, str) or not key or not all(c in "0123456789abcdef" for c in key):
+            return None
+        return key if self.contains(key) else None
+
+
+def _is_whole_entry(folder: Path) -> bool:
+    """A complete entry this cache wrote: a real folder (no symlink) with its files as plain files."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    for name in ("meta.json", "take.safetensors", "used"):
+        p = folder / name
+        if p.is_symlink() or not p.is_file():
+            return False
+    return True
 
 
 def _fsync_file(path: Path) -> None:

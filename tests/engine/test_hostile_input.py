@@ -171,3 +171,25 @@ def test_cli_malformed_model_folder(tmp_path, tiny_model_dir):
     line = _one_line_error(run_cli("--story", ROOT / "examples" / "default_story.json", "--model", folder,
                                    "--out", tmp_path / "o", "--cache-dir", tmp_path / "c"))
     assert "cannot load the model" in line
+
+
+def test_non_loopback_host_warns_and_auth_is_parsed(tmp_path):
+    import launch
+    assert launch.is_loopback("127.0.0.1") and launch.is_loopback("::1") and launch.is_loopback("127.0.0.2")
+    assert not launch.is_loopback("0.0.0.0") and not launch.is_loopback("192.168.1.5")
+    (tmp_path / "auth").write_text("ada:pa:ss\n")
+    assert launch.parse_auth(str(tmp_path / "auth")) == ("ada", "pa:ss")
+    assert launch.parse_auth("bob:x") == ("bob", "x")
+    for bad in ("nocolon", ":x", "x:"):
+        with pytest.raises(launch.UsageError, match="--auth"):
+            launch.parse_auth(bad)
+    from tests.app.conftest import free_port
+    proc = subprocess.Popen([sys.executable, "launch.py", "--host", "0.0.0.0", "--port", str(free_port()),
+                             "--cache-dir", str(tmp_path / "c")], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)})
+    try:
+        line = proc.stderr.readline()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert line.startswith("warning: serving on 0.0.0.0") and "--auth" in line

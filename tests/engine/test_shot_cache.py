@@ -119,3 +119,35 @@ def test_two_processes_share_one_cache(tmp_path):
         assert t is not None and t.meta["seed"] in (1, 2) and int(t.frames[0, 0, 0, 0]) == t.meta["seed"]
     assert all(cache.pointer(f"ff{i:02x}") is not None for i in range(3))
     assert not list((tmp_path / "tmp").iterdir())
+
+
+def test_planted_symlinks_and_tampered_pointers_are_never_followed(tmp_path):
+    """A link planted where an entry would be (to a folder holding a valid take) is neither served,
+    counted nor deleted through; a put replaces the link and leaves its target alone; a pointer
+    file edited to hold a path is ignored."""
+    import shutil
+    outside = tmp_path / "outside"
+    donor = ShotCache(tmp_path / "donor")
+    donor.put(take("abcd", fill=9))
+    shutil.copytree(donor._entry("abcd"), outside)
+    before = sorted((p.name, p.read_bytes()) for p in outside.iterdir())
+    cache = ShotCache(tmp_path / "cache", max_bytes=1)  # every put evicts all it may
+    link = cache._entry("abcd")
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside, target_is_directory=True)
+    assert not cache.contains("abcd") and cache.get("abcd") is None
+    assert cache.stats().entries == 0
+    cache.put(take("1234"))  # eviction scans past the link without following it
+    assert sorted((p.name, p.read_bytes()) for p in outside.iterdir()) == before
+    cache.put(take("abcd", fill=4))
+    assert not link.is_symlink() and int(cache.get("abcd").frames[0, 0, 0, 0]) == 4
+    assert sorted((p.name, p.read_bytes()) for p in outside.iterdir()) == before
+    # a pointer edited by hand
+    cache.point("ff01", "abcd")
+    assert cache.pointer("ff01") == "abcd"
+    for planted in ('{"key": "../../outside"}', '{"key": 7}', "[1]", "\x00\xff"):
+        (cache.root / "pointers" / "ff01.json").write_text(planted, errors="surrogateescape")
+        assert cache.pointer("ff01") is None
+    for name in ("../x", "/etc/passwd", "ab\x00cd"):
+        with pytest.raises(ValueError):
+            cache.point(name, "abcd")

@@ -1,0 +1,165 @@
+"""A hostile client against a running app: 1,000 random bad requests through every named
+endpoint and raw HTTP get readable errors (never the generic 'upstream app raised an exception'),
+the file routes serve nothing the app did not make, a login is enforced when set, and afterwards
+the app still generates."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from .conftest import free_port, tiny_story
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]
+
+GENERIC = "has not enabled verbose error reporting"  # what Gradio says for an exception the app did not phrase
+NAMED_REQUESTS = 760  # sent or attempted (a few lone surrogates cannot leave the client)
+RAW_REQUESTS = 300
+
+
+def _odd_string(rng: random.Random) -> str:
+    pool = ["", " ", "\x00", "\ud800", "💥" * 50, "../../etc/passwd", "<script>alert(1)</script>", "NaN",
+            "{" * 40, "x" * rng.choice((10, 3000, 200_000)), "\u202eevil", "%s%n", "null", "-1", "1e309"]
+    return rng.choice(pool)
+
+
+def _odd_value(rng: random.Random, depth: int = 0):
+    kind = rng.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.choice([True, False])
+    if kind == 2:
+        return rng.choice([0, -1, 1, 2**31, -2**63, 10**30, 7])
+    if kind == 3:
+        return rng.choice([0.5, -0.0, 1e308, -1e-308, 3.0])
+    if kind in (4, 5):
+        return _odd_string(rng)
+    if kind == 6:
+        return [_odd_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {_odd_string(rng)[:20]: _odd_value(rng, depth + 1) for _ in range(rng.randrange(4))}
+
+
+def _bad_story(rng: random.Random):
+    """A valid story with one field replaced, a field added, or something else entirely."""
+    story = tiny_story("hostile").to_dict()
+    r = rng.random()
+    if r < 0.15:
+        return _odd_value(rng)
+    if r < 0.25:
+        return json.dumps(story)[: rng.randrange(1, 200)]  # truncated JSON text
+    paths = [("global_caption",), ("shots",), ("settings",), ("version",), ("shots", 0), ("shots", 0, "caption"),
+             ("shots", 0, "frames"), ("shots", 0, "seed"), ("shots", 1, "locked"), ("settings", "steps"),
+             ("settings", "guidance"), ("settings", "mode"), ("settings", "height"), ("settings", "moc"),
+             ("settings", "moc", "top_k"), ("settings", "moc", "backend"), ("settings", "context_noise")]
+    path = rng.choice(paths)
+    target = story
+    for part in path[:-1]:
+        target = target[part]
+    bad = _odd_value(rng)
+    while isinstance(bad, (int, float)) and not isinstance(bad, bool) and path[-1] in ("seed",) and 0 <= bad < 2**32:
+        bad = -7
+    target[path[-1]] = bad
+    if rng.random() < 0.2:
+        story[_odd_string(rng)[:10] or "extra"] = 1
+    return story
+
+
+def _still_valid(story) -> bool:
+    """A mutation can leave a story valid (e.g. a caption replaced by another string)."""
+    from engine.story import Story, StoryError
+    try:
+        Story.from_json(story) if isinstance(story, str) else Story.from_dict(story)
+        return True
+    except StoryError:
+        return False
+
+
+def test_a_thousand_bad_requests_then_it_still_generates(app_url):
+    rng = random.Random(20261128)
+    client = Client(app_url, verbose=False)
+    outcomes = {"readable_error": 0, "accepted": 0, "unsendable": 0}
+    messages: dict[str, int] = {}
+    started = time.monotonic()
+    while sum(outcomes.values()) < NAMED_REQUESTS:
+        endpoint = rng.choice(["/generate", "/regenerate", "/save_story", "/load_story", "/example_story"])
+        story = _bad_story(rng)
+        if endpoint in ("/generate", "/regenerate") and _still_valid(story):
+            continue  # a valid story would render: not a bad request
+        args = {"/generate": (story,), "/regenerate": (tiny_story("h").to_dict() if rng.random() < 0.5 else story,
+                                                      _odd_value(rng)),
+                "/save_story": (story,), "/load_story": (None if rng.random() < 0.5 else _odd_string(rng)[:50],),
+                "/example_story": (_odd_string(rng)[:50],)}[endpoint]
+        index = args[1] if endpoint == "/regenerate" else None
+        if (isinstance(index, (int, float)) and float(index).is_integer()  # the Number input takes true as 1
+                and 0 <= index < 3 and _still_valid(args[0])):  # a valid index of a valid story: make it bad
+            args = (args[0], 99)
+        try:
+            client.predict(*args, api_name=endpoint)
+            outcomes["accepted"] += 1  # e.g. /save_story of a story the mutation left valid
+            assert endpoint in ("/save_story", "/example_story"), (endpoint, args)
+        except AppError as err:
+            assert GENERIC not in str(err) and "Traceback" not in str(err), (endpoint, str(args)[:300], str(err))
+            messages[str(err)[:60]] = messages.get(str(err)[:60], 0) + 1
+            outcomes["readable_error"] += 1
+        except UnicodeEncodeError:  # a lone surrogate the client cannot send (raw HTTP below sends it escaped)
+            outcomes["unsendable"] += 1
+        except ValueError as err:  # the client refusing to upload a non-existent file
+            assert endpoint == "/load_story", err
+            outcomes["readable_error"] += 1
+    # raw HTTP: malformed bodies, wrong methods, traversal in the file route
+    for i in range(RAW_REQUESTS):
+        kind = i % 4
+        try:
+            if kind == 0:
+                body = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400)))
+                req = urllib.request.Request(app_url + "gradio_api/call/generate", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            elif kind == 1:
+                body = json.dumps({"data": [_bad_story(rng)]}, allow_nan=True).encode()
+                req = urllib.request.Request(app_url + "gradio_api/queue/join", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            elif kind == 2:
+                nested = "[" * 100_000 + "]" * 100_000
+                req = urllib.request.Request(app_url + "gradio_api/call/save_story", data=nested.encode(),
+                                             method="POST", headers={"Content-Type": "application/json"})
+            else:
+                target = rng.choice(["/etc/passwd", "../../../../etc/passwd", "%2e%2e/%2e%2e/etc/passwd",
+                                     str(__file__), "/proc/self/environ"])
+                req = urllib.request.Request(app_url + "gradio_api/file=" + target)
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                data = resp.read()
+                assert kind != 3 or b"root:" not in data and b"import" not in data, target
+        except urllib.error.HTTPError as err:
+            assert err.code < 500 or kind in (0, 1, 2), err  # a 5xx only for bodies the framework rejects
+    seconds = time.monotonic() - started
+    # afterwards the app generates normally
+    video, shot_videos, result = client.predict(tiny_story(shots=2).to_dict(), api_name="/generate")
+    assert result["state"] == "finished" and len(shot_videos) == 2
+    sent = sum(outcomes.values()) - outcomes["unsendable"] + RAW_REQUESTS
+    print(f"{sent} bad requests sent in {seconds:.1f} s: {outcomes}, {RAW_REQUESTS} raw HTTP")
+    for text, count in sorted(messages.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {count:4d}  {text}")
+    assert sent >= 1000 and outcomes["readable_error"] >= 600
+
+
+def test_login_is_enforced_when_set(story_engine, tmp_path):
+    from app.server import StoryboardApp
+    app = StoryboardApp(story_engine, out_root=tmp_path / "out")
+    port = free_port()
+    app.launch(host="127.0.0.1", port=port, prevent_thread_lock=True, quiet=True, auth=("ada", "s3cret"))
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        with pytest.raises(Exception):
+            Client(url, verbose=False).predict(api_name="/info")
+        info = Client(url, auth=("ada", "s3cret"), verbose=False).predict(api_name="/info")
+        assert info["model"]
+    finally:
+        app.close()
