@@ -150,6 +150,21 @@ def test_a_thousand_bad_requests_then_it_still_generates(app_url):
     assert sent >= 1000 and outcomes["readable_error"] >= 600
 
 
+def test_uploads_are_size_capped_and_parsed_as_data(app_url, tmp_path):
+    from gradio_client import handle_file
+    client = Client(app_url, verbose=False)
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({**tiny_story("big").to_dict(), "global_caption": "x" * (2 << 20)}))
+    with pytest.raises(Exception) as err:  # refused at upload, before any parsing
+        client.predict(handle_file(str(big)), api_name="/load_story")
+    assert GENERIC not in str(err.value)
+    code = tmp_path / "story.json"
+    code.write_text("__import__('os').system('touch " + str(tmp_path / "pwned") + "')")
+    with pytest.raises(AppError, match="not valid JSON"):
+        client.predict(handle_file(str(code)), api_name="/load_story")
+    assert not (tmp_path / "pwned").exists()
+
+
 def test_login_is_enforced_when_set(story_engine, tmp_path):
     from app.server import StoryboardApp
     app = StoryboardApp(story_engine, out_root=tmp_path / "out")

@@ -193,3 +193,37 @@ def test_non_loopback_host_warns_and_auth_is_parsed(tmp_path):
         proc.kill()
         proc.wait(timeout=30)
     assert line.startswith("warning: serving on 0.0.0.0") and "--auth" in line
+
+
+# ---- every setting, fuzzed: a story with one setting replaced is a Story or a StoryError naming it ----
+
+def _setting_paths():
+    from dataclasses import fields as dc_fields
+    from engine.story import GenerationSettings, MoCSettings, Shot
+    paths = [("settings", f.name) for f in dc_fields(GenerationSettings) if f.name != "moc"]
+    paths += [("settings", "moc", f.name) for f in dc_fields(MoCSettings)]
+    paths += [("shots", 0, f.name) for f in dc_fields(Shot)]
+    return paths
+
+
+ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**64, 2**64) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(_setting_paths()), ANY_JSON)
+def test_every_setting_fuzzed(path, value):
+    d = json.loads(json.dumps(GOOD))
+    d["settings"].setdefault("moc", {})
+    target = d
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+    try:
+        story = Story.from_json(json.dumps(d))
+    except StoryError as err:
+        dotted = ".".join(str(p) for p in path).replace("shots.0", "shots[0]")
+        assert str(err).startswith(dotted) or str(err).startswith("settings"), (path, value, str(err))
+        return
+    assert Story.from_json(story.to_json()) == story
