@@ -11,6 +11,7 @@ The report (engine/engine.py) looks like:
     {"shot_frames": [5, 4, ...], "num_layers": L, "num_heads": H, "steps": [0, 4, ...],
      "frame_selection": {"all": F×F, "<step>": {"all": F×F, "<layer>": F×F}},
      "shot_recall": S×S, "density": L×H, "sparsity": float,
+     "pins": [[query shot, key shot], ...], "blocks": [[query shot, key shot], ...],
      "attn_flops_moc": float, "attn_flops_dense": float, ...}
 Rows are query frames, columns key frames; values are selection frequencies in [0, 1].
 """
@@ -128,6 +129,7 @@ def frame_heatmap(routing: dict | None, layer: str = ALL, step: str = ALL) -> go
     starts = [0] + shot_boundaries(shot_frames)
     centers = [s + (k - 1) / 2 for s, k in zip(starts, shot_frames)]
     names = [f"S{i + 1}" for i in range(len(shot_frames))]
+    _draw_links(fig, routing, starts, shot_frames)
     fig.update_xaxes(title="key frame", tickmode="array", tickvals=centers, ticktext=names,
                      showgrid=False, zeroline=False, side="top")
     fig.update_yaxes(title="query frame", tickmode="array", tickvals=centers, ticktext=names,
@@ -135,6 +137,32 @@ def frame_heatmap(routing: dict | None, layer: str = ALL, step: str = ALL) -> go
     which = f"layer {layer}" if layer != ALL else "all layers"
     when = f"step {step}" if step != ALL else "all steps"
     return _layout(fig, f"{title} · {which} · {when}", height=540, top=90)
+
+
+PIN_COLOUR, BLOCK_COLOUR = "#0ea5e9", "#ef4444"
+
+
+def links(routing: dict | None, name: str) -> list[tuple[int, int]]:
+    """The report's memory pins or blocks as (query shot, key shot) pairs (none in old reports)."""
+    out = []
+    for pair in (routing or {}).get(name) or []:
+        if isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, int) for x in pair):
+            out.append((pair[0], pair[1]))
+    return out
+
+
+def _draw_links(fig: go.Figure, routing: dict, starts: list[int], shot_frames: list[int]) -> None:
+    """Outline pinned (forced by the user) and blocked query-shot x key-shot blocks, apart from routing."""
+    for name, colour, dash, label in (("pins", PIN_COLOUR, "solid", "pinned"), ("blocks", BLOCK_COLOUR, "dot", "blocked")):
+        for a, b in links(routing, name):
+            if max(a, b) >= len(shot_frames):
+                continue
+            fig.add_shape(type="rect", x0=starts[b] - 0.5, x1=starts[b] + shot_frames[b] - 0.5,
+                          y0=starts[a] - 0.5, y1=starts[a] + shot_frames[a] - 0.5,
+                          line=dict(color=colour, width=3, dash=dash), name=f"{label} S{a + 1}→S{b + 1}")
+            fig.add_annotation(x=starts[b] + (shot_frames[b] - 1) / 2, y=starts[a] + (shot_frames[a] - 1) / 2,
+                               text=label, showarrow=False, font=dict(color=colour, size=12),
+                               bgcolor="rgba(255,255,255,0.8)")
 
 
 def shot_recall(routing: dict | None) -> go.Figure:
@@ -150,6 +178,11 @@ def shot_recall(routing: dict | None) -> go.Figure:
         text=text, texttemplate="%{text}", hovertemplate="%{y} drew on %{x}: %{text}<extra></extra>",
         colorbar=dict(tickformat=".0%", thickness=12),
     ))
+    for name, mark in (("pins", "pinned"), ("blocks", "blocked")):  # forced links are not routing picks:
+        for a, b in links(routing, name):  # the cell says why it reads as it does
+            if max(a, b) < matrix.shape[0]:
+                text[a][b] = f"{mark} · routed {text[a][b]}"
+    fig.data[0].text = text
     fig.update_xaxes(title="key shot (drawn on)", side="top", showgrid=False)
     fig.update_yaxes(title="query shot", autorange="reversed", showgrid=False)
     return _layout(fig, title, height=400, top=90)

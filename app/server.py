@@ -267,6 +267,14 @@ class StoryboardApp:
                                              elem_id=f"shot-lock-{i}", container=False, scale=1)
                 slot["regenerate"] = gr.Button("Regenerate", size="sm", variant="primary", min_width=0, scale=2,
                                                elem_id=f"shot-regen-{i}", elem_classes="regen")
+            with gr.Accordion("Memory", open=False, visible=i > 0, elem_id=f"shot-memory-{i}",
+                              elem_classes="shot-memory"):
+                choices = earlier_shots(story, i)
+                slot["pins"] = gr.Dropdown(choices, value=list(shot.pins) if shot else [], multiselect=True,
+                                           label="Always sees (pinned)", elem_id=f"shot-pins-{i}",
+                                           info="earlier shots this shot must recall, whatever routing picks")
+                slot["blocks"] = gr.Dropdown(choices, value=list(shot.blocks) if shot else [], multiselect=True,
+                                             label="Never recalls (blocked)", elem_id=f"shot-blocks-{i}")
         return slot
 
     def _build_routing(self) -> None:
@@ -383,7 +391,7 @@ class StoryboardApp:
         """Every component whose value is part of the story, in a fixed order."""
         comps = [self.global_caption, *self.settings.values(), *self.moc_settings.values()]
         for slot in self.slots:
-            comps += [slot["caption"], slot["frames"], slot["seed"], slot["locked"]]
+            comps += [slot["caption"], slot["frames"], slot["seed"], slot["locked"], slot["pins"], slot["blocks"]]
         return comps
 
     @property
@@ -391,7 +399,7 @@ class StoryboardApp:
         comps = [self.board, self.global_caption, *self.settings.values(), *self.moc_settings.values()]
         for slot in self.slots:
             comps += [slot["card"], slot["header"], slot["video"], slot["caption"], slot["frames"],
-                      slot["seed"], slot["locked"]]
+                      slot["seed"], slot["locked"], slot["pins"], slot["blocks"]]
         return comps
 
     @property
@@ -406,7 +414,8 @@ class StoryboardApp:
                            moc=replace(board.story.settings.moc,
                                        **{k: _int_or_raw(data[c]) for k, c in self.moc_settings.items()}))
         shots = [Shot(caption=data[slot["caption"]], frames=_int_or_raw(data[slot["frames"]]),
-                      seed=_int_or_raw(data[slot["seed"]]), locked=bool(data[slot["locked"]]))
+                      seed=_int_or_raw(data[slot["seed"]]), locked=bool(data[slot["locked"]]),
+                      pins=_shot_list(data[slot["pins"]]), blocks=_shot_list(data[slot["blocks"]]))
                  for slot in self.slots[: len(board.story.shots)]]
         return replace(board.story, global_caption=data[self.global_caption], shots=shots, settings=settings)
 
@@ -430,6 +439,9 @@ class StoryboardApp:
             out[slot["frames"]] = gr.Number(value=shot.frames, interactive=not shot.locked)
             out[slot["seed"]] = gr.Number(value=shot.seed, interactive=not shot.locked)
             out[slot["locked"]] = shot.locked
+            choices = earlier_shots(story, i)
+            out[slot["pins"]] = gr.Dropdown(choices=choices, value=list(shot.pins), interactive=not shot.locked)
+            out[slot["blocks"]] = gr.Dropdown(choices=choices, value=list(shot.blocks), interactive=not shot.locked)
         return out
 
     def slot_updates(self, board: Board, indices=None, before: Board | None = None) -> dict:
@@ -749,6 +761,24 @@ def _int_or_raw(value: Any) -> Any:
     return value
 
 
+def _shot_list(value: Any) -> Any:
+    """A multiselect's shot indices as ints; anything else as is, for validation to name."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [_int_or_raw(v) for v in value]
+    return value
+
+
+def earlier_shots(story: Story, index: int) -> list[tuple[str, int]]:
+    """The (label, index) choices a shot's memory pins and blocks offer: the shots before it."""
+    out = []
+    for j, shot in enumerate(story.shots[:index]):
+        caption = " ".join(shot.caption.split())
+        out.append((f"Shot {j + 1}" + (f": {caption[:28]}…" if len(caption) > 28 else f": {caption}" if caption else ""), j))
+    return out
+
+
 def _card_classes(status: str, locked: bool) -> list[str]:
     return ["shot-card", f"status-{status}"] + (["locked"] if locked else [])
 
@@ -766,7 +796,7 @@ def shot_dict(result) -> dict:
 def routing_summary(routing: dict | None) -> dict:
     """The scalar part of the routing report (the matrices stay on the server)."""
     return {k: v for k, v in (routing or {}).items() if isinstance(v, (int, float, str, bool))
-            or (k in ("shot_frames", "steps") and isinstance(v, list))}
+            or (k in ("shot_frames", "steps", "pins", "blocks") and isinstance(v, list))}
 
 
 def cache_saved(board: Board, result) -> float:

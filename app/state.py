@@ -73,6 +73,30 @@ def _with_shots(board: Board, shots: list[Shot], views: list[ShotView]) -> Board
     return refresh(replace(board, story=story, views=tuple(views)))
 
 
+def _reorder(board: Board, order: list[int | None], new: dict[int, Shot] | None = None) -> Board:
+    """The story's shots in a new order: order[p] is the old index of the shot now at p (None: a
+    new shot, from `new`). Memory pins and blocks follow the shots they name; a link that would
+    now point at a later shot (or at a removed one) is dropped: a shot pins earlier shots only."""
+    old_shots, old_views = board.story.shots, board.views
+    where: dict[int, int] = {}
+    for p, o in enumerate(order):
+        if o is not None:
+            where.setdefault(o, p)
+    shots, views = [], []
+    for p, o in enumerate(order):
+        if o is None:
+            shots.append((new or {})[p])
+            views.append(ShotView())
+            continue
+        shot = old_shots[o]
+        links = {name: sorted(where[j] for j in getattr(shot, name) if j in where and where[j] < p)
+                 for name in ("pins", "blocks")}
+        copy = where[o] != p  # a duplicate: unlocked, no video of its own
+        shots.append(replace(shot, locked=shot.locked and not copy, **links))
+        views.append(ShotView() if copy else old_views[o])
+    return _with_shots(board, shots, views)
+
+
 def _check_index(board: Board, index: int) -> int:
     index = int(index)
     if not 0 <= index < len(board.story.shots):
@@ -82,34 +106,31 @@ def _check_index(board: Board, index: int) -> int:
 
 def add_shot(board: Board, after: int | None = None, caption: str = "") -> Board:
     """A new empty shot after `after` (default: at the end), as long as its neighbour."""
-    shots, views = list(board.story.shots), list(board.views)
+    shots = board.story.shots
     if len(shots) >= MAX_SHOTS:
         raise StoryError("shots", f"the editor holds at most {MAX_SHOTS} shots")
     at = len(shots) if after is None else _check_index(board, after) + 1
     frames = shots[at - 1].frames if at > 0 and shots else DEFAULT_FRAMES
-    shots.insert(at, Shot(caption=caption, frames=frames, seed=-1, locked=False))
-    views.insert(at, ShotView())
-    return _with_shots(board, shots, views)
+    order: list[int | None] = list(range(len(shots)))
+    order.insert(at, None)
+    return _reorder(board, order, {at: Shot(caption=caption, frames=frames, seed=-1, locked=False)})
 
 
 def remove_shot(board: Board, index: int) -> Board:
     index = _check_index(board, index)
     if len(board.story.shots) == 1:
         raise StoryError("shots", "a story needs at least one shot")
-    shots, views = list(board.story.shots), list(board.views)
-    del shots[index], views[index]
-    return _with_shots(board, shots, views)
+    return _reorder(board, [i for i in range(len(board.story.shots)) if i != index])
 
 
 def duplicate_shot(board: Board, index: int) -> Board:
-    """A copy of shot `index` right after it (unlocked; its video is not copied)."""
+    """A copy of shot `index` right after it (unlocked; its video is not copied; same pins)."""
     index = _check_index(board, index)
     if len(board.story.shots) >= MAX_SHOTS:
         raise StoryError("shots", f"the editor holds at most {MAX_SHOTS} shots")
-    shots, views = list(board.story.shots), list(board.views)
-    shots.insert(index + 1, replace(shots[index], locked=False))
-    views.insert(index + 1, ShotView())
-    return _with_shots(board, shots, views)
+    order = list(range(len(board.story.shots)))
+    order.insert(index + 1, index)
+    return _reorder(board, order)
 
 
 def move_shot(board: Board, index: int, delta: int) -> Board:
@@ -118,10 +139,9 @@ def move_shot(board: Board, index: int, delta: int) -> Board:
     target = min(max(index + int(delta), 0), len(board.story.shots) - 1)
     if target == index:
         return board
-    shots, views = list(board.story.shots), list(board.views)
-    shots.insert(target, shots.pop(index))
-    views.insert(target, views.pop(index))
-    return _with_shots(board, shots, views)
+    order = list(range(len(board.story.shots)))
+    order.insert(target, order.pop(index))
+    return _reorder(board, order)
 
 
 def set_story(board: Board, story: Story) -> Board:

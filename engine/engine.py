@@ -57,6 +57,11 @@ DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / "cache"
 KEEP_RENDERS = 20  # render folders kept under <cache_dir>/renders when no out_dir is given
 
 
+def _links(shot) -> list:
+    """What a shot's memory pins add to its keys (nothing without pins: older takes stay valid)."""
+    return [("pins", sorted(shot.pins), "blocks", sorted(shot.blocks))] if shot.pins or shot.blocks else []
+
+
 def generated_with(run: Run) -> str:
     """How a take was sampled: "joint" (with other live shots), "context" (alone, against earlier
     shots as fixed context) or "single" (alone, no context)."""
@@ -169,7 +174,7 @@ class StoryEngine:
         keys: list[str] = []
         generating = False  # joint: from the first sampled shot on, later shots are sampled too
         for i, shot in enumerate(story.shots):
-            slot = _hash("slot", common, shot.caption, shot.frames, shot.seed, keys)
+            slot = _hash("slot", common, shot.caption, shot.frames, shot.seed, keys, *_links(shot))
             loose = _hash("loose", common, i, shot.caption, shot.frames, shot.seed)
             p = _Planned(i, "generate", shot.seed, slot=slot, loose=loose)
             if regenerate is not None and i == regenerate:
@@ -213,7 +218,7 @@ class StoryEngine:
         # final keys and slots: with non-causal attention a shot also depends on its later run mates
         keys = []
         for p, shot in zip(plans, story.shots):
-            p.slot = _hash("slot", common, shot.caption, shot.frames, shot.seed, keys)
+            p.slot = _hash("slot", common, shot.caption, shot.frames, shot.seed, keys, *_links(shot))
             if p.status == "generate":
                 mates = []
                 if self._sees_later(story):
@@ -321,6 +326,8 @@ class StoryEngine:
         routing = build_report([s.frames for s in story.shots],
                                [self._routing_of(takes[i]) for i in range(len(plans))],
                                tr.num_layers, tr.num_heads, recorded_steps(story.settings.steps))
+        pins, blocks = story.links()
+        routing["pins"], routing["blocks"] = [list(p) for p in pins], [list(b) for b in blocks]  # (query, key) shots
         summary = self._summary(story, shots, regenerate, time.perf_counter() - started, routing, story_video)
         summary["cache_saved_s"] = round(cache_saved, 3)  # what the cached takes cost when they were made
         atomic_write_text(out_dir / "routing.json", json.dumps(routing))

@@ -75,7 +75,8 @@ class StorySampler:
         self.frame_tokens = tr.frame_tokens(self.h, self.w)
         self.shot_frames = [s.frames for s in story.shots]
         moc = self.settings.moc
-        self.moc_config = moc.to_config() if moc.enabled else None
+        pins, blocks = story.links()
+        self.moc_config = moc.to_config(pins=pins, blocks=blocks) if moc.enabled else None
         self.backend = moc.backend
         self.guided = self.settings.guidance > 1.0
         self.batch = 2 if self.guided else 1

@@ -185,10 +185,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     """Routing + attention, the way the model runs self-attention: q (B, H, Nq, D) are layout
     tokens [q_offset, q_offset + Nq), k and v (B, H, N, D) the whole layout. q_route/k_route, when
     given, are what routing scores instead of q/k (pre-RoPE routing). With backend="auto" on a GPU,
-    unmasked dense SDPA runs instead when `dense_is_faster` at this size; the selection is then None.
+    unmasked dense SDPA runs instead when `dense_is_faster` at this size (never with blocked shots,
+    which dense attention would see); the selection is then None.
     Returns (out (B, H, Nq, D), selection)."""
     B, H, Nq, D = q.shape
-    if backend == "auto" and dense_is_faster(B, H, Nq, k.shape[2], D, expected_density(layout, config), q.device):
+    if (backend == "auto" and not config.blocks
+            and dense_is_faster(B, H, Nq, k.shape[2], D, expected_density(layout, config), q.device)):
         return dense_attention(q, k, v, scale), None
     selection = route(q if q_route is None else q_route, k if k_route is None else k_route, layout, config,
                       q_offset=q_offset, training=training, generator=generator)

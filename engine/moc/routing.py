@@ -9,7 +9,9 @@ Not for: computing attention (attention.py and the backends) or the fused GPU ro
 Rules, exactly (MOC.md §1):
   forced(i, j): j == i; or same shot (anchor="shot"); or same shot and |i - j| <= window
       (anchor="window"); or, with text_anchor, j is the global caption or the caption of i's shot.
-  candidate(i, j): not forced(i, j), and j < i when causal (chunk order = sequence order).
+      Memory pins: j is a video chunk of shot b and i a chunk of shot a, for (a, b) in pins.
+  candidate(i, j): not forced(i, j), and j < i when causal (chunk order = sequence order), and
+      not blocked: (shot of i, shot of j) is not in blocks (a shot never recalls a blocked shot).
   routed(t): the top min(k, #candidates) candidates of t's chunk by q_t · mean(K_j), per head.
 Descriptors are taken from whichever keys the caller passes: the Wan processor passes post-RoPE
 q and k by default (MoCConfig.descriptor_rope), so scores rank chunks the way attention will.
@@ -39,6 +41,8 @@ class MoCConfig:
     descriptor_rope: bool = True  # route on post-RoPE q/k (True) or pre-RoPE q/k (False)
     drop_off: float = 0.5  # training: p ~ U(0, drop_off), drop floor(p * n_routed) routed chunks
     drop_in: float = 0.6  # training: add m ~ Poisson(drop_in) random candidate chunks (m <= top_k)
+    pins: tuple[tuple[int, int], ...] = ()  # (query shot, key shot): always attended, like the own-shot anchor
+    blocks: tuple[tuple[int, int], ...] = ()  # (query shot, key shot): never routed to
     tile: int = 128  # query rows per tile of the selection's key-range union (= kernel BLOCK_M)
     route_block: int = 4096  # query tokens scored at once (bounds the fp32 score buffer)
 
@@ -57,6 +61,16 @@ class MoCConfig:
             raise ValueError(f"tile must be a power of two >= 1, got {self.tile}")
         if int(self.route_block) <= 0:
             raise ValueError(f"route_block must be >= 1, got {self.route_block}")
+        for name in ("pins", "blocks"):
+            pairs = getattr(self, name)
+            if not isinstance(pairs, tuple) or not all(
+                    isinstance(p, tuple) and len(p) == 2 and all(isinstance(x, int) and x >= 0 for x in p)
+                    for p in pairs):
+                raise ValueError(f"{name} must be a tuple of (query shot, key shot) pairs of shot indices >= 0, "
+                                 f"got {pairs!r}")
+        both = set(self.pins) & set(self.blocks)
+        if both:
+            raise ValueError(f"a shot pair cannot be pinned and blocked at once: {sorted(both)}")
 
     @property
     def max_routed(self) -> int:
@@ -79,6 +93,8 @@ def forced_links(layout: TokenLayout, config: MoCConfig) -> torch.Tensor:
         own_caption = lt.chunk_shot[None, :] == lt.chunk_shot[:, None]
         global_caption = lt.chunk_shot[None, :] == -1
         forced |= key_text & (own_caption | global_caption)
+    for a, b in config.pins:
+        forced |= (lt.chunk_shot[:, None] == a) & (lt.chunk_shot[None, :] == b) & ~lt.chunk_is_text[None, :]
     return forced
 
 
@@ -87,6 +103,10 @@ def candidate_links(layout: TokenLayout, config: MoCConfig, forced: torch.Tensor
     cand = ~forced
     if config.causal:
         cand &= torch.ones_like(forced).tril(-1)  # strictly earlier chunks only
+    if config.blocks:
+        lt = layout.tensors
+        for a, b in config.blocks:
+            cand &= ~((lt.chunk_shot[:, None] == a) & (lt.chunk_shot[None, :] == b))
     return cand
 
 

@@ -265,3 +265,25 @@ def test_8_errors_are_readable_messages(page):
     text = page.inner_text("#status")
     assert "Shot 3 › caption: must not be empty" in text and "Traceback" not in page.content()
     screenshot(page, "09_error")
+
+
+def test_9_pin_a_shot_and_see_the_pinned_link_in_routing(page):
+    import re
+    page.locator("#shot-caption-2 textarea").fill("the cube spins (it must remember shot 1)")
+    page.click("#shot-memory-2 button")  # open the shot's Memory section
+    page.click("#shot-pins-2 input")
+    page.get_by_role("option", name=re.compile(r"^Shot 1")).click()
+    page.keyboard.press("Escape")
+    assert "Shot 1" in page.inner_text("#shot-pins-2")
+    job = current_job(page)
+    page.click("#generate")
+    wait_status(page, "done", job)
+    assert statuses(page)[2] == "generated", statuses(page)
+    page.get_by_role("tab", name="Routing").click()
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#frame-heatmap .annotation-text')].some(e => e.textContent === 'pinned')",
+        timeout=30_000)
+    assert page.locator("#frame-heatmap .shapelayer path").count() >= 3  # shot boundaries + the pinned block
+    page.wait_for_function("() => document.querySelector('#shot-recall').textContent.includes('pinned')", timeout=15_000)
+    screenshot(page, "10_pinned_routing")
+    page.get_by_role("tab", name="Storyboard").click()

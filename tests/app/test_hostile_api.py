@@ -178,3 +178,46 @@ def test_login_is_enforced_when_set(story_engine, tmp_path):
         assert info["model"]
     finally:
         app.close()
+
+
+def test_out_of_memory_is_a_message_and_the_app_keeps_serving(app_url, monkeypatch):
+    import torch
+    from engine.sampler import StorySampler
+    client = Client(app_url, verbose=False)
+    real = StorySampler.sample
+
+    def oom(self, run, run_index=0):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+    monkeypatch.setattr(StorySampler, "sample", oom)
+    with pytest.raises(AppError, match=r"Out of CPU memory: lower settings\.height x settings\.width"):
+        client.predict(tiny_story("oom").to_dict(), api_name="/generate")
+    monkeypatch.setattr(StorySampler, "sample", real)
+    *_, result = client.predict(tiny_story("oom").to_dict(), api_name="/generate")
+    assert result["state"] == "finished"
+
+
+def test_two_sessions_generate_at_once_and_both_are_right(app_url):
+    """Two clients submit different stories at the same moment: both finish, and rendering each
+    again serves every shot from the cache under the same keys (what each stored is its own)."""
+    stories = [tiny_story("left", shots=2), tiny_story("right", shots=3)]
+    clients = [Client(app_url, verbose=False) for _ in stories]
+    jobs = [c.submit(s.to_dict(), api_name="/generate") for c, s in zip(clients, stories)]
+    results = [job.result(timeout=300)[2] for job in jobs]
+    assert [r["state"] for r in results] == ["finished", "finished"]
+    assert [len(r["shots"]) for r in results] == [2, 3]
+    for client, story, first in zip(clients, stories, results):
+        *_, again = client.predict(story.to_dict(), api_name="/generate")
+        assert [s["status"] for s in again["shots"]] == ["cached"] * len(story.shots)
+        assert [s["key"] for s in again["shots"]] == [s["key"] for s in first["shots"]]
+
+
+def test_memory_pins_through_the_api(app_url):
+    story = tiny_story("pins", shots=3)
+    story.shots[2].pins, story.shots[2].blocks = [0], [1]
+    *_, result = Client(app_url, verbose=False).predict(story.validate().to_dict(), api_name="/generate")
+    assert result["state"] == "finished"
+    assert result["routing"]["pins"] == [[2, 0]] and result["routing"]["blocks"] == [[2, 1]]
+    bad = story.to_dict()
+    bad["shots"][1]["pins"] = [1]
+    with pytest.raises(AppError, match=r"Shot 2 › pins: must name earlier shots"):
+        Client(app_url, verbose=False).predict(bad, api_name="/generate")

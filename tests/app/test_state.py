@@ -173,3 +173,21 @@ def test_plots_from_a_report():
                        "cache_note": "reused, not re-rendered", "sparsity_note": "of attention skipped by MoC"}
     ran = plots.headline_numbers({**routing, "backends": {"triton": 3, "dense-auto": 9}}, None)
     assert ran["sparsity_note"].endswith("ran on dense (faster at this size), Triton")
+
+
+def test_pins_follow_their_shots_through_edits():
+    from app.state import add_shot, duplicate_shot, move_shot, new_board, remove_shot
+    from engine.story import Shot, Story
+    story = Story("g", [Shot("a", 2), Shot("b", 2), Shot("c", 2, pins=[0], blocks=[1]), Shot("d", 2, pins=[1, 2])])
+    board = new_board(story.validate())
+    b = add_shot(board, after=0)  # a, new, b, c, d
+    assert [s.pins for s in b.story.shots] == [[], [], [], [0], [2, 3]] and b.story.shots[3].blocks == [2]
+    b = remove_shot(board, 1)  # a, c, d: c's block on b and d's pin on b go
+    assert [(s.pins, s.blocks) for s in b.story.shots] == [([], []), ([0], []), ([1], [])]
+    b = move_shot(board, 2, -2)  # c, a, b, d: c can no longer pin a (now later)
+    assert [(s.caption, s.pins, s.blocks) for s in b.story.shots] == [
+        ("c", [], []), ("a", [], []), ("b", [], []), ("d", [0, 2], [])]
+    b = duplicate_shot(board, 2)  # a, b, c, c', d
+    assert [(s.pins, s.blocks) for s in b.story.shots] == [([], []), ([], []), ([0], [1]), ([0], [1]), ([1, 2], [])]
+    for edited in (add_shot(board, after=0, caption="new"), remove_shot(board, 1), move_shot(board, 2, -2), duplicate_shot(board, 2)):
+        edited.story.validate()  # every edit leaves a valid story

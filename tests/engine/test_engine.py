@@ -197,3 +197,21 @@ def test_regenerate_with_a_fixed_seed_twice_is_a_cache_hit(make_engine):
     second = engine.render(story, regenerate=1)
     assert first.shots[1].status == "generated" and second.shots[1].status == "cached"
     assert second.shots[1].key == first.shots[1].key and second.shots[2].status == "stale"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_memory_pins_and_blocks_in_a_render(make_engine, mode):
+    """Shot 2 pins shot 0 and blocks shot 1: the report shows shot 2's queries on every frame of
+    shot 0 and on none of shot 1, lists the links apart, and the pinned shot has its own key."""
+    engine = make_engine()
+    plain = tiny_story(mode, top_k=1)
+    pinned = tiny_story(mode, top_k=1)
+    pinned.shots[2].pins, pinned.shots[2].blocks = [0], [1]
+    a, b = engine.render(plain), engine.render(pinned.validate())
+    assert [s.key for s in a.shots[:2]] == [s.key for s in b.shots[:2]] and a.shots[2].key != b.shots[2].key
+    assert [s.status for s in b.shots] == ["cached", "cached", "generated"]
+    r = b.routing
+    assert r["pins"] == [[2, 0]] and r["blocks"] == [[2, 1]] and a.routing["pins"] == []
+    sel = np.array(r["frame_selection"]["all"])  # frames: shot 0 = 0..2, shot 1 = 3..4, shot 2 = 5..7
+    assert np.allclose(sel[5:, :3], 1.0) and np.allclose(sel[5:, 3:5], 0.0)
+    assert not np.allclose(np.array(a.routing["frame_selection"]["all"])[5:, :3], 1.0)

@@ -300,3 +300,18 @@ def test_auto_dispatch_knows_what_the_kernel_supports():
     from engine.moc import attention, triton_attention
     assert attention.TRITON_HEAD_DIMS == triton_attention.HEAD_DIMS
     assert attention.TRITON_DTYPES == triton_attention.DTYPES
+
+
+def test_fused_routing_keeps_pins_and_blocks():
+    """Memory pins are forced links and blocks leave the candidates, in the fused routing too."""
+    layout = LAYOUTS[1][1]  # three or four shots
+    q, k, _ = random_qkv(layout, 2, 3, 64 if CUDA else 16, DTYPES[0], seed=5, structured=True)
+    last = len(layout.shot_frames) - 1
+    config = MoCConfig(top_k=1, tile=TILE, pins=((last, 0),), blocks=((last, 1),))
+    ref = route(q, k, layout, config, impl="reference")
+    got = route(q, k, layout, config, impl="triton")
+    assert_same_routing(q, k, layout, config, ref, got, 0)
+    shot = layout.tensors.chunk_shot.to(got.routed.device)
+    mask = got.token_mask()  # (B, H, N, C)
+    rows = shot[got.query_chunks.to(shot.device)] == last
+    assert mask[:, :, rows][..., shot == 0].all() and not mask[:, :, rows][..., shot == 1].any()
