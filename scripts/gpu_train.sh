@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the lent GPU (device tool): install the carried wheels, smoke-test the trainer on the GPU
 # (Triton backend), then start the real training detached (setsid) and show its first lines.
-# Carry: .whl (diffusers, importlib_metadata) and .carry/minilm (MiniLM weights in fp16).
+# Carry: .whl (diffusers, importlib_metadata) and .carry/minilm (MiniLM weights in fp16); make
+# both here with scripts/prepare_gpu_carry.sh.
 # Usage: bash scripts/gpu_train.sh MINUTES [extra train_default.py args]
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
