@@ -335,6 +335,9 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
             window, window_t = [], time.time()
         if time.time() - last_ckpt > config.checkpoint_minutes * 60:
             save_checkpoint(ckpt, model, ema, opt, params, state)
+            # the EMA as a small fp16 model folder too: what a cut-off GPU session brings back and
+            # what a later run warm-starts from (--init-from)
+            export_model(config, work, work / "model_latest")
             last_ckpt = time.time()
         if time.time() - last_sample > config.sample_minutes * 60:
             write_sample(config, work, ema, text, codec, device, step)

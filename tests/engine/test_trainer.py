@@ -83,3 +83,12 @@ def test_export_loads_and_renders(trained, tmp_path):
     frames = engine.cache.get(result.shots[1].key).frames
     assert tuple(frames.shape) == (3, 32, 48, 3) and frames.dtype == torch.uint8
     assert frames.float().std() > 1  # a picture, not a constant
+
+
+def test_every_checkpoint_leaves_a_loadable_model_to_warm_start_from(tmp_path):
+    from engine.model import StoryModel
+    train(_tiny(max_steps=3, checkpoint_minutes=0.0), tmp_path / "run", "cpu")
+    latest = tmp_path / "run" / "model_latest"
+    assert StoryModel.load(latest, device="cpu").trained
+    train(_tiny(max_steps=2), tmp_path / "warm", "cpu", init_from=latest)  # a new run starts from it
+    assert json.loads((tmp_path / "warm" / "ckpt" / "state.json").read_text())["step"] == 2
