@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from engine.engine import ResourceError
-from engine.events import Finished, Progress, RenderStopped, Stopped
+from engine.events import Finished, Preview, Progress, RenderStopped, Stopped
 from engine.story import Story, StoryError
 
 log = logging.getLogger(__name__)
@@ -146,12 +146,18 @@ class Worker:
                     last_position = position
                     yield Queued(position)
             try:
-                event = job.events.get(timeout=poll_s)
+                batch = [job.events.get(timeout=poll_s)]
             except queue.Empty:
                 continue
-            yield event
-            if isinstance(event, TERMINAL):
-                return
+            while not isinstance(batch[-1], TERMINAL):  # what else is waiting: a reader slower than
+                try:  # the sampler (a busy browser, a slow client) catches up instead of lagging
+                    batch.append(job.events.get_nowait())
+                except queue.Empty:
+                    break
+            for event in coalesce(batch):
+                yield event
+                if isinstance(event, TERMINAL):
+                    return
 
     # -- the thread -------------------------------------------------------------------------------
 
@@ -215,6 +221,22 @@ class Worker:
         log.info("job %d (%s) finished in %.1f s", job.id, job.owner[:8], time.perf_counter() - started)
         if not sent_terminal.is_set():
             job.events.put(Finished(result))
+
+
+def coalesce(events: list) -> list:
+    """Events in order, where a Progress or Preview that a later one of the same kind supersedes
+    (with no other event between them) is dropped: shot results and the end are never dropped."""
+    out: list = []
+    for event in events:
+        if isinstance(event, (Progress, Preview)):
+            for j in range(len(out) - 1, -1, -1):
+                if not isinstance(out[j], (Progress, Preview)):
+                    break
+                if type(out[j]) is type(event):
+                    del out[j]
+                    break
+        out.append(event)
+    return out
 
 
 def readable_error(error: BaseException) -> str:

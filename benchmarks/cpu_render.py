@@ -11,7 +11,9 @@ model and text-encoder loading, exit). Each run also records the child's CPU sec
 1-minute load average at its start: other work on the machine shows as a load above the CPU
 count (the JSON's `busy`), and the times are then upper bounds.
 
-Run:  python benchmarks/cpu_render.py [--repeats 3] [--story PATH] [--model PATH] [--json PATH]
+Run:  python benchmarks/cpu_render.py [--repeats 3] [--story PATH] [--model PATH | --recipe] [--json PATH]
+--recipe times the trained default's architecture with random weights (engine/default_model.py
+`write_recipe_model`): the CPU budget of a model before it is trained.
 Prints a table and writes JSON (default benchmarks/results/cpu_render.json). Pass means the
 median wall time is within the target; the test suite never asserts on it.
 """
@@ -89,11 +91,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--story", type=Path, default=DEFAULT_STORY, help="story JSON (default: the 4-shot default)")
     parser.add_argument("--model", type=Path, help="model folder (default: the shipped default model)")
+    parser.add_argument("--recipe", action="store_true",
+                        help="time the trained default's architecture with random weights (no --model)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes to time")
     parser.add_argument("--target", type=float, default=TARGET_S, help="budget in seconds for the median")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before one run is killed")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="write the result here")
     args = parser.parse_args(argv)
+    if args.recipe:
+        if args.model is not None:
+            parser.error("--recipe builds its own model folder: drop --model")
+        from engine.default_model import write_recipe_model
+        args.model = write_recipe_model(Path(tempfile.mkdtemp(prefix="recipe-model-")) / "recipe")
     story_path = args.story.resolve()
     story = Story.load(story_path)
     settings = story.settings

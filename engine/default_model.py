@@ -70,4 +70,30 @@ def write_default_model(folder: str | Path, seed: int = 0, transformer: dict | N
     return folder
 
 
-__all__ = ["DEFAULT_TRANSFORMER", "DEFAULT_VAE", "PIXEL_TRANSFORMER", "HEIGHT", "WIDTH", "DEFAULT_CODEC", "DEFAULT_SCHEDULER", "write_default_model"]
+def write_recipe_model(folder: str | Path, seed: int = 0) -> Path:
+    """The trained default's architecture (DEFAULT_TRANSFORMER, the DEFAULT_VAE frame codec) with
+    random weights, in fp16 safetensors, marked untrained: for timing the CPU budget before (or
+    without) training; compute does not depend on the weights' values."""
+    from diffusers import AutoencoderKL, WanTransformer3DModel
+    folder = Path(folder)
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        transformer, vae = WanTransformer3DModel(**DEFAULT_TRANSFORMER), AutoencoderKL(**DEFAULT_VAE)
+    finally:
+        torch.random.set_rng_state(gen_state)
+    transformer.half().save_pretrained(folder / "transformer", safe_serialization=True)
+    vae.half().save_pretrained(folder / "vae", safe_serialization=True)
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(DEFAULT_SCHEDULER, indent=2) + "\n")
+    channels = DEFAULT_VAE["latent_channels"]
+    manifest = {"format": 2, "description": "the trained default's architecture, random weights", "trained": False,
+                "seed": seed, "text_encoder": "all-MiniLM-L6-v2",
+                "codec": {"type": "frame-vae", "latent_mean": [0.0] * channels, "latent_std": [1.0] * channels,
+                          "preview_rgb": [[0.0, 0.0, 0.0]] * channels + [[0.5, 0.5, 0.5]]}}
+    (folder / "storyboard.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+__all__ = ["DEFAULT_TRANSFORMER", "DEFAULT_VAE", "PIXEL_TRANSFORMER", "HEIGHT", "WIDTH", "DEFAULT_CODEC",
+           "DEFAULT_SCHEDULER", "write_default_model", "write_recipe_model"]

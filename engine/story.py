@@ -279,7 +279,7 @@ class Story:
         moc = MoCSettings(**_fields_from("settings.moc", MoCSettings, settings_in.pop("moc", {})))
         settings = GenerationSettings(**settings_in, moc=moc)
         return Story(global_caption=d["global_caption"], shots=shots, settings=settings,
-                     version=version).validate()
+                     version=STORY_VERSION).validate()  # read as `version`, upgraded to the current layout
 
     def to_json(self, indent: int = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

@@ -9,6 +9,7 @@ changes); stop a long run. Screenshots of every stage go to test-artifacts/scree
 from __future__ import annotations
 
 import shutil
+import time
 import tempfile
 from pathlib import Path
 
@@ -196,7 +197,9 @@ def test_5_stop_a_long_run(page):
     screenshot(other, "05_queued_second_tab")
 
     page.click("#stop")
+    clicked = time.monotonic()
     text = wait_status(page, "stopped", job, timeout=30_000)
+    print(f"\nstop shown {time.monotonic() - clicked:.1f} s after the click")
     assert "Stopped" in text
     wait_status(other, "done", 0)  # the queued render runs once the first one stopped
     other.close()

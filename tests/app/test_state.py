@@ -191,3 +191,22 @@ def test_pins_follow_their_shots_through_edits():
     assert [(s.pins, s.blocks) for s in b.story.shots] == [([], []), ([], []), ([0], [1]), ([0], [1]), ([1, 2], [])]
     for edited in (add_shot(board, after=0, caption="new"), remove_shot(board, 1), move_shot(board, 2, -2), duplicate_shot(board, 2)):
         edited.story.validate()  # every edit leaves a valid story
+
+
+def test_a_slow_reader_gets_the_latest_progress_and_every_result():
+    """The worker's stream drops progress and previews a later one supersedes, never shot
+    results or the end, and keeps the order."""
+    from app.worker import coalesce
+    from engine.events import Finished, Preview, Progress, ShotDone
+
+    def progress(step):
+        return Progress(shot=0, step=step, total=9, message=f"step {step}", run=0, runs=1, shots=(0,))
+
+    def preview(step):
+        return Preview(shot=0, frames=np.zeros((1, 2, 2, 3), np.uint8), step=step, shots=(0,))
+    done, end = ShotDone(0, SimpleNamespace(index=0)), Finished(SimpleNamespace())
+    events = [progress(1), preview(1), progress(2), preview(2), progress(3), done, progress(4), preview(4), end]
+    out = coalesce(events)
+    assert [type(e).__name__ for e in out] == ["Preview", "Progress", "ShotDone", "Progress", "Preview", "Finished"]
+    assert [e.step for e in out if isinstance(e, Progress)] == [3, 4] and out[0].step == 2
+    assert coalesce([done, end]) == [done, end]
