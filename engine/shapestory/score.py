@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .world import ACTIONS, BOUNCE_Y, COLOURS, MOVE_X, MOVE_Y, PATTERNS, SHAPES, SHRINK, SIZES, WORLDS, StorySpec, track
+from .world import (ACTIONS, BOUNCE_Y, CLOSE_UP_SCALE, COLOURS, GROW, MOVE_X, MOVE_Y, PATTERNS, SHAPES, SHRINK, SIZES, WORLDS, StorySpec,
+                    track)
 
 # ---- tolerances (RGB distances on 0..255, fractions of the world's constants) --------------------
 
@@ -50,6 +51,9 @@ STILL_FRACTION = 0.3  # a still character stays within this share of BOUNCE_Y of
 GROW_RATIO, SHRINK_RATIO = 1.2, 0.83  # radius ratio (last third / first third) for grows / shrinks
 STILL_RATIO = (0.85, 1.18)  # radius ratio range of a still character
 JUMP_MARGIN = 0.05  # centroid jump allowance beyond the expected step, fraction of frame height
+SIZE_RATIO = math.sqrt(SIZES["big"] / SIZES["small"])  # a look's size holds within this radius ratio:
+# half the way (geometrically) from small to big, so a small character drawn big (or a blob of
+# any size) is not the stated look
 
 # template area per radius^2, matching the renderer's fields below
 _AREA_PER_R2 = {"circle": math.pi, "square": (2 * 0.88) ** 2, "triangle": 3 * math.sqrt(3) / 4 * 1.3 ** 2,
@@ -344,9 +348,19 @@ def _score_shot(spec: StorySpec, shot: int, frames: np.ndarray) -> tuple[ShotSco
     travel_x = MOVE_X / n_in_shot * W
 
     appearances, colour_tracks = [], []
-    for a in sh.appearances:
+    scale = (CLOSE_UP_SCALE if sh.framing == "close" else 1.0) * H / 128.0
+    for j, a in enumerate(sh.appearances):
         c = spec.characters[a.character]
-        right = [_largest([d for d in dets if d.colour == c.colour and d.shape == c.shape]) for dets, _ in per_frame]
+        equivalent = math.sqrt(_AREA_PER_R2[c.shape] / math.pi)  # template radius -> radius of equal area
+        if truth is not None:
+            sizes = [(p.radius * equivalent,) * 2 for p in (frame[j] for frame in truth)]
+        else:  # another frame count: anywhere in what the action spans
+            base = SIZES[c.size] * scale * equivalent
+            lo, hi = base * min(1.0, SHRINK if a.action == "shrinks" else 1.0), base * (GROW if a.action == "grows" else 1.0)
+            sizes = [(lo, hi)] * F
+        right = [_largest([d for d in dets if d.colour == c.colour and d.shape == c.shape
+                           and lo / SIZE_RATIO <= d.radius <= hi * SIZE_RATIO])
+                 for (dets, _), (lo, hi) in zip(per_frame, sizes)]
         same_colour = [_largest([d for d in dets if d.colour == c.colour]) for dets, _ in per_frame]
         n_right = sum(d is not None for d in right)
         n_colour = sum(d is not None for d in same_colour)

@@ -346,3 +346,33 @@ def test_scorer_takes_another_frame_count():
         score = score_shot(spec, s, frames_of(spec)[s][::2])
         assert all(a.look_ok for a in score.appearances) and score.smooth_ok == 1.0, (spec.seed, s)
         assert all(a.motion_ok for a in score.appearances if a.action != "bounces"), (spec.seed, s)
+
+
+def test_scorer_wants_the_stated_size_and_ignores_coloured_noise():
+    """Characters drawn at the other size are not the stated look; smooth random colour fields
+    (blobs of every colour and shape) follow no caption; a blurred ground truth still does."""
+    import dataclasses
+
+    import cv2
+    import numpy as np
+
+    from engine.shapestory.render import story_frames
+    from engine.shapestory.score import score_story
+    from engine.shapestory.world import HELDOUT_SEED_START, sample_story
+    rng = np.random.default_rng(5)
+    swapped_looks, noise, blurred = [], [], []
+    for i in range(8):
+        spec = sample_story(HELDOUT_SEED_START + 4100 + i, num_shots=3, frames=6)
+        other = dataclasses.replace(spec, characters=tuple(
+            dataclasses.replace(c, size="small" if c.size == "big" else "big") for c in spec.characters))
+        wrong = story_frames(other).numpy()
+        swapped_looks += [a.look_ok for s in score_story(spec, list(wrong)).shots for a in s.appearances]
+        fields = [np.stack([cv2.resize(rng.integers(0, 256, (6, 9, 3), dtype=np.uint8), (192, 128),
+                                       interpolation=cv2.INTER_CUBIC) for _ in range(6)]) for _ in spec.shots]
+        noise.append(score_story(spec, fields).adherence)
+        gt = story_frames(spec).numpy()
+        soft = [np.stack([cv2.GaussianBlur(f, (5, 5), 1.2) for f in shot]) for shot in gt]
+        blurred.append(score_story(spec, soft).adherence)
+    assert np.mean(swapped_looks) < 0.1, swapped_looks
+    assert np.mean(noise) < 0.05, noise
+    assert np.mean(blurred) >= 0.9, blurred
