@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--story", type=Path, help="render this story JSON headless (no UI)")
     p.add_argument("--out", type=Path, help="output folder for --story (default: outputs/<story name>)")
     p.add_argument("--regenerate", type=_shot_index, metavar="N", help="regenerate shot N only (0-based); other shots come from the cache")
+    p.add_argument("--one-sided", action="store_true",
+                   help="with --regenerate: only earlier shots are context (default: the later shots too, "
+                        "which then keep their takes and are not stale)")
     p.add_argument("--model", type=Path, help="local model folder (default: the shipped model in assets/default_model)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--cache-dir", type=Path, help="shot cache folder (default: ./cache)")
@@ -123,7 +126,8 @@ def render_headless(args) -> int:
                   f"seed {r.seed}  {r.video_path}", flush=True)
 
     try:
-        result = engine.render(story, regenerate=args.regenerate, out_dir=out, on_event=on_event)
+        result = engine.render(story, regenerate=args.regenerate, out_dir=out, on_event=on_event,
+                               both_sides=False if args.one_sided else None)
     except StoryError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -131,6 +135,10 @@ def render_headless(args) -> int:
         print(f"stopped: {err}", file=sys.stderr)
         return 130
     s = result.summary
+    if args.regenerate is not None:
+        context = "the shots before and after it" if s.get("both_sides") else "the shots before it"
+        note = f" (later shots not used: {s['both_sides_note']})" if s.get("both_sides_note") else ""
+        print(f"regenerated shot {args.regenerate} with {context} as context{note}")
     print(f"story: {result.story_video}  ({s['seconds']:.1f} s, sparsity {s['sparsity']:.3f}, "
           f"cache {json.dumps(s['cache'])})")
     return 0
@@ -167,8 +175,8 @@ def run(args) -> int:
         return 0
     if args.story is not None:
         return render_headless(args)
-    if args.regenerate is not None or args.out is not None:
-        print("error: --out and --regenerate need --story", file=sys.stderr)
+    if args.regenerate is not None or args.out is not None or args.one_sided:
+        print("error: --out, --regenerate and --one-sided need --story", file=sys.stderr)
         return 2
     auth = parse_auth(args.auth)
     if not is_loopback(args.host) or args.share:

@@ -28,6 +28,7 @@ class Api:
             self.api_trigger = gr.Button("api")
             self.api_story = gr.JSON(label="story")
             self.api_shot = gr.Number(label="shot")  # no rounding: 0.5 is an error, not shot 0
+            self.api_both_sides = gr.Checkbox(True, label="both_sides")
             self.api_file_in = gr.File(label="story_file", file_types=[".json"])
             self.api_video = gr.File(label="story_video")
             self.api_shot_videos = gr.File(label="shot_videos", file_count="multiple")
@@ -51,19 +52,19 @@ class Api:
         """Render a whole story. Streams progress dicts as `result`; the last yield carries the videos."""
         yield from self._api_render(self._api_story(story), None, request)
 
-    def _api_regenerate(self, story: Any, shot: float, request: gr.Request):
-        """Regenerate shot `shot` (0-based) with the other shots as fixed context."""
+    def _api_regenerate(self, story: Any, shot: float, both_sides: bool, request: gr.Request):
+        """Regenerate shot `shot` (0-based) with the other shots as fixed context: the earlier ones,
+        and with both_sides (default) the later ones too, which keep their takes (not stale)."""
         story = self._api_story(story)
         index = _int_or_raw(shot)
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(story.shots):
             raise gr.Error(f"shot must be a shot index in [0, {len(story.shots) - 1}], got {shot!r}"[:200],
                            print_exception=False)
-        shot = index
-        yield from self._api_render(story, int(shot), request)
+        yield from self._api_render(story, index, request, None if both_sides is not False else False)
 
-    def _api_render(self, story: Story, regenerate: int | None, request: gr.Request):
+    def _api_render(self, story: Story, regenerate: int | None, request: gr.Request, both_sides: bool | None = None):
         try:
-            job = self.worker.submit(_session(request), story, regenerate)
+            job = self.worker.submit(_session(request), story, regenerate, both_sides=both_sides)
         except BusyError as error:
             raise gr.Error(str(error), print_exception=False) from None
         shots: dict[int, dict] = {}

@@ -119,7 +119,7 @@ class Events:
     # -- events -----------------------------------------------------------------------------------
 
     def _wire(self) -> None:
-        inputs = {self.board, *self.form}
+        inputs = {self.board, self.both_sides, *self.form}
         editor = self.editor_outputs
         quiet = dict(show_progress="hidden", api_visibility="private")
 
@@ -157,7 +157,7 @@ class Events:
         api = dict(show_progress="hidden", api_visibility="public")
         self.api_trigger.click(self._api_generate, [self.api_story], [self.api_video, self.api_shot_videos,
                                self.api_result], api_name="generate", concurrency_limit=None, **api)
-        self.api_trigger.click(self._api_regenerate, [self.api_story, self.api_shot],
+        self.api_trigger.click(self._api_regenerate, [self.api_story, self.api_shot, self.api_both_sides],
                                [self.api_video, self.api_shot_videos, self.api_result], api_name="regenerate",
                                concurrency_limit=None, **api)
         self.api_trigger.click(self._api_stop, None, [self.api_message], api_name="stop",
@@ -238,7 +238,8 @@ class Events:
         board = set_story(before, self.story_from_form(before, data))
         try:
             story = Story.from_dict(board.story.to_dict())  # a validated copy the worker owns
-            job = self.worker.submit(_session(request), story, regenerate)
+            both_sides = None if regenerate is None or data.get(self.both_sides, True) else False
+            job = self.worker.submit(_session(request), story, regenerate, both_sides=both_sides)
             board = set_story(board, Story.from_dict(story.to_dict()))
         except StoryError as error:
             message = readable_story_error(error)

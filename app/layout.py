@@ -86,6 +86,9 @@ class Layout:
                     self.generate_btn = gr.Button("Generate story", variant="primary", size="lg",
                                                   scale=3, elem_id="generate")
                     self.stop_btn = gr.Button("Stop", variant="stop", size="lg", scale=1, elem_id="stop")
+                self.both_sides = gr.Checkbox(True, label="Regenerate a shot with the shots after it as context "
+                                              "(they stay as they are and are not marked stale)",
+                                              elem_id="both-sides", container=False)
                 self.status = gr.HTML(status_html("idle", "Ready", "Edit the story, then generate."),
                                       elem_id="status")
                 self.preview = gr.Image(label="Current estimate", type="numpy", interactive=False,

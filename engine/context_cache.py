@@ -9,7 +9,9 @@ Not for: caching finished shots on disk (shot_cache.py) or deciding what is cont
 
 Lifecycle: `ContextKV(...)` -> `update(layer, start, k, v, end)` from the processors (a context
 pass and a denoising step write the same way; the last write at a position wins) ->
-`mark_context(start, end)` once a context pass has finished -> `invalidate(start)`.
+`mark_context(start, end)` once a context pass has finished -> `invalidate(start)`. Both-sided
+regeneration encodes every shot as context, then `open_hole(start, end)` lets the regenerated
+shot's live tokens overwrite their own positions inside it (`close_hole()` after).
 Storage is (B, N, H, D) (Wan's native layout after the head split), so the (B, H, N, D) view the
 attention backends receive is a transpose with a contiguous last dim.
 """
@@ -29,6 +31,7 @@ class ContextKV:
         # routing keys when routing does not use the attention keys (MoCConfig.descriptor_rope=False)
         self.r = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)] if route_keys else None
         self.context_end = 0  # tokens [0, context_end) hold finished context K/V
+        self.hole: tuple[int, int] | None = None  # live tokens inside finished context (both-sided)
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor, end: int,
                k_route: torch.Tensor | None = None):
@@ -36,7 +39,8 @@ class ContextKV:
         tokens [0, end) for keys and values. Live tokens must not overwrite finished context.
         With route_keys, `k_route` is stored too and `routing_keys(layer, end)` views it."""
         n = k.shape[1]
-        if start < self.context_end:
+        in_hole = self.hole is not None and self.hole[0] <= start and start + n <= self.hole[1]
+        if start < self.context_end and not in_hole:
             raise ValueError(f"live tokens start at {start} but context is final up to {self.context_end}; "
                              "call invalidate(start) first")
         if not start + n <= end <= self.capacity:
@@ -58,6 +62,15 @@ class ContextKV:
         if start != self.context_end:
             raise ValueError(f"context must grow in order: expected a pass starting at {self.context_end}, got {start}")
         self.context_end = end
+
+    def open_hole(self, start: int, end: int) -> None:
+        """Let live tokens [start, end) be written although they lie inside finished context."""
+        if not 0 <= start < end <= self.context_end:
+            raise ValueError(f"a hole [{start}, {end}) must lie inside the finished context [0, {self.context_end})")
+        self.hole = (start, end)
+
+    def close_hole(self) -> None:
+        self.hole = None
 
     def invalidate(self, start: int = 0) -> None:
         """Forget context from token `start` on (the buffers are overwritten by later passes)."""

@@ -89,6 +89,7 @@ class _Planned:
     run: int = -1  # index into the run list (generate only)
     run_offset: int = 0  # position inside its run
     take: Take | None = None
+    repoint: bool = False  # a later shot kept by a both-sided regeneration: its new slot points at its take
 
 
 class StoryEngine:
@@ -161,12 +162,41 @@ class StoryEngine:
 
     # ---- planning -----------------------------------------------------------------------------
 
-    def plan(self, story: Story, regenerate: int | None = None) -> tuple[list[_Planned], list[Run]]:
-        """Decide, for every shot, cached / stale / generate, the runs and the keys. No sampling."""
+    def both_sides(self, story: Story, regenerate: int | None, asked: bool | None = None) -> tuple[bool, str]:
+        """Whether regenerating shot `regenerate` may also see the shots after it (fixed, as they
+        are now), and why not. asked None: yes whenever it can."""
+        if regenerate is None or asked is False:
+            return False, "" if regenerate is None else "not asked for"
+        S = len(story.shots)
+        why = ""
+        if regenerate >= S - 1:
+            why = "it is the last shot"
+        elif not story.settings.moc.enabled:
+            why = "it needs MoC routing (settings.moc.enabled)"
+        elif not self.options.context_cache:
+            why = "it needs the context K/V cache"
+        else:
+            common = self._common(story)
+            missing = [j for j in range(regenerate + 1, S)
+                       if self.cache.pointer(_hash("loose", common, j, story.shots[j].caption, story.shots[j].frames,
+                                                   story.shots[j].seed)) is None]
+            if missing:
+                why = f"shot {missing[0] + 1} has no take yet (generate the story first)"
+        if why and asked:
+            raise StoryError("both_sides", f"cannot regenerate shot {regenerate + 1} with the later shots as "
+                                           f"context: {why}")
+        return not why, why
+
+    def plan(self, story: Story, regenerate: int | None = None,
+             both_sides: bool = False) -> tuple[list[_Planned], list[Run]]:
+        """Decide, for every shot, cached / stale / generate, the runs and the keys. No sampling.
+        both_sides (with regenerate): the later shots keep their current takes, are not stale,
+        and are context of the regenerated shot (check `self.both_sides` first)."""
         S = len(story.shots)
         if regenerate is not None and (isinstance(regenerate, bool) or not isinstance(regenerate, int)
                                        or not 0 <= regenerate < S):
             raise StoryError("regenerate", f"must be a shot index in [0, {S - 1}], got {regenerate!r}")
+        both_sides = bool(both_sides) and regenerate is not None
         common = self._common(story)
         joint = story.settings.mode == "joint"
         rng = random.SystemRandom()
@@ -178,7 +208,7 @@ class StoryEngine:
             loose = _hash("loose", common, i, shot.caption, shot.frames, shot.seed)
             p = _Planned(i, "generate", shot.seed, slot=slot, loose=loose)
             if regenerate is not None and i == regenerate:
-                if shot.seed != -1:  # a fixed seed regenerates deterministically: reuse the take if it exists
+                if shot.seed != -1 and not both_sides:  # a fixed seed regenerates deterministically: reuse
                     mates = [(shot.caption, shot.frames, shot.seed)] if self._sees_later(story) else []
                     key = _hash("take", slot, shot.seed, 0, mates)
                     if self.cache.contains(key):
@@ -188,7 +218,8 @@ class StoryEngine:
                 if key is not None:
                     p.status, p.key = "cached", key
                 elif (key := self.cache.pointer(loose)) is not None:
-                    p.status, p.key = "stale", key
+                    p.status, p.key = ("cached", key) if both_sides else ("stale", key)
+                    p.repoint = both_sides
             else:
                 key = None if (generating and joint) else self.cache.pointer(slot)
                 if key is not None:
@@ -224,22 +255,34 @@ class StoryEngine:
                 if self._sees_later(story):
                     mates = [(story.shots[j].caption, story.shots[j].frames, seed)
                              for j, seed in zip(runs[p.run].shots, runs[p.run].seeds)]
-                p.key = _hash("take", p.slot, p.seed, p.run_offset, mates)
+                later = ["after", [q.key for q in plans[p.index + 1:]]] if both_sides and p.index == regenerate else []
+                p.key = _hash("take", p.slot, p.seed, p.run_offset, mates, *later)
             keys.append(p.key)
+        if both_sides:
+            p = plans[regenerate]
+            if story.shots[regenerate].seed != -1 and p.status == "generate" and self.cache.contains(p.key):
+                p.status, p.run = "cached", -1  # a fixed seed regenerates deterministically: reuse the take
+                runs = [r for r in runs if regenerate not in r.shots]
+            for p, shot in zip(plans, story.shots):  # a kept later shot's slot follows the new context
+                if p.repoint:
+                    p.slot = _hash("slot", common, shot.caption, shot.frames, shot.seed,
+                                   [q.key for q in plans[:p.index]], *_links(shot))
         return plans, runs
 
     # ---- render -------------------------------------------------------------------------------
 
     def render(self, story: Story, *, regenerate: int | None = None, out_dir: str | Path | None = None,
-               on_event=None, stop: threading.Event | None = None) -> RenderResult:
+               on_event=None, stop: threading.Event | None = None, both_sides: bool | None = None) -> RenderResult:
         """Render `story`; see the module docstring for what is sampled. Emits events through
         `on_event`; raises RenderStopped (after emitting Stopped) when `stop` is set: every take
-        finished before that stays in the cache."""
+        finished before that stays in the cache. both_sides (with regenerate): the regenerated
+        shot also sees the shots after it, which keep their takes and are not stale; None = do it
+        whenever it can (see `both_sides`), True = do it or raise StoryError saying why not."""
         self.check(story)
         emit = on_event or (lambda event: None)
         with self._lock:
             try:
-                return self._render(story, regenerate, out_dir, emit, stop)
+                return self._render(story, regenerate, out_dir, emit, stop, both_sides)
             except RenderStopped as err:
                 emit(Stopped(str(err), err.finished_shots))
                 raise
@@ -255,9 +298,10 @@ class StoryEngine:
                                     "space or choose a --cache-dir with room; every shot finished so far is "
                                     "kept in the cache") from err
 
-    def _render(self, story, regenerate, out_dir, emit, stop) -> RenderResult:
+    def _render(self, story, regenerate, out_dir, emit, stop, both_sides=None) -> RenderResult:
         started = time.perf_counter()
-        plans, runs = self.plan(story, regenerate)
+        both, why_not = self.both_sides(story, regenerate, both_sides)
+        plans, runs = self.plan(story, regenerate, both)
         self.cache.record_misses(sum(p.status == "generate" for p in plans))  # shots no take could serve
         out_dir = Path(out_dir) if out_dir is not None else self._new_render_dir()
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -274,6 +318,8 @@ class StoryEngine:
                 raise RuntimeError(f"take {p.key} of shot {p.index + 1} left the cache during the render; "
                                    "render again (it will be sampled)")
             takes[p.index] = take
+            if p.repoint:
+                self.cache.point(p.slot, p.key)
             results[p.index] = self._finish_shot(p, take, p.status, 0.0, out_dir, fps)
             emit(ShotDone(p.index, results[p.index]))
         # 2. sampling runs, in story order; earlier shots become context as needed
@@ -296,10 +342,16 @@ class StoryEngine:
                 for j in range(encoded, run.start):
                     sampler.encode_context(j, takes[j].latents, context_noise_seed(int(takes[j].meta["seed"])))
                 encoded = run.start
+                after = both and run.start == regenerate
+                if after:  # later shots as context: encoded without looking at the shot being replaced
+                    sampler.hold_context(regenerate)
+                    for j in range(regenerate + 1, len(plans)):
+                        sampler.encode_context(j, takes[j].latents, context_noise_seed(int(takes[j].meta["seed"])),
+                                               exclude=(regenerate,))
                 emit(Progress(shot=run.shots[0] if len(run.shots) == 1 else None, step=0,
                               total=story.settings.steps, message=f"run {r + 1}/{len(runs)}: starting",
                               run=r, runs=len(runs), shots=run.shots))
-                latents, recorder, secs = sampler.sample(run, r)
+                latents, recorder, secs = sampler.sample(run, r, context_after=after)
                 total_frames = sum(story.shots[s].frames for s in run.shots)
                 for s in run.shots:
                     t0 = time.perf_counter()
@@ -329,6 +381,9 @@ class StoryEngine:
         pins, blocks = story.links()
         routing["pins"], routing["blocks"] = [list(p) for p in pins], [list(b) for b in blocks]  # (query, key) shots
         summary = self._summary(story, shots, regenerate, time.perf_counter() - started, routing, story_video)
+        summary["both_sides"] = both
+        if regenerate is not None and not both:
+            summary["both_sides_note"] = why_not
         summary["cache_saved_s"] = round(cache_saved, 3)  # what the cached takes cost when they were made
         atomic_write_text(out_dir / "routing.json", json.dumps(routing))
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -120,7 +120,8 @@ class StorySampler:
     # ---- one forward --------------------------------------------------------------------------
 
     def _forward(self, x: torch.Tensor, timestep: torch.Tensor, end: int, q_offset: int,
-                 live: list[int], kv: ContextKV | None, recorder: RoutingRecorder | None) -> torch.Tensor:
+                 live: list[int], kv: ContextKV | None, recorder: RoutingRecorder | None,
+                 moc=None) -> torch.Tensor:
         """x (C, F, h, w) live latents; timestep () or (N,). Returns the guided flow (C, F, h, w)."""
         layout = self.layout(end)
         B = self.batch
@@ -133,7 +134,7 @@ class StorySampler:
         frames = x.shape[1]
         rotary = self.transformer.rotary(frame_start, frames, self.h, self.w, self.device)
         plan = ForwardPlan(
-            self_attn=SelfAttentionPlan(layout=layout, q_offset=q_offset, moc=self.moc_config,
+            self_attn=SelfAttentionPlan(layout=layout, q_offset=q_offset, moc=moc or self.moc_config,
                                         backend=self.backend, kv=kv, recorder=recorder),
             cross_attn=cross, rotary=rotary)
         dtype = self.model.dtype
@@ -158,32 +159,58 @@ class StorySampler:
         noise = torch.randn(latents.shape, generator=g)
         return ((1 - t_c) * latents.float().cpu() + t_c * noise).to(self.device)
 
-    def encode_context(self, shot: int, latents: torch.Tensor, noise_seed: int) -> None:
-        """Make shot `shot` (with every earlier shot already context) context for later shots."""
+    def hold_context(self, shot: int) -> None:
+        """Keep shot `shot`'s positions in the context K/V without a pass: a both-sided
+        regeneration replaces it, and the later shots' passes (`exclude`) never look at it."""
+        kv = self._kv()
+        a, b = self.layout(shot + 1).shot_range(shot)
+        kv.mark_context(a, b)
+
+    def encode_context(self, shot: int, latents: torch.Tensor, noise_seed: int, exclude: tuple[int, ...] = ()) -> None:
+        """Make shot `shot` (with every earlier shot already context) context for later shots.
+        exclude: earlier shots this pass must not attend (blocked for it; a pin on them is dropped)."""
         self._check_stop(f"before the context pass of shot {shot + 1}")
         x = self.noisy_context(shot, latents, noise_seed)
         if not self.options.context_cache:
+            if exclude:
+                raise ValueError("excluding shots from a context pass needs the context K/V cache")
             self.context_latents[shot] = x
             return
+        moc = None
+        if exclude:
+            if self.moc_config is None:
+                raise ValueError("excluding shots from a context pass needs MoC routing (settings.moc.enabled)")
+            gone = {(shot, e) for e in exclude}
+            moc = replace(self.moc_config, pins=tuple(p for p in self.moc_config.pins if p not in gone),
+                          blocks=tuple(sorted(set(self.moc_config.blocks) | gone)))
         kv = self._kv()
         layout = self.layout(shot + 1)
         a, b = layout.shot_range(shot)
         t_c = torch.tensor(self.settings.context_noise * self.model.num_train_timesteps)
         work = RoutingRecorder(layout, [shot], a, self.transformer.num_layers, self.transformer.num_heads, 1)
         work.begin_step(-1)  # count work only, record no routing maps
-        self._forward(x, t_c, shot + 1, a, [shot], kv, work)
+        self._forward(x, t_c, shot + 1, a, [shot], kv, work, moc)
         self.attn_flops_moc += work.total_flops_moc
         self.attn_flops_dense += work.total_flops_dense
         kv.mark_context(a, b)
 
     # ---- a run --------------------------------------------------------------------------------
 
-    def sample(self, run: Run, run_index: int = 0) -> tuple[dict[int, torch.Tensor], RoutingRecorder, float]:
-        """Denoise the live shots of `run`. Returns ({shot: clean latents (C, f, h, w)}, recorder, seconds)."""
+    def sample(self, run: Run, run_index: int = 0,
+               context_after: bool = False) -> tuple[dict[int, torch.Tensor], RoutingRecorder, float]:
+        """Denoise the live shots of `run`. Returns ({shot: clean latents (C, f, h, w)}, recorder, seconds).
+        context_after: the shots after the run are fixed context too (both-sided regeneration):
+        every shot must have been encoded (`encode_context`, in order, the run's shots with their
+        current takes), and the run's queries may route to later chunks (MoCConfig.open_shots)."""
         started = time.perf_counter()
         steps = self.settings.steps
-        layout = self.layout(run.end)
+        end = len(self.shot_frames) if context_after else run.end
+        layout = self.layout(end)
         q_offset = layout.shot_range(run.start)[0]
+        q_end = layout.shot_range(run.end - 1)[1]
+        moc = None
+        if context_after and self.moc_config is not None:
+            moc = replace(self.moc_config, open_shots=tuple(run.shots))
         noise = [torch.randn(self.shot_latent_shape(s), generator=torch.Generator().manual_seed(seed))
                  for s, seed in zip(run.shots, run.seeds)]
         x = torch.cat(noise, dim=1).to(self.device)  # (C, F_live, h, w), frames in story order
@@ -191,12 +218,20 @@ class StorySampler:
         recorder = RoutingRecorder(layout, list(run.shots), q_offset if use_cache else 0,
                                    self.transformer.num_layers, self.transformer.num_heads, steps)
         kv = None
+        if context_after and not use_cache:
+            raise ValueError("later shots as context need the context K/V cache (SamplerOptions.context_cache)")
         if use_cache:
             kv = self._kv()
-            if kv.context_end != q_offset:
-                raise RuntimeError(f"context K/V covers {kv.context_end} tokens but shot {run.start + 1} "
-                                   f"starts at token {q_offset}: encode the context shots first")
-            kv.invalidate(q_offset)
+            if context_after:
+                if kv.context_end != layout.num_tokens:
+                    raise RuntimeError(f"context K/V covers {kv.context_end} of {layout.num_tokens} tokens: encode "
+                                       "every shot (the regenerated one with its current take) first")
+                kv.open_hole(q_offset, q_end)
+            else:
+                if kv.context_end != q_offset:
+                    raise RuntimeError(f"context K/V covers {kv.context_end} tokens but shot {run.start + 1} "
+                                       f"starts at token {q_offset}: encode the context shots first")
+                kv.invalidate(q_offset)
         scheduler = self.model.new_scheduler()
         scheduler.set_timesteps(steps, device=self.device)
         T = self.model.num_train_timesteps
@@ -206,7 +241,7 @@ class StorySampler:
                              f"{', '.join(str(s + 1) for s in run.shots)}")
             recorder.begin_step(i)
             if use_cache:
-                flow = self._forward(x, t.float().reshape(()), run.end, q_offset, list(run.shots), kv, recorder)
+                flow = self._forward(x, t.float().reshape(()), end, q_offset, list(run.shots), kv, recorder, moc)
             else:
                 # baseline: context tokens ride along every step at their own noise level t_c
                 ctx = [self.context_latents[s] for s in range(run.start)]
@@ -221,6 +256,9 @@ class StorySampler:
             x = scheduler.step(flow.to(x.dtype), t, x, return_dict=False)[0]
             if self.on_step is not None:
                 self.on_step(StepInfo(run=run, step=i + 1, total=steps, x0=x0, density=recorder.last_density))
+        if kv is not None and context_after:
+            kv.close_hole()
+            kv.invalidate(q_offset)  # the run's positions now hold live K/V, not a context pass
         self.attn_flops_moc += recorder.total_flops_moc
         self.attn_flops_dense += recorder.total_flops_dense
         out, f0 = {}, 0

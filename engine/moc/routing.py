@@ -10,7 +10,8 @@ Rules, exactly (MOC.md §1):
   forced(i, j): j == i; or same shot (anchor="shot"); or same shot and |i - j| <= window
       (anchor="window"); or, with text_anchor, j is the global caption or the caption of i's shot.
       Memory pins: j is a video chunk of shot b and i a chunk of shot a, for (a, b) in pins.
-  candidate(i, j): not forced(i, j), and j < i when causal (chunk order = sequence order), and
+  candidate(i, j): not forced(i, j), and j < i when causal (chunk order = sequence order) unless
+      i's shot is in open_shots (both-sided regeneration: the later shots are fixed context), and
       not blocked: (shot of i, shot of j) is not in blocks (a shot never recalls a blocked shot).
   routed(t): the top min(k, #candidates) candidates of t's chunk by q_t · mean(K_j), per head.
 Descriptors are taken from whichever keys the caller passes: the Wan processor passes post-RoPE
@@ -43,6 +44,7 @@ class MoCConfig:
     drop_in: float = 0.6  # training: add m ~ Poisson(drop_in) random candidate chunks (m <= top_k)
     pins: tuple[tuple[int, int], ...] = ()  # (query shot, key shot): always attended, like the own-shot anchor
     blocks: tuple[tuple[int, int], ...] = ()  # (query shot, key shot): never routed to
+    open_shots: tuple[int, ...] = ()  # query shots that may also route to later chunks (fixed later shots)
     tile: int = 128  # query rows per tile of the selection's key-range union (= kernel BLOCK_M)
     route_block: int = 4096  # query tokens scored at once (bounds the fp32 score buffer)
 
@@ -102,7 +104,11 @@ def candidate_links(layout: TokenLayout, config: MoCConfig, forced: torch.Tensor
     """(C, C) bool: key chunk j may be routed to a query in chunk i."""
     cand = ~forced
     if config.causal:
-        cand &= torch.ones_like(forced).tril(-1)  # strictly earlier chunks only
+        earlier = torch.ones_like(forced).tril(-1)  # strictly earlier chunks only
+        if config.open_shots:
+            shot = layout.tensors.chunk_shot
+            earlier |= torch.isin(shot, torch.tensor(config.open_shots, dtype=shot.dtype))[:, None]
+        cand &= earlier
     if config.blocks:
         lt = layout.tensors
         for a, b in config.blocks:

@@ -79,6 +79,13 @@ def test_generate_then_regenerate_one_shot(client):
     names = {s["index"]: s["video"] for s in regen["shots"]}
     assert regen_hashes[names[0]] == first[0], context
     assert regen_hashes[names[1]] != first[1], context
+    # both sides as context (the default): the later shot kept its take, byte for byte, not stale
+    assert regen["summary"]["both_sides"] is True and statuses[2] == "cached", context
+    assert regen_hashes[names[2]] == first[2], context
+    # one-sided on request: the later shot's take is kept but stale (its context changed)
+    story.shots[1].seed += 1
+    *_, one = client.predict(story.to_dict(), 1, False, api_name="/regenerate")
+    assert [s["status"] for s in one["shots"]] == ["cached", "generated", "stale"], one["shots"]
 
 
 def wait_for_step(job, at_least: int = 1, timeout: float = 120.0) -> dict:

@@ -186,7 +186,7 @@ def test_out_of_memory_is_a_message_and_the_app_keeps_serving(app_url, monkeypat
     client = Client(app_url, verbose=False)
     real = StorySampler.sample
 
-    def oom(self, run, run_index=0):
+    def oom(self, run, run_index=0, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
     monkeypatch.setattr(StorySampler, "sample", oom)
     with pytest.raises(AppError, match=r"Out of CPU memory: lower settings\.height x settings\.width"):

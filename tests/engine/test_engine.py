@@ -85,7 +85,7 @@ def test_regenerate_keeps_other_shots_byte_identical(make_engine, tmp_path, mode
     story = tiny_story(mode, seeds=(3, -1, 7))
     before = engine.render(story, out_dir=tmp_path / "before")
     old_frames = frames_of(engine, before)
-    after = engine.render(story, regenerate=1, out_dir=tmp_path / "after")
+    after = engine.render(story, regenerate=1, out_dir=tmp_path / "after", both_sides=False)
     assert [s.status for s in after.shots] == ["cached", "generated", "stale"]
     assert after.shots[1].seed != before.shots[1].seed or after.shots[1].key != before.shots[1].key
     new_frames = frames_of(engine, after)
@@ -183,7 +183,7 @@ def test_regenerate_after_caption_edit_keeps_later_takes_as_stale(make_engine):
     story = tiny_story("joint")
     before = engine.render(story)
     story.shots[1] = Shot("a yellow star falls", 2, 5)
-    after = engine.render(story, regenerate=1)
+    after = engine.render(story, regenerate=1, both_sides=False)
     assert [s.status for s in after.shots] == ["cached", "generated", "stale"]
     assert after.shots[2].key == before.shots[2].key
     assert after.shots[0].key == before.shots[0].key
@@ -193,10 +193,13 @@ def test_regenerate_with_a_fixed_seed_twice_is_a_cache_hit(make_engine):
     engine = make_engine()
     story = tiny_story("joint")
     engine.render(story)
-    first = engine.render(story, regenerate=1)
-    second = engine.render(story, regenerate=1)
+    first = engine.render(story, regenerate=1, both_sides=False)
+    second = engine.render(story, regenerate=1, both_sides=False)
     assert first.shots[1].status == "generated" and second.shots[1].status == "cached"
     assert second.shots[1].key == first.shots[1].key and second.shots[2].status == "stale"
+    both = [engine.render(story, regenerate=1, both_sides=True) for _ in range(2)]
+    assert [b.shots[1].status for b in both] == ["generated", "cached"] and both[0].shots[1].key == both[1].shots[1].key
+    assert [b.shots[2].status for b in both] == ["cached", "cached"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -215,3 +218,44 @@ def test_memory_pins_and_blocks_in_a_render(make_engine, mode):
     sel = np.array(r["frame_selection"]["all"])  # frames: shot 0 = 0..2, shot 1 = 3..4, shot 2 = 5..7
     assert np.allclose(sel[5:, :3], 1.0) and np.allclose(sel[5:, 3:5], 0.0)
     assert not np.allclose(np.array(a.routing["frame_selection"]["all"])[5:, :3], 1.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_regenerate_with_both_sides_as_context(make_engine, mode):
+    """Regenerating the middle shot sees the shot after it: that shot keeps its take byte for
+    byte and is not stale, the middle shot's queries route into its frames (one-sided: never),
+    and a plain generate afterwards serves every shot from the cache."""
+    engine = make_engine()
+    story = tiny_story(mode)
+    first = engine.render(story)
+    last_frames = engine.cache.get(first.shots[2].key).frames.clone()
+    story.shots[1].caption = "a blue circle shrinks instead"
+    both = engine.render(story, regenerate=1)
+    assert [s.status for s in both.shots] == ["cached", "generated", "cached"]
+    assert both.summary["both_sides"] is True and both.shots[2].key == first.shots[2].key
+    assert torch.equal(engine.cache.get(both.shots[2].key).frames, last_frames)
+    sel = np.array(both.routing["frame_selection"]["all"])  # frames: 0-2 shot 1, 3-4 shot 2, 5-7 shot 3
+    assert sel[3:5, 5:].sum() > 0
+    again = engine.render(story)
+    assert [s.status for s in again.shots] == ["cached"] * 3
+    one = engine.render(story, regenerate=1, both_sides=False)
+    assert [s.status for s in one.shots] == ["cached", "generated", "stale"]
+    assert one.shots[1].key != both.shots[1].key and one.summary["both_sides_note"] == "not asked for"
+    assert np.allclose(np.array(one.routing["frame_selection"]["all"])[3:5, 5:], 0.0)
+
+
+def test_both_sides_says_why_not(make_engine):
+    engine = make_engine()
+    story = tiny_story("shot_by_shot")
+    with pytest.raises(StoryError, match="shot 2 has no take yet"):
+        engine.render(story, regenerate=0, both_sides=True)
+    engine.render(story)
+    with pytest.raises(StoryError, match="it is the last shot"):
+        engine.render(story, regenerate=2, both_sides=True)
+    result = engine.render(story, regenerate=2)  # None: one-sided where both sides cannot be
+    assert result.summary["both_sides"] is False and result.summary["both_sides_note"] == "it is the last shot"
+    dense = tiny_story("shot_by_shot")
+    dense.settings.moc.enabled = False
+    engine.render(dense)
+    with pytest.raises(StoryError, match="settings.moc.enabled"):
+        engine.render(dense, regenerate=0, both_sides=True)

@@ -31,11 +31,11 @@ def test_out_of_memory_names_the_settings_and_the_engine_recovers(make_engine, m
     real = StorySampler.sample
     calls = {"n": 0}
 
-    def oom_on_second_run(self, run, run_index=0):
+    def oom_on_second_run(self, run, run_index=0, **kwargs):
         calls["n"] += 1
         if calls["n"] == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(self, run, run_index)
+        return real(self, run, run_index, **kwargs)
     monkeypatch.setattr(StorySampler, "sample", oom_on_second_run)
     with pytest.raises(ResourceError) as err:
         engine.render(story)

@@ -96,3 +96,30 @@ def test_story_pins_validate_upgrade_and_reach_the_config():
     dense.settings.moc.enabled = False
     with pytest.raises(StoryError, match="moc.enabled"):
         dense.validate()
+
+
+def test_open_shots_route_to_later_chunks_only_for_themselves():
+    q, k, _ = qkv(2, shun_shot0=False)
+    mask, cshot, qshot = chunk_sets(route(q, k, LAYOUT, MoCConfig(top_k=4, open_shots=(1,)), impl="reference"))
+    later_video = ~LAYOUT.tensors.chunk_is_text  # captions sit before the video: always earlier
+    assert mask[:, :, qshot == 1][..., (cshot >= 2) & later_video].any()  # shot 1 may look ahead
+    assert not mask[:, :, qshot == 2][..., (cshot == 3) & later_video].any()  # shot 2 may not
+    closed, _, _ = chunk_sets(route(q, k, LAYOUT, MoCConfig(top_k=4), impl="reference"))
+    assert not closed[:, :, qshot == 1][..., (cshot >= 2) & later_video].any()
+
+
+def test_context_cache_hole():
+    from engine.context_cache import ContextKV
+    kv = ContextKV(1, 1, 10, 1, 2, dtype=torch.float32, device=torch.device("cpu"))
+    kv.update(0, 0, torch.ones(1, 10, 1, 2), torch.ones(1, 10, 1, 2), 10)
+    kv.mark_context(0, 10)
+    with pytest.raises(ValueError, match="context is final"):
+        kv.update(0, 3, torch.zeros(1, 2, 1, 2), torch.zeros(1, 2, 1, 2), 10)
+    kv.open_hole(3, 6)
+    k, _ = kv.update(0, 3, torch.zeros(1, 3, 1, 2), torch.zeros(1, 3, 1, 2), 10)
+    assert k[0, 0, :, 0].tolist() == [1, 1, 1, 0, 0, 0, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="context is final"):
+        kv.update(0, 5, torch.zeros(1, 2, 1, 2), torch.zeros(1, 2, 1, 2), 10)  # past the hole
+    kv.close_hole()
+    with pytest.raises(ValueError, match="inside the finished context"):
+        kv.open_hole(8, 12)
