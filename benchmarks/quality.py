@@ -58,7 +58,7 @@ from engine.moc.attention import TRITON_HEAD_DIMS  # noqa: E402
 from engine.routing_report import RoutingRecorder  # noqa: E402
 from engine.sampler import Run, SamplerOptions, StorySampler  # noqa: E402
 from engine.shapestory.render import story_frames  # noqa: E402
-from engine.shapestory.score import score_story  # noqa: E402
+from engine.shapestory.score import score_shot, score_story  # noqa: E402
 from engine.shapestory.world import HELDOUT_SEED_START, StorySpec, sample_story, to_story  # noqa: E402
 from engine.story import MODES, GenerationSettings, MoCSettings, Shot, Story  # noqa: E402
 
@@ -84,6 +84,7 @@ class BenchConfig:
     width: int = 192
     frames: int = 8  # latent frames per shot
     seed_offset: int = 0  # first seed is HELDOUT_SEED_START + seed_offset
+    memory: bool = False  # also the regeneration experiments (memory_experiment) on stories of 3+ shots
 
 
 @dataclass
@@ -183,14 +184,20 @@ def render(model: StoryModel, story: Story) -> Rendered:
     if story.settings.mode == "joint":
         latents, recorder, _ = sampler.sample(Run(tuple(range(S)), tuple(seeds)))
         return _rendered(model, latents, [recorder], started)
+    latents, recorders = sample_shot_by_shot(sampler, seeds)
+    return _rendered(model, latents, recorders, started)
+
+
+def sample_shot_by_shot(sampler: StorySampler, seeds: list[int]) -> tuple[dict[int, torch.Tensor], list]:
+    """Shot i sampled with shots < i as re-noised context: ({shot: clean latents}, recorders)."""
     latents, recorders = {}, []
-    for s in range(S):
+    for s in range(len(seeds)):
         out, recorder, _ = sampler.sample(Run((s,), (seeds[s],)), s)
         latents.update(out)
         recorders.append(recorder)
-        if s + 1 < S:
+        if s + 1 < len(seeds):
             sampler.encode_context(s, latents[s], context_noise_seed(seeds[s]))
-    return _rendered(model, latents, recorders, started)
+    return latents, recorders
 
 
 def render_isolated(model: StoryModel, story: Story) -> Rendered:
@@ -308,6 +315,64 @@ def run_story(model: StoryModel, spec: StorySpec, names: str, config: BenchConfi
                                 "score_seconds": round(score_seconds, 3), "sparsity": sparsity(rendered),
                                 "backends": rendered.backends, "routing": routing, **scored})
     return row
+
+
+# ---- memory experiments: regenerate a middle shot -----------------------------------------------
+
+@torch.no_grad()
+def _regenerate(model: StoryModel, story: Story, latents: dict[int, torch.Tensor], m: int, seed: int,
+                both_sides: bool) -> np.ndarray:
+    """Shot m sampled again (seed `seed`) with the other shots' latents as fixed context, as the
+    engine regenerates: earlier shots only, or (both_sides) the later ones too."""
+    sampler = StorySampler(model, story, options=SamplerOptions(preview=False))
+    seeds = [shot.seed for shot in story.shots]
+    for j in range(m):
+        sampler.encode_context(j, latents[j], context_noise_seed(seeds[j]))
+    if both_sides:
+        sampler.hold_context(m)
+        for j in range(m + 1, len(seeds)):
+            sampler.encode_context(j, latents[j], context_noise_seed(seeds[j]), exclude=(m,))
+    out, _, _ = sampler.sample(Run((m,), (seed,)), context_after=both_sides)
+    return model.codec.decode(out[m]).numpy()
+
+
+def memory_experiment(model: StoryModel, spec: StorySpec, config: BenchConfig, backend: str) -> dict | None:
+    """Issue 9's comparisons on one story (shot by shot, MoC): its middle shot m, if it names a
+    character without its look, regenerated with a new seed three ways: earlier shots as context;
+    earlier and later shots (both sides); earlier shots with memory pins on the shots where its
+    characters were introduced. Identity = the share of m's look-less appearances that keep
+    their look (score_shot's look_ok)."""
+    m = len(spec.shots) // 2
+    named = [a.character for a in spec.shots[m].appearances if not a.described]
+    if len(spec.shots) < 3 or not named:
+        return None
+    story = to_story(spec, **story_settings("moc", "shot_by_shot", backend, config))
+    with torch.no_grad():
+        latents, _ = sample_shot_by_shot(StorySampler(model, story, options=SamplerOptions(preview=False)),
+                                         [shot.seed for shot in story.shots])
+    seed = (story.shots[m].seed + 1) % (2**32 - 1)
+
+    def identity(frames: np.ndarray) -> list[bool]:
+        return [bool(a.look_ok) for a in score_shot(spec, m, frames).appearances if not a.described]
+    earlier = identity(_regenerate(model, story, latents, m, seed, both_sides=False))
+    both = identity(_regenerate(model, story, latents, m, seed, both_sides=True))
+    pinned_story = Story.from_dict(story.to_dict())
+    pinned_story.shots[m].pins = sorted({spec.first_shot(c) for c in named} - {m})
+    pinned = identity(_regenerate(model, pinned_story.validate(), latents, m, seed, both_sides=False))
+    return {"shot": m, "pins": pinned_story.shots[m].pins, "earlier_only": earlier, "both_sides": both,
+            "pinned": pinned}
+
+
+def summarise_memory(rows: list[dict]) -> dict:
+    """Pooled over stories: identity of the regenerated middle shot each way, and the pinned
+    identity on the appearances the earlier-only regeneration missed."""
+    entries = [row["memory"] for row in rows if row.get("memory")]
+    pool = lambda key: [ok for e in entries for ok in e[key]]  # noqa: E731
+    missed = [p for e in entries for ok, p in zip(e["earlier_only"], e["pinned"]) if not ok]
+    return {"stories": len(entries), "appearances": len(pool("earlier_only")),
+            "identity_earlier_only": _mean(pool("earlier_only")), "identity_both_sides": _mean(pool("both_sides")),
+            "identity_pinned": _mean(pool("pinned")), "missed_by_routing": len(missed),
+            "identity_pinned_where_missed": _mean(missed)}
 
 
 # ---- summary and targets -------------------------------------------------------------------------
@@ -438,12 +503,16 @@ def run_benchmark(model: StoryModel, config: BenchConfig, log=sys.stderr) -> dic
     rows = []
     for i, (spec, names) in enumerate(specs):
         rows.append(run_story(model, spec, names, config, backend))
+        if config.memory:
+            rows[-1]["memory"] = memory_experiment(model, spec, config, backend)
         elapsed = time.perf_counter() - started
         runs = " ".join(f"{r['variant']}/{r['mode']} {r['seconds']:.1f}s adh {_fmt(r['adherence'])} "
                         f"id {_fmt(r['identity'])}" for r in rows[-1]["runs"])
         print(f"story {i + 1}/{len(specs)} seed {spec.seed} ({len(spec.shots)} shots, {names} names): {runs} | "
               f"{elapsed:.0f}s, ~{elapsed / (i + 1) * (len(specs) - i - 1):.0f}s left", file=log, flush=True)
     summary = summarise(rows, config)
+    if config.memory:
+        summary["memory"] = summarise_memory(rows)
     moc = story_settings("moc", config.modes[0], backend, config)["moc"]
     return {
         "config": {"model": model.name, "model_identity": model.identity, "trained": model.trained,
@@ -492,6 +561,13 @@ def print_report(result: dict) -> None:
     codec = result["codec_check"]
     print(f"codec check (ground truth -> encode -> decode): look_ok {_fmt(codec['look_ok'])} "
           f"(drawn ground truth: {_fmt(codec['ground_truth']['look_ok'])})")
+    memory = summary.get("memory")
+    if memory:
+        print(f"regenerating a middle shot ({memory['stories']} stories, {memory['appearances']} look-less "
+              f"appearances), identity: earlier shots only {_fmt(memory['identity_earlier_only'])}, both sides "
+              f"{_fmt(memory['identity_both_sides'])}, pinned to the introductions {_fmt(memory['identity_pinned'])}; "
+              f"where routing alone missed ({memory['missed_by_routing']}), pinned "
+              f"{_fmt(memory['identity_pinned_where_missed'])}")
     for t in result["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
         print(f"  {verdict:4} {t['target']:27} measured {_fmt(t['measured'])}  ({t['rule']})")
@@ -511,10 +587,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=192)
     parser.add_argument("--frames", type=int, default=8, help="latent frames per shot")
     parser.add_argument("--seed-offset", type=int, default=0)
+    parser.add_argument("--memory", action="store_true",
+                        help="also regenerate each story's middle shot: earlier-only, both sides, pinned")
     args = parser.parse_args(argv)
     config = BenchConfig(stories=args.stories, steps=args.steps, guidance=args.guidance,
                          modes=tuple(args.modes.split(",")), variants=tuple(args.variants.split(",")),
-                         height=args.height, width=args.width, frames=args.frames, seed_offset=args.seed_offset)
+                         height=args.height, width=args.width, frames=args.frames, seed_offset=args.seed_offset,
+                         memory=args.memory)
     model = StoryModel.load(args.model, device=args.device)
     result = run_benchmark(model, config)
     print_report(result)

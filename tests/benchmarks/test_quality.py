@@ -134,3 +134,24 @@ def test_benchmark_end_to_end(tiny_model_dir, tmp_path):
     assert all(len(row["runs"]) == 6 for row in saved["stories"])
     assert 0.0 <= saved["codec_check"]["look_ok"] <= 1.0
     assert all(r["seconds"] >= 0 for row in saved["stories"] for r in row["runs"])
+
+
+def test_memory_experiments_end_to_end(tiny_model_dir, tmp_path):
+    """--memory regenerates each story's middle shot three ways and pools identity; on a random
+    model the numbers mean nothing, so this checks the layout, ranges and what was pinned."""
+    out = tmp_path / "memory.json"
+    main(["--model", str(tiny_model_dir), "--stories", "6", "--steps", "2", "--height", "32", "--width", "48",
+          "--frames", "3", "--device", "cpu", "--modes", "shot_by_shot", "--variants", "moc", "--memory",
+          "--json", str(out)])
+    saved = json.loads(out.read_text())
+    memory = saved["summary"]["memory"]
+    entries = [row["memory"] for row in saved["stories"] if row.get("memory")]
+    assert memory["stories"] == len(entries) >= 1
+    assert memory["appearances"] == sum(len(e["earlier_only"]) for e in entries) >= 1
+    for key in ("identity_earlier_only", "identity_both_sides", "identity_pinned"):
+        assert 0.0 <= memory[key] <= 1.0
+    for row in saved["stories"]:
+        if row.get("memory"):
+            e = row["memory"]
+            assert e["shot"] == row["num_shots"] // 2 and all(p < e["shot"] for p in e["pins"])
+            assert len(e["earlier_only"]) == len(e["both_sides"]) == len(e["pinned"])
