@@ -23,7 +23,11 @@ Render rules:
     shots as fixed context (with a fixed seed the result is deterministic, so an existing take
     with the same key is reused), shots after i kept ("cached" if their context is unchanged, else
     "stale": the caller decides whether to regenerate them).
-Context is always the story prefix: a shot never conditions on a later one.
+  * regenerate=i with both sides (the default where every later shot has a take, MoC is on and
+    the context K/V cache is used): the shots after i are context too (encoded from their takes
+    without looking at shot i), shot i may route into them, and they stay "cached", not stale;
+    shot i's key then also hashes their keys.
+Otherwise context is the story prefix: a shot never conditions on a later one.
 """
 
 from __future__ import annotations
@@ -55,6 +59,11 @@ from engine.video import write_mp4
 KEY_VERSION = 1  # bump when sampling changes so old takes stop matching
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / "cache"
 KEEP_RENDERS = 20  # render folders kept under <cache_dir>/renders when no out_dir is given
+
+
+def _loose(common: str, index: int, shot) -> str:
+    """The loose slot of a shot: its position and its own fields, no context."""
+    return _hash("loose", common, index, shot.caption, shot.frames, shot.seed)
 
 
 def _links(shot) -> list:
@@ -178,8 +187,7 @@ class StoryEngine:
         else:
             common = self._common(story)
             missing = [j for j in range(regenerate + 1, S)
-                       if self.cache.pointer(_hash("loose", common, j, story.shots[j].caption, story.shots[j].frames,
-                                                   story.shots[j].seed)) is None]
+                       if self.cache.pointer(_loose(common, j, story.shots[j])) is None]
             if missing:
                 why = f"shot {missing[0] + 1} has no take yet (generate the story first)"
         if why and asked:
@@ -205,7 +213,7 @@ class StoryEngine:
         generating = False  # joint: from the first sampled shot on, later shots are sampled too
         for i, shot in enumerate(story.shots):
             slot = _hash("slot", common, shot.caption, shot.frames, shot.seed, keys, *_links(shot))
-            loose = _hash("loose", common, i, shot.caption, shot.frames, shot.seed)
+            loose = _loose(common, i, shot)
             p = _Planned(i, "generate", shot.seed, slot=slot, loose=loose)
             if regenerate is not None and i == regenerate:
                 if shot.seed != -1 and not both_sides:  # a fixed seed regenerates deterministically: reuse
@@ -263,10 +271,6 @@ class StoryEngine:
             if story.shots[regenerate].seed != -1 and p.status == "generate" and self.cache.contains(p.key):
                 p.status, p.run = "cached", -1  # a fixed seed regenerates deterministically: reuse the take
                 runs = [r for r in runs if regenerate not in r.shots]
-            for p, shot in zip(plans, story.shots):  # a kept later shot's slot follows the new context
-                if p.repoint:
-                    p.slot = _hash("slot", common, shot.caption, shot.frames, shot.seed,
-                                   [q.key for q in plans[:p.index]], *_links(shot))
         return plans, runs
 
     # ---- render -------------------------------------------------------------------------------

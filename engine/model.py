@@ -118,6 +118,25 @@ def _load_scheduler(folder: Path) -> tuple[type, dict]:
     return getattr(diffusers, name), config
 
 
+def load_shards(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's .safetensors shards (never pickle)."""
+    state = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(shard))
+    return state
+
+
+def _from_folder(cls, sub: Path, ignore: str | None = None):
+    """A diffusers module built from sub/config.json and filled from its safetensors shards; a
+    key mismatch is a ModelError (unexpected keys containing `ignore` are allowed)."""
+    module = cls.from_config(cls.load_config(sub))
+    missing, unexpected = module.load_state_dict(load_shards(sub), strict=False)
+    unexpected = [k for k in unexpected if ignore is None or ignore not in k]
+    if missing or unexpected:
+        raise ModelError(f"{str(sub)!r} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return module
+
+
 def _load_transformer(folder: Path, device, dtype):
     from diffusers import WanTransformer3DModel
     sub = folder / "transformer"
@@ -125,14 +144,7 @@ def _load_transformer(folder: Path, device, dtype):
         raise ModelError(f"{str(sub)!r} holds no .safetensors weights (only safetensors are loaded)")
     # built from its config and filled from the safetensors shards directly: diffusers'
     # from_pretrained needs `accelerate` for this class (it keeps some modules in float32)
-    model = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(sub))
-    state = {}
-    for shard in sorted(sub.glob("*.safetensors")):
-        state.update(load_file(shard))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    unexpected = [k for k in unexpected if "norm_added_q" not in k]  # diffusers ignores these too
-    if missing or unexpected:
-        raise ModelError(f"{str(sub)!r} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model = _from_folder(WanTransformer3DModel, sub, ignore="norm_added_q")  # diffusers ignores these too
     # cast, keeping in float32 what diffusers keeps in float32 (norms, time embedding, RoPE)
     if dtype != torch.float32:
         keep = set(model._keep_in_fp32_modules or ())
@@ -152,14 +164,7 @@ def _load_frame_vae(folder: Path, codec: dict, device):
     for key in ("latent_mean", "latent_std"):
         if not isinstance(codec.get(key), list):
             raise ModelError(f"storyboard.json in {str(folder)!r}: codec.{key} must be a list of numbers")
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(sub))
-    state = {}
-    for shard in sorted(sub.glob("*.safetensors")):
-        state.update(load_file(shard))
-    missing, unexpected = vae.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ModelError(f"{str(sub)!r} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    vae = vae.float().to(device).eval().requires_grad_(False)
+    vae = _from_folder(AutoencoderKL, sub).float().to(device).eval().requires_grad_(False)
     return FrameVAECodec(vae, codec["latent_mean"], codec["latent_std"], codec.get("preview_rgb"))
 
 
@@ -206,4 +211,4 @@ def _load_wan(folder: Path, device, dtype) -> StoryModel:
                       dtype=dtype, trained=True)
 
 
-__all__ = ["StoryModel", "ModelError", "DEFAULT_MODEL_DIR", "resolve_device", "model_identity"]
+__all__ = ["StoryModel", "ModelError", "DEFAULT_MODEL_DIR", "resolve_device", "model_identity", "load_shards"]

@@ -200,8 +200,9 @@ class StorySampler:
                context_after: bool = False) -> tuple[dict[int, torch.Tensor], RoutingRecorder, float]:
         """Denoise the live shots of `run`. Returns ({shot: clean latents (C, f, h, w)}, recorder, seconds).
         context_after: the shots after the run are fixed context too (both-sided regeneration):
-        every shot must have been encoded (`encode_context`, in order, the run's shots with their
-        current takes), and the run's queries may route to later chunks (MoCConfig.open_shots)."""
+        the earlier shots encoded, the run's shot held (`hold_context`), the later shots encoded
+        with it excluded, in order; the run's queries may then route to later chunks
+        (MoCConfig.open_shots) and write their K/V into the held positions."""
         started = time.perf_counter()
         steps = self.settings.steps
         end = len(self.shot_frames) if context_after else run.end

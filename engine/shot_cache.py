@@ -86,7 +86,7 @@ class ShotCache:
     # ---- paths and locking --------------------------------------------------------------------
 
     def _entry(self, key: str) -> Path:
-        if not key or not all(c in "0123456789abcdef" for c in key):
+        if not _is_key(key):
             raise ValueError(f"cache keys are lowercase hex strings, got {key!r}")
         return self.root / "entries" / key[:2] / key
 
@@ -230,9 +230,14 @@ class ShotCache:
             key = json.loads((self.root / "pointers" / f"{name}.json").read_text())["key"]
         except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or tampered with
             return None
-        if not isinstance(key, str) or not key or not all(c in "0123456789abcdef" for c in key):
+        if not _is_key(key):
             return None
         return key if self.contains(key) else None
+
+
+def _is_key(key) -> bool:
+    """Cache keys and pointer names are non-empty lowercase hex: nothing in them can name a path."""
+    return isinstance(key, str) and bool(key) and all(c in "0123456789abcdef" for c in key)
 
 
 def _is_whole_entry(folder: Path) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -343,7 +344,6 @@ class Story:
 
 def json_depth(text: str) -> int:
     """The deepest nesting of objects and arrays in a JSON text (strings skipped), without parsing."""
-    import re
     depth = best = 0
     for token in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text):
         c = token.group()

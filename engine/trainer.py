@@ -274,10 +274,8 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
         model.load_state_dict(load_file(ckpt / "model.safetensors"))
         print(f"resuming at step {state['step']} ({state['elapsed'] / 60:.1f} min trained)", flush=True)
     elif init_from is not None:
-        weights = {}
-        for shard in sorted((Path(init_from) / "transformer").glob("*.safetensors")):
-            weights.update(load_file(shard))
-        model.load_state_dict({k: v.float() for k, v in weights.items()})
+        from engine.model import load_shards
+        model.load_state_dict({k: v.float() for k, v in load_shards(Path(init_from) / "transformer").items()})
         print(f"warm start from {init_from}", flush=True)
     ema = copy.deepcopy(model).requires_grad_(False)
     if (ckpt / "ema.safetensors").is_file():
