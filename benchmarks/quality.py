@@ -444,7 +444,7 @@ def _target(name: str, measured: float | None, threshold: float, rule: str, **ex
 
 def targets(summary: dict) -> list[dict]:
     """The issue's targets with the measured values; pass is None where the run did not measure it."""
-    moc, dense, isolated = summary.get("moc"), summary.get("dense"), summary.get("isolated")
+    moc, isolated = summary.get("moc"), summary.get("isolated")
     by_mode = summary["by_mode"]
     out = []
     for metric, threshold in (("adherence", ADHERENCE_TARGET), ("identity", IDENTITY_TARGET)):
