@@ -44,6 +44,7 @@ class TrainerConfig:
     codec_batch: int = 48  # frames per codec step
     codec_lr: float = 3e-4
     kl_weight: float = 1e-4  # keeps the latents' scale bounded
+    codec_character_weight: float = 4.0  # extra codec loss weight on the characters' pixels (1 + w * coverage)
     tokens_per_step: int = 49152  # video tokens per transformer step (stories per batch follow from it)
     lr: float = 4e-4  # peak transformer learning rate (AdamW)
     warmup: int = 300  # linear warm-up steps
@@ -104,8 +105,9 @@ def _prepare(config: TrainerConfig, step: int):
     return specs, shots, frames, params, captions
 
 
-def random_frames(config: TrainerConfig, count: int, rng: random.Random, device) -> torch.Tensor:
-    """`count` frames of random stories (codec training), (count, 3, H, W) in [-1, 1]."""
+def random_frames(config: TrainerConfig, count: int, rng: random.Random, device, with_mask: bool = False):
+    """`count` frames of random stories (codec training), (count, 3, H, W) in [-1, 1]; with_mask:
+    also the characters' coverage (count, 1, H, W) in [0, 1]."""
     parts, n = [], 0
     while n < count:
         spec = sample_story(rng.randrange(HELDOUT_SEED_START), frames=rng.choice((2, 4, 8)), names="train")
@@ -115,6 +117,9 @@ def random_frames(config: TrainerConfig, count: int, rng: random.Random, device)
     p = FrameParams.cat(parts)
     pick = torch.tensor(rng.sample(range(p.radius.shape[0]), count))
     p = FrameParams(*(getattr(p, f)[pick] for f in FrameParams.__dataclass_fields__))
+    if with_mask:
+        x, cover = draw(p, config.height, config.width, device, with_mask=True)
+        return x * 2 - 1, cover
     return draw(p, config.height, config.width, device) * 2 - 1
 
 
@@ -157,14 +162,16 @@ def train_codec(config: TrainerConfig, work: Path, device) -> None:
         lr = config.codec_lr * min(1.0, step / 100) * (0.5 + 0.5 * math.cos(math.pi * step / config.codec_steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        x = random_frames(config, config.codec_batch, rng, device)
+        x, cover = random_frames(config, config.codec_batch, rng, device, with_mask=True)
+        weight = 1 + config.codec_character_weight * cover  # characters are a few percent of the pixels
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             post = vae.encode(x).latent_dist
             # the mode, not a sample: a unit-variance sample at the start drowns the latents in
             # noise and the decoder learns blur; the KL term still bounds the latents' scale
             rec = vae.decode(post.mode()).sample.float()
         kl = post.kl().mean() / x[0].numel()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + config.kl_weight * kl
+        err = rec - x
+        loss = (weight * (err.abs() + err * err)).mean() / weight.mean() + config.kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
