@@ -1,7 +1,8 @@
 """The shot cache: finished takes on disk, content-addressed, atomic, size-capped (LRU).
 
-For: `ShotCache(root, max_bytes)` with `get(key) -> Take | None`, `put(take)`, `contains`,
-`invalidate(key)`, `stats()`, and two small pointer indexes (`point(name, key)`, `pointer(name)`)
+For: `ShotCache(root, max_bytes)` with `get(key) -> Take | None` (`read(key)`: the same, neither
+counted nor touching the LRU clock), `put(take)`, `contains`, `invalidate(key)`, `stats()`, and two
+small pointer indexes (`point(name, key)`, `pointer(name)`)
 that the engine uses to find the current take of a shot slot. Safe across restarts and for two
 processes sharing one folder.
 Not for: deciding keys (engine.py computes them from everything that changes a take's output).
@@ -119,18 +120,29 @@ class ShotCache:
 
     def get(self, key: str) -> Take | None:
         """The take, or None (a miss). Touches its LRU clock."""
+        take = self.read(key)
+        try:
+            if take is not None:
+                os.utime(self._entry(key) / "used")
+        except OSError:
+            take = None
+        if take is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return take
+
+    def read(self, key: str) -> Take | None:
+        """The take, or None; for looking at it (recall pictures, reports): not counted as a hit
+        or a miss and leaves the LRU clock alone."""
         folder = self._entry(key)
         if not _is_whole_entry(folder):  # missing, or planted (a link to elsewhere): never served
-            self.misses += 1
             return None
         try:
             meta = json.loads((folder / "meta.json").read_text())
             tensors = load_file(folder / "take.safetensors")
-            os.utime(folder / "used")
         except (FileNotFoundError, json.JSONDecodeError, OSError):
-            self.misses += 1
             return None
-        self.hits += 1
         frames, latents = tensors.pop("frames"), tensors.pop("latents")
         return Take(key=key, frames=frames, latents=latents, meta=meta, tensors=tensors)
 
