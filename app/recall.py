@@ -111,9 +111,11 @@ class RecallView:
             with gr.Row(equal_height=False):
                 self.recall_shot = gr.Dropdown([], value=None, label="Shot", min_width=120, scale=1,
                                                elem_id="recall-shot")
-                self.recall_all = gr.Button("All frames", size="sm", scale=1, elem_id="recall-all-frames")
+                self.recall_all = gr.Button("All frames", size="sm", scale=0, min_width=110,
+                                            elem_id="recall-all-frames")
                 self.recall_summary = gr.HTML(summary_html(None, "Generate a story to see what each shot "
-                                                                 "remembered."), elem_id="recall-summary")
+                                                                 "remembered."), elem_id="recall-summary",
+                                              scale=4)
             with gr.Row(equal_height=False):
                 with gr.Column(scale=2, min_width=260):
                     self.recall_video = gr.Video(label="The shot", interactive=False, loop=True, height=180,
