@@ -176,20 +176,10 @@ class RecallView:
         shot = count - 1 if shot is None or not 0 <= int(shot) < count else int(shot)
         frame = frame if frame is not None and 0 <= int(frame) < routing["shot_frames"][shot] else None
         result = recall(routing, shot, layer_of(layer), frame)
-        temporal = int(routing.get("video_temporal", 1))
-        keys = routing.get("keys") or [None] * count
-        frames_of = {}
-
-        def frames_of_shot(s: int):
-            if s not in frames_of:
-                frames_of[s] = self.engine.take_frames(keys[s]) if keys[s] else None
-            return frames_of[s]
-
-        shown = with_thumbnails(replace(result, frames=result.frames[:RECALL_SHOWN]),
-                                frames_of_shot, temporal)
-        own = frames_of_shot(shot)
-        strip = [] if own is None else [(thumbnail(own, i, temporal), f"frame {i + 1}")
-                                        for i in range(routing["shot_frames"][shot])]
+        pictures = self._pictures(routing.get("keys") or [None] * count)
+        shown = with_thumbnails(replace(result, frames=result.frames[:RECALL_SHOWN]), pictures)
+        own = pictures(shot, list(range(routing["shot_frames"][shot])))
+        strip = [] if own is None else [(thumbnail(image), f"frame {i + 1}") for i, image in enumerate(own)]
         fig = highlight(plots.frame_heatmap(routing, str(layer), str(step)), routing, result)
         return {
             self.recall_frame: frame,
@@ -200,6 +190,10 @@ class RecallView:
             self.recall_gallery: [(f.thumbnail, caption(f)) for f in shown.frames if f.thumbnail is not None],
             self.frame_plot: fig,
         }
+
+    def _pictures(self, keys: list[str | None]):
+        """pictures(shot, latent_frames) for with_thumbnails: read from each shot's take."""
+        return lambda shot, frames: self.engine.take_pictures(keys[shot], frames) if keys[shot] else None
 
     @staticmethod
     def _shot_video(board: Board, shot: int) -> str | None:
@@ -235,8 +229,7 @@ class RecallView:
         except ValueError as error:
             raise gr.Error(str(error)[:300], print_exception=False) from None
         if thumbnails is not False:
-            result = with_thumbnails(result, lambda s: self.engine.take_frames(keys[s]) if keys[s] else None,
-                                     int(routing.get("video_temporal", 1)))
+            result = with_thumbnails(result, self._pictures(keys))
         return {**result.to_dict(encode=png_data_url if thumbnails is not False else None), "key": keys[index],
                 "shot_frames": routing["shot_frames"]}
 

@@ -26,6 +26,12 @@ def video_frames_of_latent(latent_frame: int, temporal: int) -> range:
     return range(start, start + temporal)
 
 
+def middle_video_frame(latent_frame: int, temporal: int) -> int:
+    """The video frame that shows a latent frame best: the middle one of those it decodes to."""
+    span = video_frames_of_latent(latent_frame, temporal)
+    return span[len(span) // 2]
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """(C=3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -160,4 +166,4 @@ class WanVAECodec:
         return to_uint8(x.permute(1, 0, 2, 3))
 
 
-__all__ = ["FrameVAECodec", "PixelCodec", "WanVAECodec", "to_uint8", "video_frames_of_latent"]
+__all__ = ["FrameVAECodec", "PixelCodec", "WanVAECodec", "middle_video_frame", "to_uint8", "video_frames_of_latent"]

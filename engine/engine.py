@@ -4,7 +4,7 @@ For: `StoryEngine.load(...)` and `render(story, regenerate=..., out_dir=..., on_
 plan which shots come from the shot cache and which are sampled (in which runs), run the
 sampler, store every finished take at once, write per-shot and whole-story MP4s, the routing
 report and the summary. Also `available_backends()`, the cache statistics, and the current
-takes read without rendering (`current_routing`, `take_frames`: the recall pictures).
+takes read without rendering (`current_routing`, `take_pictures`: the recall pictures).
 Not for: the sampling loop (sampler.py), the model (model.py, backbone.py), UI (app/).
 
 Takes and keys. A shot's *take* (frames + latents + routing) is stored under a key that hashes
@@ -49,6 +49,7 @@ import torch
 
 from engine.events import (Finished, Preview, Progress, RenderResult, RenderStopped, ShotDone, ShotResult,
                            Stopped)
+from engine.codec import middle_video_frame
 from engine.model import StoryModel
 from engine.moc.attention import resolve_backend, triton_available
 from engine.routing_report import ShotRouting, build_report, recorded_steps
@@ -400,11 +401,12 @@ class StoryEngine:
         plans, _ = self.plan(story)
         return self._report(story, [self.cache.read(p.key) if p.status != "generate" else None for p in plans])
 
-    def take_frames(self, key: str) -> torch.Tensor | None:
-        """(T, H, W, 3) uint8 decoded frames of a cached take (the recall pictures); None if absent.
-        Not counted as a cache hit: looking at a take is not reusing it."""
-        take = self.cache.read(key)
-        return None if take is None else take.frames
+    def take_pictures(self, key: str, latent_frames: list[int]) -> torch.Tensor | None:
+        """(n, H, W, 3) uint8: for each latent frame of a cached take, the middle video frame it
+        decodes to (the recall pictures); None if the take is absent. Reads those frames only and
+        is not counted as a cache hit: looking at a take is not reusing it."""
+        temporal = int(self.model.codec.temporal)
+        return self.cache.read_frames(key, [middle_video_frame(k, temporal) for k in latent_frames])
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -417,7 +419,6 @@ class StoryEngine:
         pins, blocks = story.links()
         routing["pins"], routing["blocks"] = [list(p) for p in pins], [list(b) for b in blocks]  # (query, key) shots
         routing["keys"] = [take.key if take is not None else None for take in takes]
-        routing["video_temporal"] = int(self.model.codec.temporal)  # video frames per latent frame (after the first)
         return routing
 
 

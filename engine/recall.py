@@ -2,8 +2,9 @@
 
 For: `recall(report, shot, layer=None, frame=None)`, a pure function over the routing report's
 `frame_routed` (engine/routing_report.py: routed top-k picks per layer x query frame x key frame)
-that ranks the key frames of *other* shots by recall share, and `thumbnail(...)`, the small
-picture of one recalled latent frame taken from its take's decoded frames. The app's recall view
+that ranks the key frames of *other* shots by recall share, and `with_thumbnails(...)`, the small
+pictures of the recalled latent frames (each the middle video frame it decodes to, read from its
+take by StoryEngine.take_pictures). The app's recall view
 and the /recall endpoint both read this.
 Not for: routing (engine/moc), recording (routing_report.py) or drawing (app/recall.py).
 
@@ -23,8 +24,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from engine.codec import video_frames_of_latent
 
 THUMBNAIL_WIDTH = 96  # pixels; the gallery's small pictures
 
@@ -105,12 +104,10 @@ def recall(report: dict, shot: int, layer: int | None = None, frame: int | None 
     return Recall(shot, layer, frame, frames, total, float(picks[~other].sum()), pinned, blocked)
 
 
-def thumbnail(frames: torch.Tensor, latent_frame: int, temporal: int, width: int = THUMBNAIL_WIDTH) -> np.ndarray:
-    """(h, w, 3) uint8: the middle video frame of latent frame `latent_frame` of a take's decoded
-    frames (T, H, W, 3), scaled to `width` pixels (area-averaged down, nearest up)."""
-    span = video_frames_of_latent(latent_frame, temporal)
-    index = min(span[len(span) // 2], frames.shape[0] - 1)
-    image = frames[index].permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+def thumbnail(image: torch.Tensor, width: int = THUMBNAIL_WIDTH) -> np.ndarray:
+    """(h, w, 3) uint8: one decoded frame (H, W, 3) scaled to `width` pixels, the aspect kept
+    (area-averaged down, nearest up)."""
+    image = image.permute(2, 0, 1)[None].float()  # (1, 3, H, W)
     H, W = image.shape[-2:]
     height = max(1, round(H * width / W))
     mode = "area" if width < W else "nearest"
@@ -118,16 +115,20 @@ def thumbnail(frames: torch.Tensor, latent_frame: int, temporal: int, width: int
     return small[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def with_thumbnails(result: Recall, frames_of_shot, temporal: int, width: int = THUMBNAIL_WIDTH) -> Recall:
-    """The same recall with each frame's thumbnail; `frames_of_shot(shot)` gives that shot's take's
-    decoded frames (T, H, W, 3) or None (then the frame keeps no thumbnail)."""
-    taken: dict[int, torch.Tensor | None] = {}
-    frames = []
+def with_thumbnails(result: Recall, pictures, width: int = THUMBNAIL_WIDTH) -> Recall:
+    """The same recall with each frame's thumbnail. `pictures(shot, latent_frames)` gives, for
+    those latent frames of the shot's take, one decoded frame each (n, H, W, 3), or None (no
+    take: those frames keep no thumbnail); StoryEngine.take_pictures does, given the take's key."""
+    wanted: dict[int, list[int]] = {}
     for f in result.frames:
-        if f.shot not in taken:
-            taken[f.shot] = frames_of_shot(f.shot)
-        video = taken[f.shot]
-        frames.append(f if video is None else replace(f, thumbnail=thumbnail(video, f.frame, temporal, width)))
+        wanted.setdefault(f.shot, []).append(f.frame)
+    images = {}
+    for shot, latent_frames in wanted.items():
+        got = pictures(shot, latent_frames)
+        if got is not None:
+            images.update({(shot, k): image for k, image in zip(latent_frames, got)})
+    frames = [replace(f, thumbnail=thumbnail(images[f.shot, f.frame], width)) if (f.shot, f.frame) in images else f
+              for f in result.frames]
     return replace(result, frames=frames)
 
 

@@ -23,8 +23,8 @@ Report schema (routing.json):
   if time scaled with FLOPs); backends {name: attention calls, summed over the runs that made the current takes (a joint run
   counts once per shot)}: which backend ran ("dense-auto":
   backend "auto" judged dense SDPA faster at this size, so MoC did not run).
-The engine adds pins / blocks ([query shot, key shot] pairs), keys (each shot's take, None where a
-shot has none) and video_temporal (the codec's video frames per latent frame, after the first).
+The engine adds pins / blocks ([query shot, key shot] pairs) and keys (each shot's take, None where
+a shot has none: what the recall pictures are read from).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.codec import video_frames_of_latent
+from engine.codec import middle_video_frame, video_frames_of_latent
 from engine.moc import Selection, TokenLayout
 from engine.moc.routing import MoCConfig, forced_links
 from engine.recall import recall, thumbnail, with_thumbnails
@@ -96,12 +96,18 @@ def test_recorder_counts_routed_picks_per_query_frame_and_layer_not_forced_links
     assert result.pinned == [1]  # the pinned shot is listed apart; its frames were never routed to
 
 
-def test_video_frames_of_a_latent_frame():
+def test_video_frames_of_a_latent_frame_and_thumbnails():
     assert list(video_frames_of_latent(0, 4)) == [0] and list(video_frames_of_latent(2, 4)) == [5, 6, 7, 8]
-    assert list(video_frames_of_latent(3, 1)) == [3]
-    frames = torch.arange(9).view(9, 1, 1, 1).expand(9, 4, 8, 3).to(torch.uint8)  # frame t is all t
-    assert thumbnail(frames, 2, temporal=4, width=4)[0, 0, 0] == 7  # the middle of 5..8 (index 2 of 4)
-    assert thumbnail(frames, 2, temporal=4, width=4).shape == (2, 4, 3)
+    assert list(video_frames_of_latent(3, 1)) == [3] and middle_video_frame(3, 1) == 3
+    assert middle_video_frame(2, 4) == 7 and middle_video_frame(0, 4) == 0  # the middle of 5..8 (index 2 of 4)
+    image = torch.zeros(4, 8, 3, dtype=torch.uint8)
+    image[:, 4:] = 200  # right half bright: area-averaged down, it stays on the right
+    small = thumbnail(image, width=4)
+    assert small.shape == (2, 4, 3) and small[0, 0, 0] == 0 and small[0, 3, 0] == 200
+    assert thumbnail(image, width=16).shape == (8, 16, 3)
+    result = with_thumbnails(recall(hand_report(), 2), lambda shot, frames: None if shot == 1 else
+                             torch.stack([image] * len(frames)), width=4)
+    assert [f.thumbnail is None for f in result.frames] == [True, False, False]  # shot 1's take is gone
 
 
 @pytest.mark.parametrize("mode", ["joint", "shot_by_shot"])
@@ -110,7 +116,7 @@ def test_a_real_render_recalls_earlier_shots_with_pictures(make_engine, mode):
     story = tiny_story(mode)
     result = engine.render(story)
     report = result.routing
-    assert report["routed_shots"] == [True, True, True] and report["video_temporal"] == 1
+    assert report["routed_shots"] == [True, True, True]
     assert report["keys"] == [r.key for r in result.shots]
     for shot in (1, 2):
         got = recall(report, shot)
@@ -121,11 +127,15 @@ def test_a_real_render_recalls_earlier_shots_with_pictures(make_engine, mode):
     assert recall(report, 0).frames == []  # the first shot has nothing to recall
     hits = engine.cache.stats().hits
     pictured = with_thumbnails(recall(report, 2, layer=1, frame=0),
-                               lambda s: engine.take_frames(report["keys"][s]), report["video_temporal"], width=40)
+                               lambda s, frames: engine.take_pictures(report["keys"][s], frames), width=40)
     assert engine.cache.stats().hits == hits  # looking is not reusing
+    assert pictured.frames
     for f in pictured.frames:
         assert f.thumbnail.shape == (24, 40, 3) and f.thumbnail.dtype == np.uint8  # 48x80 frames at width 40
-    assert pictured.frames and not np.array_equal(pictured.frames[0].thumbnail, 0 * pictured.frames[0].thumbnail)
+        source = result.shots[f.shot]
+        full = engine.cache.read(source.key).frames[f.frame]  # the pixel codec: latent frame k = video frame k
+        np.testing.assert_array_equal(f.thumbnail, thumbnail(full, width=40))
+    assert engine.take_pictures(report["keys"][0], [0, 2, 99]).shape == (3, 48, 80, 3)  # clamped to the take
     # the current takes read back without rendering give the same report
     again = engine.current_routing(story)
     assert again["keys"] == report["keys"]
