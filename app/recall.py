@@ -85,8 +85,9 @@ def summary_html(result: Recall | None, message: str = "") -> str:
     if result.blocked:
         links.append("blocked: " + ", ".join(f"shot {s + 1}" for s in result.blocked))
     tail = f'<div class="hint">{html.escape("; ".join(links))}</div>' if links else ""
-    return (f'<div class="recall-summary" data-shot="{result.shot}" data-frame="{"" if result.frame is None else result.frame}" '
-            f'data-layer="{"" if result.layer is None else result.layer}" data-recalled="{len(result.frames)}">'
+    frame, layer = ("" if x is None else x for x in (result.frame, result.layer))
+    return (f'<div class="recall-summary" data-shot="{result.shot}" data-frame="{frame}" data-layer="{layer}" '
+            f'data-recalled="{len(result.frames)}">'
             f"{head}: {html.escape(body)}{tail}</div>")
 
 

@@ -414,13 +414,13 @@ class StoryEngine:
         """The routing report of one take per shot (None: no take), plus the story's pins and
         blocks and the takes' keys (what the recall pictures read frames from)."""
         tr = self.model.transformer
-        routing = build_report([s.frames for s in story.shots], [None if t is None else self._routing_of(t) for t in takes],
+        routing = build_report([s.frames for s in story.shots],
+                               [None if t is None else self._routing_of(t) for t in takes],
                                tr.num_layers, tr.num_heads, recorded_steps(story.settings.steps))
         pins, blocks = story.links()
         routing["pins"], routing["blocks"] = [list(p) for p in pins], [list(b) for b in blocks]  # (query, key) shots
         routing["keys"] = [take.key if take is not None else None for take in takes]
         return routing
-
 
     def _take_meta(self, story: Story, p: _Planned, routing: ShotRouting, run: Run, seconds: float) -> dict:
         shot = story.shots[p.index]

@@ -2,8 +2,9 @@
 
 For: `RoutingRecorder` (the processors hand it every Selection; it keeps, per live shot, the
 query-frame x key-frame selection at a few recorded steps, the routed (top-k) picks per layer x
-query frame x key frame, density per layer x head, shot recall and attention FLOPs), `ShotRouting` (one take's statistics, stored in its shot-cache entry so a
-cache hit keeps its routing) and `build_report` (the routing.json the app draws).
+query frame x key frame, density per layer x head, shot recall and attention FLOPs),
+`ShotRouting` (one take's statistics, stored in its shot-cache entry so a cache hit keeps its
+routing) and `build_report` (the routing.json the app draws).
 Not for: routing itself (engine/moc) or drawing (app/).
 
 Report schema (routing.json):

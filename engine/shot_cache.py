@@ -3,8 +3,8 @@
 For: `ShotCache(root, max_bytes)` with `get(key) -> Take | None` (`read(key)`: the same, neither
 counted nor touching the LRU clock; `read_frames(key, indices)`: a few decoded frames alone),
 `put(take)`, `contains`, `invalidate(key)`, `stats()`, and two small pointer indexes
-(`point(name, key)`, `pointer(name)`) that the engine uses to find the current take of a shot slot. Safe across restarts and for two
-processes sharing one folder.
+(`point(name, key)`, `pointer(name)`) that the engine uses to find the current take of a shot
+slot. Safe across restarts and for two processes sharing one folder.
 Not for: deciding keys (engine.py computes them from everything that changes a take's output).
 
 On disk:

@@ -302,7 +302,10 @@ def test_10_recall_pictures_of_the_last_shot(page):
     page.click("#generate")
     wait_status(page, "done", job)
     page.get_by_role("tab", name="Routing").click()
-    summary = lambda: page.eval_on_selector("#recall-summary .recall-summary", "e => ({...e.dataset, text: e.textContent})")  # noqa: E731
+
+    def summary() -> dict:
+        return page.eval_on_selector("#recall-summary .recall-summary", "e => ({...e.dataset, text: e.textContent})")
+
     page.wait_for_function("() => document.querySelectorAll('#recall-frames .caption-label').length > 0",
                            timeout=30_000)
     assert summary()["shot"] == "2" and summary()["frame"] == "" and "all frames" in summary()["text"]
