@@ -34,6 +34,9 @@ from .views import _int_or_raw, readable_story_error
 
 RECALL_SHOWN = 12  # recalled frames shown as pictures and outlined on the heatmap
 HIGHLIGHT = "#f59e0b"  # the recall selection on the heatmap (amber: apart from the violet scale)
+# small pictures in a fixed grid (fit_columns would stretch two pictures over the whole row); a
+# click selects (no preview), so a click on one of the shot's own frames narrows to it
+PICTURES = dict(columns=6, fit_columns=False, allow_preview=False, format="png", object_fit="contain")
 
 
 def caption(frame: RecalledFrame) -> str:
@@ -121,13 +124,11 @@ class RecallView:
                 with gr.Column(scale=2, min_width=260):
                     self.recall_video = gr.Video(label="The shot", interactive=False, loop=True, height=180,
                                                  elem_id="recall-video")
-                    self.recall_strip = gr.Gallery(label="Its frames (click one to narrow)", columns=6, height=130,
-                                                   allow_preview=False, format="png", object_fit="contain",
-                                                   elem_id="recall-query-frames")
+                    self.recall_strip = gr.Gallery(label="Its frames (click one to narrow)", height=130,
+                                                   elem_id="recall-query-frames", **PICTURES)
                 with gr.Column(scale=3, min_width=320):
-                    self.recall_gallery = gr.Gallery(label="Frames it recalled most", columns=6, height=300,
-                                                     allow_preview=False, format="png", object_fit="contain",
-                                                     elem_id="recall-frames")
+                    self.recall_gallery = gr.Gallery(label="Frames it recalled most", height=300,
+                                                     elem_id="recall-frames", **PICTURES)
             self.recall_frame = gr.State(None)  # the query frame narrowed to (within the shot), None = all
 
     @property
