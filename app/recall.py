@@ -143,16 +143,18 @@ class RecallView:
         heatmap with the recall selection outlined)."""
         quiet = dict(show_progress="hidden", api_visibility="private")
         inputs = [self.board, self.recall_shot, self.layer, self.step, self.recall_frame]
-        self.recall_shot.input(lambda b, s, l, st, f: self.recall_updates(b, s, l, st, None), inputs,
-                               self.recall_outputs, **quiet)
-        self.recall_all.click(lambda b, s, l, st, f: self.recall_updates(b, s, l, st, None), inputs,
-                              self.recall_outputs, **quiet)
-        for selector in (self.layer, self.step):
-            selector.input(self.recall_updates, inputs, self.recall_outputs, **quiet)
 
-        def narrow(board, shot, layer, step, frame, event: gr.SelectData):
+        def widen(board, shot, layer, step, frame):  # another shot, or "All frames": every query frame
+            return self.recall_updates(board, shot, layer, step, None)
+
+        def narrow(board, shot, layer, step, frame, event: gr.SelectData):  # a click on one of its frames
             return self.recall_updates(board, shot, layer, step, event.index)
+
+        self.recall_shot.input(widen, inputs, self.recall_outputs, **quiet)
+        self.recall_all.click(widen, inputs, self.recall_outputs, **quiet)
         self.recall_strip.select(narrow, inputs, self.recall_outputs, **quiet)
+        for selector in (self.layer, self.step):  # the frame stays chosen
+            selector.input(self.recall_updates, inputs, self.recall_outputs, **quiet)
 
         with gr.Column(visible=False):
             self.api_layer = gr.Number(None, label="layer")
@@ -182,7 +184,9 @@ class RecallView:
         shown = with_thumbnails(replace(result, frames=result.frames[:RECALL_SHOWN]), pictures)
         own = pictures(shot, list(range(routing["shot_frames"][shot])))
         strip = [] if own is None else [(thumbnail(image), f"frame {i + 1}") for i, image in enumerate(own)]
-        fig = highlight(plots.frame_heatmap(routing, str(layer), str(step)), routing, result)
+        fig = plots.frame_heatmap(routing, str(layer), str(step))
+        if fig.data:  # a heatmap (not the "nothing recorded" note): outline the same selection
+            fig = highlight(fig, routing, result)
         return {
             self.recall_frame: frame,
             self.recall_shot: gr.Dropdown(choices=[(f"Shot {s + 1}", s) for s in range(count)], value=shot),

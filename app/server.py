@@ -1,7 +1,7 @@
 """The storyboard app: a Gradio Blocks UI and named API endpoints over one StoryEngine.
 
 For: `serve` (launch.py calls it) and `StoryboardApp`, which holds the engine, the render worker
-and the output folder, and is assembled from three parts, each in its own short file:
+and the output folder, and is assembled from four parts, each in its own short file:
   app/layout.py   the components (Storyboard, Routing and Settings tabs)
   app/events.py   the form <-> story mapping and one render streamed to the UI
   app/api.py      the gradio_client endpoints (docs/API.md)
