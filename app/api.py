@@ -1,5 +1,5 @@
 """The gradio_client endpoints: /generate, /regenerate, /stop, /save_story, /load_story,
-/example_story and /info (documented in docs/API.md).
+/example_story and /info (documented in docs/API.md; /recall lives with its view in app/recall.py).
 
 For: the hidden components the endpoints are named on (`_build_api`) and their handlers; every
 bad input becomes a gr.Error with a readable message.

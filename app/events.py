@@ -52,7 +52,8 @@ class Events:
     @property
     def result_outputs(self) -> list:
         return [self.status, self.preview, self.story_video, self.render_stats, self.routing_stats, self.engine_info,
-                self.layer, self.step, self.frame_plot, self.recall_plot, self.flops_plot, self.density_plot]
+                self.layer, self.step, self.frame_plot, self.recall_plot, self.flops_plot, self.density_plot,
+                *self.recall_outputs]
 
     def story_from_form(self, board: Board, data: dict) -> Story:
         """The story as the form shows it (not validated: an empty caption is fine while editing)."""
@@ -114,6 +115,7 @@ class Events:
             self.step: gr.Dropdown(choices=plots.step_choices(routing), value=plots.ALL),
             self.frame_plot: plots.frame_heatmap(routing), self.recall_plot: plots.shot_recall(routing),
             self.flops_plot: plots.flops_figure(routing), self.density_plot: plots.density_heatmap(routing),
+            **self.recall_updates(board),  # the last shot's recall, outlined on the frame heatmap
         }
 
     # -- events -----------------------------------------------------------------------------------
@@ -149,9 +151,6 @@ class Events:
         self.example.input(self._load_example, [self.board, self.example], editor + self.result_outputs, **quiet)
         self.open_btn.upload(self._open_file, [self.board, self.open_btn], editor + self.result_outputs, **quiet)
         self.save_btn.click(self._save_ui, inputs, [self.saved_file], **quiet)
-        for selector in (self.layer, self.step):
-            selector.input(lambda board, layer, step: plots.frame_heatmap(board.routing, layer, step),
-                           [self.board, self.layer, self.step], self.frame_plot, **quiet)
 
         # Named endpoints for gradio_client (see docs/API.md).
         api = dict(show_progress="hidden", api_visibility="public")
@@ -168,6 +167,7 @@ class Events:
         self.api_trigger.click(self._api_example, [self.api_message], [self.api_story_out],
                                api_name="example_story", **api)
         self.api_trigger.click(self._api_info, None, [self.api_info], api_name="info", **api)
+        self._wire_recall()  # app/recall.py: the recall view, the layer / step selectors and /recall
 
     def _load_example(self, board: Board, name: str | None) -> dict:
         if not name or name not in self.examples:

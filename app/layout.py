@@ -143,6 +143,7 @@ class Layout:
                                      elem_id="layer")
             self.step = gr.Dropdown(plots.step_choices(None), value=plots.ALL, label="Denoising step",
                                     min_width=120, elem_id="step")
+        self._build_recall()  # app/recall.py: what each shot remembered, linked to the heatmap below
         with gr.Row():
             with gr.Column(scale=3):
                 self.frame_plot = gr.Plot(plots.frame_heatmap(None), label="Frame selection", show_label=False,

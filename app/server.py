@@ -1,10 +1,11 @@
 """The storyboard app: a Gradio Blocks UI and named API endpoints over one StoryEngine.
 
 For: `serve` (launch.py calls it) and `StoryboardApp`, which holds the engine, the render worker
-and the output folder, and is assembled from three parts, each in its own short file:
+and the output folder, and is assembled from four parts, each in its own short file:
   app/layout.py   the components (Storyboard, Routing and Settings tabs)
   app/events.py   the form <-> story mapping and one render streamed to the UI
   app/api.py      the gradio_client endpoints (docs/API.md)
+  app/recall.py   what each shot remembered, as pictures (Routing tab), and the /recall endpoint
 with the pure view helpers in app/views.py, story edits in app/state.py, the render queue in
 app/worker.py and the plots in app/plots.py.
 Not for: rendering (engine/), story rules (engine/story.py) or argument parsing (launch.py).
@@ -30,6 +31,7 @@ from engine.story import MAX_STORY_BYTES, Story, StoryError
 from .api import Api
 from .events import Events
 from .layout import Layout
+from .recall import RecallView
 from .state import MAX_SHOTS
 from .views import (CSS, EXAMPLES_DIR, PREVIEW_FRAMES, PREVIEW_MIN_HEIGHT, THEME, cache_saved, earlier_shots,
                     fallback_story, is_default_model, log, model_note, preview_strip, readable_story_error,
@@ -54,7 +56,7 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 7860, cache_dir=None,
         app.close()
 
 
-class StoryboardApp(Layout, Events, Api):
+class StoryboardApp(Layout, Events, Api, RecallView):
     """The engine, the render worker and the Blocks that drive them."""
 
     def __init__(self, engine, examples_dir: str | Path = EXAMPLES_DIR, out_root: str | Path | None = None):

@@ -286,4 +286,8 @@ CSS = """
 .engine-info th { color: var(--body-text-color-subdued); font-weight: 500; width: 30%; }
 .muted { color: var(--body-text-color-subdued); }
 .hint { color: var(--body-text-color-subdued); font-size: 12px; }
+#recall-frames .caption-label, #recall-query-frames .caption-label { max-width: none; left: var(--block-label-margin);
+  white-space: normal; opacity: .9; font-size: 11px; }
+#recall-frames .thumbnail-item img, #recall-query-frames .thumbnail-item img { image-rendering: pixelated; }
+.recall-summary { font-size: 13px; padding: 6px 4px; }
 """

@@ -16,6 +16,22 @@ import torch
 import torch.nn.functional as F
 
 
+def video_frames_of_latent(latent_frame: int, temporal: int) -> range:
+    """The video frames one latent frame decodes to: with `temporal` video frames per latent frame
+    after the first (Wan: 4), latent frame 0 is video frame 0 alone and latent frame k >= 1 covers
+    1 + temporal (k - 1) ... temporal k; per-frame codecs (temporal 1) map k to k."""
+    if latent_frame == 0:
+        return range(0, 1)
+    start = 1 + temporal * (latent_frame - 1)
+    return range(start, start + temporal)
+
+
+def middle_video_frame(latent_frame: int, temporal: int) -> int:
+    """The video frame that shows a latent frame best: the middle one of those it decodes to."""
+    span = video_frames_of_latent(latent_frame, temporal)
+    return span[len(span) // 2]
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """(C=3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8."""
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -150,4 +166,4 @@ class WanVAECodec:
         return to_uint8(x.permute(1, 0, 2, 3))
 
 
-__all__ = ["FrameVAECodec", "PixelCodec", "WanVAECodec", "to_uint8"]
+__all__ = ["FrameVAECodec", "PixelCodec", "WanVAECodec", "middle_video_frame", "to_uint8", "video_frames_of_latent"]

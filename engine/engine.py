@@ -3,7 +3,8 @@
 For: `StoryEngine.load(...)` and `render(story, regenerate=..., out_dir=..., on_event=..., stop=...)`:
 plan which shots come from the shot cache and which are sampled (in which runs), run the
 sampler, store every finished take at once, write per-shot and whole-story MP4s, the routing
-report and the summary. Also `available_backends()` and the cache statistics.
+report and the summary. Also `available_backends()`, the cache statistics, and the current
+takes read without rendering (`current_routing`, `take_pictures`: the recall pictures).
 Not for: the sampling loop (sampler.py), the model (model.py, backbone.py), UI (app/).
 
 Takes and keys. A shot's *take* (frames + latents + routing) is stored under a key that hashes
@@ -48,6 +49,7 @@ import torch
 
 from engine.events import (Finished, Preview, Progress, RenderResult, RenderStopped, ShotDone, ShotResult,
                            Stopped)
+from engine.codec import middle_video_frame
 from engine.model import StoryModel
 from engine.moc.attention import resolve_backend, triton_available
 from engine.routing_report import ShotRouting, build_report, recorded_steps
@@ -378,12 +380,7 @@ class StoryEngine:
         cache_saved = sum(float(takes[i].meta.get("seconds", 0.0)) for i in range(len(plans))
                           if results[i].status != "generated")
         story_video = write_mp4(out_dir / "story.mp4", torch.cat([takes[i].frames for i in range(len(plans))]), fps)
-        tr = self.model.transformer
-        routing = build_report([s.frames for s in story.shots],
-                               [self._routing_of(takes[i]) for i in range(len(plans))],
-                               tr.num_layers, tr.num_heads, recorded_steps(story.settings.steps))
-        pins, blocks = story.links()
-        routing["pins"], routing["blocks"] = [list(p) for p in pins], [list(b) for b in blocks]  # (query, key) shots
+        routing = self._report(story, [takes[i] for i in range(len(plans))])
         summary = self._summary(story, shots, regenerate, time.perf_counter() - started, routing, story_video)
         summary["both_sides"] = both
         if regenerate is not None and not both:
@@ -395,7 +392,35 @@ class StoryEngine:
         emit(Finished(result))
         return result
 
+    # ---- the current takes, read without rendering ----------------------------------------------
+
+    def current_routing(self, story: Story) -> dict:
+        """The routing report of the takes a render of `story` would serve from the cache now (the
+        same report a render returns); a shot without a take has no rows and a None key."""
+        self.check(story)
+        plans, _ = self.plan(story)
+        return self._report(story, [self.cache.read(p.key) if p.status != "generate" else None for p in plans])
+
+    def take_pictures(self, key: str, latent_frames: list[int]) -> torch.Tensor | None:
+        """(n, H, W, 3) uint8: for each latent frame of a cached take, the middle video frame it
+        decodes to (the recall pictures); None if the take is absent. Reads those frames only and
+        is not counted as a cache hit: looking at a take is not reusing it."""
+        temporal = int(self.model.codec.temporal)
+        return self.cache.read_frames(key, [middle_video_frame(k, temporal) for k in latent_frames])
+
     # ---- helpers ------------------------------------------------------------------------------
+
+    def _report(self, story: Story, takes: list[Take | None]) -> dict:
+        """The routing report of one take per shot (None: no take), plus the story's pins and
+        blocks and the takes' keys (what the recall pictures read frames from)."""
+        tr = self.model.transformer
+        routing = build_report([s.frames for s in story.shots],
+                               [None if t is None else self._routing_of(t) for t in takes],
+                               tr.num_layers, tr.num_heads, recorded_steps(story.settings.steps))
+        pins, blocks = story.links()
+        routing["pins"], routing["blocks"] = [list(p) for p in pins], [list(b) for b in blocks]  # (query, key) shots
+        routing["keys"] = [take.key if take is not None else None for take in takes]
+        return routing
 
     def _take_meta(self, story: Story, p: _Planned, routing: ShotRouting, run: Run, seconds: float) -> dict:
         shot = story.shots[p.index]

@@ -1,9 +1,10 @@
 """Routing statistics: recorded while sampling, kept per shot, assembled into the story report.
 
 For: `RoutingRecorder` (the processors hand it every Selection; it keeps, per live shot, the
-query-frame x key-frame selection at a few recorded steps, density per layer x head, shot recall
-and attention FLOPs), `ShotRouting` (one take's statistics, stored in its shot-cache entry so a
-cache hit keeps its routing) and `build_report` (the routing.json the app draws).
+query-frame x key-frame selection at a few recorded steps, the routed (top-k) picks per layer x
+query frame x key frame, density per layer x head, shot recall and attention FLOPs),
+`ShotRouting` (one take's statistics, stored in its shot-cache entry so a cache hit keeps its
+routing) and `build_report` (the routing.json the app draws).
 Not for: routing itself (engine/moc) or drawing (app/).
 
 Report schema (routing.json):
@@ -13,12 +14,18 @@ Report schema (routing.json):
       over (query token of frame i, head) of the fraction of frame j's keys it attends (forced
       links such as the own shot included; rows of a shot come from the run that made its take);
   shot_recall SxS: row a = how shot a's *routed* (not forced) selections split over shots;
+  frame_routed LxFxF: layer l, row i, column j = routed (top-k, never forced: no own-shot anchor,
+      no pin, no text) picks per (query token of frame i, head) that land on frame j, mean over
+      the recorded steps (row sums <= top_k); routed_shots [S] bool: which shots' rows hold it
+      (takes recorded before it have zero rows; engine/recall.py ranks what a shot recalled);
   density LxH; sparsity = 1 - mean density; attn_flops_moc / attn_flops_dense (the current takes'
   generation cost, QK^T + PV); plus shots (per-shot density/flops), attn_seconds and
   time_saved_estimate_s (attention time x (dense/moc - 1): what dense attention would have added
   if time scaled with FLOPs); backends {name: attention calls, summed over the runs that made the current takes (a joint run
   counts once per shot)}: which backend ran ("dense-auto":
   backend "auto" judged dense SDPA faster at this size, so MoC did not run).
+The engine adds pins / blocks ([query shot, key shot] pairs) and keys (each shot's take, None where
+a shot has none: what the recall pictures are read from).
 """
 
 from __future__ import annotations
@@ -51,11 +58,17 @@ class ShotRouting:
     flops_dense: float  # the same with dense attention over the same keys
     attn_seconds: float  # wall time inside self-attention attributed to this shot
     backends: dict | None = None  # attention calls of the run per backend that ran
+    routed_frames: np.ndarray | None = None  # (L, f, F_layout) float32 routed picks per (query token, head)
+    #                                          of this shot's frame i on layout frame j, mean over recorded
+    #                                          steps; None in takes stored before it was recorded
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"routing.frame_selection": torch.from_numpy(self.frame_selection.astype(np.float32)),
-                "routing.density": torch.from_numpy(self.density.astype(np.float64)),
-                "routing.recall": torch.from_numpy(self.recall.astype(np.float64))}
+        out = {"routing.frame_selection": torch.from_numpy(self.frame_selection.astype(np.float32)),
+               "routing.density": torch.from_numpy(self.density.astype(np.float64)),
+               "routing.recall": torch.from_numpy(self.recall.astype(np.float64))}
+        if self.routed_frames is not None:
+            out["routing.routed_frames"] = torch.from_numpy(self.routed_frames.astype(np.float32))
+        return out
 
     def meta(self) -> dict:
         return {"steps": self.steps, "layout_shot_frames": self.layout_shot_frames,
@@ -68,7 +81,9 @@ class ShotRouting:
                            frame_selection=tensors["routing.frame_selection"].numpy(),
                            density=tensors["routing.density"].numpy(), recall=tensors["routing.recall"].numpy(),
                            flops_moc=float(meta["flops_moc"]), flops_dense=float(meta["flops_dense"]),
-                           attn_seconds=float(meta.get("attn_seconds", 0.0)), backends=dict(meta.get("backends", {})))
+                           attn_seconds=float(meta.get("attn_seconds", 0.0)), backends=dict(meta.get("backends", {})),
+                           routed_frames=(tensors["routing.routed_frames"].numpy()
+                                          if "routing.routed_frames" in tensors else None))
 
     @property
     def mean_density(self) -> float:
@@ -102,6 +117,8 @@ class RoutingRecorder:
         self.att_sum = {s: np.zeros((num_layers, num_heads)) for s in live_shots}  # attended-key fractions summed
         self.att_n = {s: np.zeros((num_layers, 1)) for s in live_shots}  # queries (x batch) summed
         self.recall = {s: np.zeros(layout.num_shots) for s in live_shots}
+        self.routed_frames = {s: np.zeros((num_layers, layout.shot_frames[s], self.F)) for s in live_shots}
+        self.routed_calls = np.zeros(num_layers)  # routed calls recorded per layer (the mean's denominator)
         self.flops_moc = {s: 0.0 for s in live_shots}
         self.flops_dense = {s: 0.0 for s in live_shots}
         self.attn_seconds = {s: 0.0 for s in live_shots}
@@ -170,6 +187,11 @@ class RoutingRecorder:
         q_frame_tokens = self.frame_of_chunk.T @ q_tokens  # (F,)
         denom = (H * q_frame_tokens)[:, None] * self.frame_len[None, :]
         frac = torch.where(denom > 0, frame_pairs / denom.clamp(min=1), 0.0).numpy()
+        # routed picks only (forced links are not in `routed`), per (query token, head, batch entry)
+        routed_frames = self.frame_of_chunk.T @ routed @ self.frame_of_chunk  # (F, F)
+        per_query = (B * H * q_frame_tokens)[:, None]
+        picks = torch.where(per_query > 0, routed_frames / per_query.clamp(min=1), 0.0).numpy()
+        self.routed_calls[layer] += 1
         by_key_shot = torch.zeros(self.layout.num_chunks, self.layout.num_shots, dtype=torch.float64)
         video = self.chunk_shot >= 0
         by_key_shot[torch.arange(self.layout.num_chunks)[video], self.chunk_shot[video]] = 1.0
@@ -177,6 +199,7 @@ class RoutingRecorder:
         for s, _, _ in self._shot_query_ranges():
             f0, f1 = self.layout.shot_frame_range(s)
             self.frame_sel[s][self.step_slot, layer] = frac[f0:f1]
+            self.routed_frames[s][layer] += picks[f0:f1]
             rows = (self.chunk_shot == s)
             self.recall[s] += routed_by_shot[rows].sum(0).numpy()
 
@@ -189,7 +212,9 @@ class RoutingRecorder:
                            density=self.att_sum[shot] / np.maximum(self.att_n[shot], 1),
                            recall=recall / total if total > 0 else recall,
                            flops_moc=self.flops_moc[shot], flops_dense=self.flops_dense[shot],
-                           attn_seconds=self.attn_seconds[shot], backends=dict(self.backends))
+                           attn_seconds=self.attn_seconds[shot], backends=dict(self.backends),
+                           routed_frames=(self.routed_frames[shot]
+                                          / np.maximum(self.routed_calls, 1)[:, None, None]).astype(np.float32))
 
 
 def build_report(shot_frames: list[int], takes: list[ShotRouting | None], num_layers: int,
@@ -199,6 +224,8 @@ def build_report(shot_frames: list[int], takes: list[ShotRouting | None], num_la
     starts = np.concatenate([[0], np.cumsum(shot_frames)]).astype(int)
     sel = np.zeros((len(steps), L, F, F))
     recall = np.zeros((S, S))
+    routed = np.zeros((L, F, F))
+    routed_shots = [False] * S
     density_sum, tokens = np.zeros((L, H)), 0.0
     flops_moc = flops_dense = attn_seconds = 0.0
     per_shot = []
@@ -216,6 +243,9 @@ def build_report(shot_frames: list[int], takes: list[ShotRouting | None], num_la
                     if step in take.steps:
                         ti = take.steps.index(step)
                         sel[si, :, f0:f1, starts[j]:starts[j + 1]] = take.frame_selection[ti, :, :, col:col + nf]
+                if take.routed_frames is not None and take.routed_frames.shape[0] == L:
+                    routed[:, f0:f1, starts[j]:starts[j + 1]] = take.routed_frames[:, :, col:col + nf]
+                    routed_shots[s] = True
             col += nf
         n = min(S, len(take.recall))
         recall[s, :n] = take.recall[:n]
@@ -240,6 +270,7 @@ def build_report(shot_frames: list[int], takes: list[ShotRouting | None], num_la
     return {
         "shot_frames": list(map(int, shot_frames)), "num_layers": L, "num_heads": H, "steps": list(steps),
         "frame_selection": frame_selection, "shot_recall": r(recall), "density": r(density),
+        "frame_routed": r(routed), "routed_shots": routed_shots,
         "sparsity": round(float(1 - density.mean()), decimals) if tokens else 0.0,
         "attn_flops_moc": flops_moc, "attn_flops_dense": flops_dense,
         "attn_seconds": round(attn_seconds, 4),

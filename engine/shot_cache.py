@@ -1,9 +1,10 @@
 """The shot cache: finished takes on disk, content-addressed, atomic, size-capped (LRU).
 
-For: `ShotCache(root, max_bytes)` with `get(key) -> Take | None`, `put(take)`, `contains`,
-`invalidate(key)`, `stats()`, and two small pointer indexes (`point(name, key)`, `pointer(name)`)
-that the engine uses to find the current take of a shot slot. Safe across restarts and for two
-processes sharing one folder.
+For: `ShotCache(root, max_bytes)` with `get(key) -> Take | None` (`read(key)`: the same, neither
+counted nor touching the LRU clock; `read_frames(key, indices)`: a few decoded frames alone),
+`put(take)`, `contains`, `invalidate(key)`, `stats()`, and two small pointer indexes
+(`point(name, key)`, `pointer(name)`) that the engine uses to find the current take of a shot
+slot. Safe across restarts and for two processes sharing one folder.
 Not for: deciding keys (engine.py computes them from everything that changes a take's output).
 
 On disk:
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.story import _fsync_dir, atomic_write_text
@@ -119,20 +121,45 @@ class ShotCache:
 
     def get(self, key: str) -> Take | None:
         """The take, or None (a miss). Touches its LRU clock."""
+        take = self.read(key)
+        try:
+            if take is not None:
+                os.utime(self._entry(key) / "used")
+        except OSError:
+            take = None
+        if take is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return take
+
+    def read(self, key: str) -> Take | None:
+        """The take, or None; for looking at it (recall pictures, reports): not counted as a hit
+        or a miss and leaves the LRU clock alone."""
         folder = self._entry(key)
         if not _is_whole_entry(folder):  # missing, or planted (a link to elsewhere): never served
-            self.misses += 1
             return None
         try:
             meta = json.loads((folder / "meta.json").read_text())
             tensors = load_file(folder / "take.safetensors")
-            os.utime(folder / "used")
         except (FileNotFoundError, json.JSONDecodeError, OSError):
-            self.misses += 1
             return None
-        self.hits += 1
         frames, latents = tensors.pop("frames"), tensors.pop("latents")
         return Take(key=key, frames=frames, latents=latents, meta=meta, tensors=tensors)
+
+    def read_frames(self, key: str, indices: list[int]) -> torch.Tensor | None:
+        """(n, H, W, 3) uint8: frames `indices` of a take's decoded video (clamped to its length),
+        read alone (not the latents, not the other frames); None if the take is absent. Uncounted."""
+        folder = self._entry(key)
+        if not _is_whole_entry(folder):
+            return None
+        try:
+            with safe_open(folder / "take.safetensors", framework="pt") as f:
+                frames = f.get_slice("frames")
+                last = frames.get_shape()[0] - 1
+                return torch.cat([frames[min(max(i, 0), last):min(max(i, 0), last) + 1] for i in indices])
+        except (FileNotFoundError, OSError):
+            return None
 
     def put(self, take: Take) -> None:
         """Store a take atomically; a take already present (same key) is kept as it is."""

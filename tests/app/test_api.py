@@ -35,7 +35,8 @@ def client(app_url):
 
 def test_endpoints_are_named(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/generate", "/regenerate", "/stop", "/save_story", "/load_story", "/example_story", "/info"} <= names
+    assert {"/generate", "/regenerate", "/stop", "/save_story", "/load_story", "/example_story", "/info",
+            "/recall"} <= names
     info = client.predict(api_name="/info")
     assert info["model"] and isinstance(info["backends"], list) and info["examples"] == ["tiny"]
 
@@ -160,3 +161,36 @@ def test_invalid_stories_are_readable_errors(client, tmp_path):
         client.predict(handle_file(str(bad)), api_name="/load_story")
     with pytest.raises(AppError, match="not valid JSON"):
         client.predict("{not json", api_name="/save_story")
+
+
+def test_recall_of_a_shot_as_json_with_thumbnails(client):
+    """/recall: what the last shot of the story's current takes recalled, ranked, with pictures."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    story = tiny_story(shots=3)
+    with pytest.raises(AppError, match="has no take for this story yet"):
+        client.predict(story.to_dict(), 2, None, None, True, api_name="/recall")
+    *_, result = client.predict(story.to_dict(), api_name="/generate")
+    assert result["state"] == "finished", result
+    got = client.predict(story.to_dict(), 2, None, None, True, api_name="/recall")
+    assert got["shot"] == 2 and got["layer"] is None and got["frame"] is None and got["recorded"]
+    assert got["key"] == result["shots"][2]["key"] and got["shot_frames"] == [2, 2, 2]
+    recalled = got["recalled"]
+    assert recalled and all(r["shot"] < 2 and 0 <= r["frame"] < 2 for r in recalled), recalled
+    assert sum(r["share"] for r in recalled) == pytest.approx(1.0, abs=1e-3)
+    assert [r["share"] for r in recalled] == sorted((r["share"] for r in recalled), reverse=True)
+    head, data = recalled[0]["thumbnail"].split(",", 1)
+    assert head == "data:image/png;base64"
+    assert Image.open(io.BytesIO(base64.b64decode(data))).size == (96, 64)  # 96x64 frames stay 96 wide
+    # narrowed to one layer and one query frame: still a ranking over earlier shots, no pictures asked
+    one = client.predict(story.to_dict(), 2, 1, 0, False, api_name="/recall")
+    assert one["layer"] == 1 and one["frame"] == 0 and "thumbnail" not in one["recalled"][0]
+    assert sum(r["share"] for r in one["recalled"]) == pytest.approx(1.0, abs=1e-3)
+    assert client.predict(story.to_dict(), 0, None, None, False, api_name="/recall")["recalled"] == []
+    with pytest.raises(AppError, match="frame must be an integer in \\[0, 1\\]"):
+        client.predict(story.to_dict(), 2, None, 5, False, api_name="/recall")
+    with pytest.raises(AppError, match="shot must be a shot index"):
+        client.predict(story.to_dict(), 3, None, None, False, api_name="/recall")

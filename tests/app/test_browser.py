@@ -292,3 +292,65 @@ def test_9_pin_a_shot_and_see_the_pinned_link_in_routing(page):
     page.wait_for_function("() => document.querySelector('#shot-recall').textContent.includes('pinned')", timeout=15_000)
     screenshot(page, "10_pinned_routing")
     page.get_by_role("tab", name="Storyboard").click()
+
+
+def test_10_recall_pictures_of_the_last_shot(page):
+    """What shot 3 remembered: captioned thumbnails of earlier frames beside its video; a click on
+    one of its frames narrows to that frame's queries, and the heatmap outlines the same rows."""
+    import re
+    job = current_job(page)
+    page.click("#generate")
+    wait_status(page, "done", job)
+    page.get_by_role("tab", name="Routing").click()
+
+    def summary() -> dict:
+        return page.eval_on_selector("#recall-summary .recall-summary", "e => ({...e.dataset, text: e.textContent})")
+
+    page.wait_for_function("() => document.querySelectorAll('#recall-frames .caption-label').length > 0",
+                           timeout=30_000)
+    assert summary()["shot"] == "2" and summary()["frame"] == "" and "all frames" in summary()["text"]
+    captions = page.eval_on_selector_all("#recall-frames .caption-label", "els => els.map(e => e.textContent.trim())")
+    parsed = [re.fullmatch(r"shot ([12]) · frame ([12]) · (\d+) %", c) for c in captions]
+    assert captions and all(parsed), captions  # only earlier shots' frames (shots 1 and 2 of 3)
+    assert 97 <= sum(int(m.group(3)) for m in parsed) <= 103, captions  # every recalled frame: shares sum to 100 %
+    page.wait_for_function("() => [...document.querySelectorAll('#recall-frames img')].every(i => i.complete) && "
+                           "document.querySelectorAll('#recall-frames img').length > 0", timeout=15_000)
+    widths = page.eval_on_selector_all("#recall-frames img", "els => els.map(e => e.naturalWidth)")
+    assert widths and set(widths) == {96}, widths  # the small thumbnails, one per caption
+    state = video_state(page, "#recall-video")  # the shot's own video next to them
+    assert state.get("error") is None and state["duration"] > 0 and "shot_02" in state["src"], state
+    assert page.locator("#recall-query-frames .thumbnail-item").count() == 2  # the shot's own frames
+
+    def query_rows() -> list:
+        shapes = page.evaluate("() => document.querySelector('#frame-heatmap .js-plotly-plot').layout.shapes")
+        query = [s for s in shapes if s.get("name") == "recall query"]
+        keys = [s for s in shapes if str(s.get("name", "")).startswith("recall key")]
+        assert len(query) == 1 and len(keys) == len(captions), shapes
+        return [query[0]["y0"], query[0]["y1"]]
+
+    assert query_rows() == [3.5, 5.5]  # shot 3's two frames (story frames 4 and 5) across the heatmap
+    screenshot(page, "11_recall_shot")
+
+    page.locator("#recall-query-frames .thumbnail-item").nth(1).click()
+    page.wait_for_function("() => document.querySelector('#recall-summary .recall-summary').dataset.frame === '1'",
+                           timeout=30_000)
+    assert "frame 2" in summary()["text"]
+    page.wait_for_function("() => { const s = document.querySelector('#frame-heatmap .js-plotly-plot').layout.shapes"
+                           ".find(s => s.name === 'recall query'); return s && s.y0 === 4.5; }", timeout=15_000)
+    assert query_rows() == [4.5, 5.5]  # narrowed to the clicked frame's row
+    narrowed = page.eval_on_selector_all("#recall-frames .caption-label", "els => els.map(e => e.textContent.trim())")
+    assert narrowed and all(re.fullmatch(r"shot [12] · frame [12] · \d+ %", c) for c in narrowed), narrowed
+    screenshot(page, "12_recall_one_frame")
+
+    page.click("#layer input")  # the Routing tab's layer selector narrows the pictures and the heatmap alike
+    page.get_by_role("option", name="1", exact=True).click()
+    page.wait_for_function("() => document.querySelector('#recall-summary .recall-summary').dataset.layer === '1'",
+                           timeout=30_000)
+    assert summary()["frame"] == "1"  # the frame stays chosen
+    assert "layer 1" in page.text_content("#frame-heatmap .gtitle")
+    page.click("#recall-all-frames")
+    page.wait_for_function("() => document.querySelector('#recall-summary .recall-summary').dataset.frame === ''",
+                           timeout=30_000)
+    assert query_rows() == [3.5, 5.5]
+    assert not page.errors, page.errors
+    page.get_by_role("tab", name="Storyboard").click()
