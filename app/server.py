@@ -5,6 +5,7 @@ and the output folder, and is assembled from three parts, each in its own short 
   app/layout.py   the components (Storyboard, Routing and Settings tabs)
   app/events.py   the form <-> story mapping and one render streamed to the UI
   app/api.py      the gradio_client endpoints (docs/API.md)
+  app/takes.py    a shot's takes: browse, compare, make current (and their endpoints)
 with the pure view helpers in app/views.py, story edits in app/state.py, the render queue in
 app/worker.py and the plots in app/plots.py.
 Not for: rendering (engine/), story rules (engine/story.py) or argument parsing (launch.py).
@@ -31,6 +32,7 @@ from .api import Api
 from .events import Events
 from .layout import Layout
 from .state import MAX_SHOTS
+from .takes import TAKES_CSS, Takes
 from .views import (CSS, EXAMPLES_DIR, PREVIEW_FRAMES, PREVIEW_MIN_HEIGHT, THEME, cache_saved, earlier_shots,
                     fallback_story, is_default_model, log, model_note, preview_strip, readable_story_error,
                     routing_summary, shot_dict, shot_header, status_html)
@@ -54,7 +56,7 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 7860, cache_dir=None,
         app.close()
 
 
-class StoryboardApp(Layout, Events, Api):
+class StoryboardApp(Layout, Events, Api, Takes):
     """The engine, the render worker and the Blocks that drive them."""
 
     def __init__(self, engine, examples_dir: str | Path = EXAMPLES_DIR, out_root: str | Path | None = None):
@@ -77,7 +79,7 @@ class StoryboardApp(Layout, Events, Api):
         cache_root = getattr(getattr(self.engine, "cache", None), "root", None)
         if cache_root:
             allowed.append(str(cache_root))
-        return demo.launch(server_name=host, server_port=port, share=share, theme=THEME, css=CSS,
+        return demo.launch(server_name=host, server_port=port, share=share, theme=THEME, css=CSS + TAKES_CSS,
                            allowed_paths=allowed, footer_links=["api", "settings"], show_error=True, ssr_mode=False,
                            max_file_size=MAX_STORY_BYTES, **kwargs)
 

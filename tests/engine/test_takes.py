@@ -128,3 +128,17 @@ def test_older_story_versions_load_and_take_is_a_version_3_field():
         Story.from_dict({**d, "version": 2})
     assert error.value.field == "shots[1].take"
     assert Story.from_dict(d).shots[1].take == "ab12"
+
+
+def test_a_take_made_with_both_sides_keeps_the_later_shots_when_made_current_again(make_engine):
+    engine = make_engine()
+    story = story_with(mode="joint")
+    first = engine.render(story)
+    both = engine.render(story, regenerate=1)  # later shots as context: shot 3 is kept, not stale
+    assert both.summary["both_sides"] and both.shots[2].key == first.shots[2].key
+    takes = engine.takes(story, 1)
+    assert [t.both_sides for t in takes] == [False, True]
+    back = engine.make_current(story, 1, takes[0].key)
+    assert [s.key for s in back.shots] == [s.key for s in first.shots]
+    again = engine.make_current(story, 1, takes[1].key)
+    assert [s.status for s in again.shots] == ["cached"] * 3 and again.shots[2].key == first.shots[2].key
