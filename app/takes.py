@@ -110,10 +110,13 @@ class Takes:
         view = board.views[i]
         if view.video and view.key == take.key:
             return view.video
-        fps = board.story.settings.fps
-        path = Path(self.out_root) / "takes" / f"{take.key}-{fps}fps.mp4"
-        if not path.is_file() and self.engine.take_video(take.key, path, fps) is None:
-            return None  # evicted since it was listed
+        return self._take_file(take.key, board.story.settings.fps)
+
+    def _take_file(self, key: str, fps: int) -> str | None:
+        """The take's MP4 under the output folder, written on first use (None: evicted since listed)."""
+        path = Path(self.out_root) / "takes" / f"{key}-{fps}fps.mp4"
+        if not path.is_file() and self.engine.take_video(key, path, fps) is None:
+            return None
         return str(path)
 
     def _takes_outputs(self, i: int) -> list:
@@ -168,8 +171,9 @@ class Takes:
                              [self.board, slot["take_key"]], outputs, **quiet)
             slot["take_compare"].click(lambda board, key, i=i: self._compare(board, i, key),
                                        [self.board, slot["take_key"]], compare, **quiet)
-            slot["take_current"].click(self._make_current_handler(i), inputs | {slot["take_key"]},
-                                       self.editor_outputs + self.result_outputs + outputs,
+            slot["take_current"].click(self._make_current_handler(i),
+                                       inputs | {slot["take_key"], self.compare_shot, self.compare_left, self.compare_right},
+                                       self.editor_outputs + self.result_outputs + outputs + compare,
                                        concurrency_limit=None, **quiet)
         for side, video in ((self.compare_left, self.compare_left_video), (self.compare_right, self.compare_right_video)):
             side.input(self._compare_video, [self.board, self.compare_shot, side], video, **quiet)
@@ -193,15 +197,17 @@ class Takes:
         number = min(max(shown.number + delta, 1), len(takes))
         return self._takes_updates(board, i, takes[number - 1].key)
 
-    def _compare(self, board: Board, i: int, key: str | None) -> dict:
-        """The compare panel for shot i: the browsed take on the left, the current one on the right
-        (or, when the current one is browsed, the take before it)."""
+    def _compare(self, board: Board, i: int, key: str | None, right_key: str | None = None) -> dict:
+        """The compare panel for shot i: the browsed take on the left, on the right `right_key` or
+        the current one (or, when the current one is browsed, the take before it)."""
         takes = self._shot_takes(board, i)
         if len(takes) < 2:
             gr.Info(f"Shot {i + 1} has {len(takes)} take{'s' * (len(takes) != 1)}: regenerate it to have two to compare.")
             return {}
         left = _pick(takes, key)
-        right = next((t for t in takes if t.current and t is not left), None) or takes[left.number - 2 if left.number > 1 else 1]
+        right = (next((t for t in takes if t.key == right_key and t is not left), None)
+                 or next((t for t in takes if t.current and t is not left), None)
+                 or takes[left.number - 2 if left.number > 1 else 1])
         choices = take_choices(takes)
         return {self.compare_panel: gr.Group(visible=True), self.compare_shot: i,
                 self.compare_title: f'<div class="compare-title"><b>Shot {i + 1}</b>: two takes side by side</div>',
@@ -225,7 +231,10 @@ class Takes:
             for out in self._render(request, data, i, take=key):  # a render job, like Regenerate
                 board = out.get(self.board, board)
                 yield out
-            yield self._takes_updates(board, i, key)
+            out = self._takes_updates(board, i, key)
+            if data[self.compare_shot] == i:  # the compare panel shows this shot: which take is current now
+                out.update(self._compare(board, i, data[self.compare_left], data[self.compare_right]))
+            yield out
         return handler
 
     # -- API endpoints ----------------------------------------------------------------------------
@@ -237,9 +246,7 @@ class Takes:
             takes = self.engine.takes(story, _int_or_raw(shot))
         except StoryError as error:
             raise gr.Error(readable_story_error(error), print_exception=False) from None
-        folder = Path(self.out_root) / "takes"
-        videos = [self.engine.take_video(t.key, folder / f"{t.key}-{story.settings.fps}fps.mp4", story.settings.fps)
-                  for t in takes]
+        videos = [self._take_file(t.key, story.settings.fps) for t in takes]
         listed = [{"key": t.key, "number": t.number, "seed": t.seed, "caption": t.caption, "created": t.created,
                    "generated_with": t.generated_with, "both_sides": t.both_sides, "current": t.current,
                    "video": Path(v).name if v else None} for t, v in zip(takes, videos)]

@@ -184,8 +184,12 @@ def test_takes_list_and_make_an_earlier_one_current(client):
     _, listed = client.predict(switched["story"], 1, api_name="/takes")
     assert [t["current"] for t in listed["takes"]] == [True, False]
 
-    with pytest.raises(AppError, match="not a cached take of shot 2"):
-        client.predict(story.to_dict(), 1, keys[0], api_name="/make_current")
+    for take in (keys[0], "", "../../etc/passwd"):
+        with pytest.raises(AppError, match="not a cached take of shot 2"):
+            client.predict(story.to_dict(), 1, take, api_name="/make_current")
+    for shot in (2, 0.5, -1):
+        with pytest.raises(AppError, match=r"shot: must be a shot index in \[0, 1\]"):
+            client.predict(story.to_dict(), shot, api_name="/takes")
     bad = story.to_dict()
     bad["shots"][1]["take"] = "NOT-HEX"
     with pytest.raises(AppError, match="Shot 2 › take: must be"):
