@@ -54,6 +54,14 @@ def _pick(takes: list[TakeInfo], key: str | None) -> TakeInfo | None:
             or (takes[-1] if takes else None))
 
 
+def remembered(story: Story, shots: list) -> dict:
+    """`story` as a dict whose shots remember the takes a render showed (its ShotResults)."""
+    d = story.to_dict()
+    for shot, result in zip(d["shots"], shots):
+        shot["take"] = result.key
+    return d
+
+
 class Takes:
     """StoryboardApp's takes methods (a mixin: the state lives on StoryboardApp)."""
 
@@ -171,11 +179,12 @@ class Takes:
                              [self.board, slot["take_key"]], outputs, **quiet)
             slot["take_compare"].click(lambda board, key, i=i: self._compare(board, i, key),
                                        [self.board, slot["take_key"]], compare, **quiet)
-            slot["take_current"].click(self._make_current_handler(i),
-                                       inputs | {slot["take_key"], self.compare_shot, self.compare_left, self.compare_right},
+            chosen = {slot["take_key"], self.compare_shot, self.compare_left, self.compare_right}
+            slot["take_current"].click(self._make_current_handler(i), inputs | chosen,
                                        self.editor_outputs + self.result_outputs + outputs + compare,
                                        concurrency_limit=None, **quiet)
-        for side, video in ((self.compare_left, self.compare_left_video), (self.compare_right, self.compare_right_video)):
+        sides = ((self.compare_left, self.compare_left_video), (self.compare_right, self.compare_right_video))
+        for side, video in sides:
             side.input(self._compare_video, [self.board, self.compare_shot, side], video, **quiet)
         self.compare_close.click(lambda: gr.Group(visible=False), None, self.compare_panel, **quiet)
 
@@ -183,8 +192,8 @@ class Takes:
         with gr.Column(visible=False):
             self.api_take = gr.Textbox(label="take")
         api = dict(show_progress="hidden", api_visibility="public")
-        self.api_trigger.click(self._api_takes, [self.api_story, self.api_shot], [self.api_shot_videos, self.api_result],
-                               api_name="takes", **api)
+        self.api_trigger.click(self._api_takes, [self.api_story, self.api_shot],
+                               [self.api_shot_videos, self.api_result], api_name="takes", **api)
         self.api_trigger.click(self._api_make_current, [self.api_story, self.api_shot, self.api_take],
                                [self.api_video, self.api_shot_videos, self.api_result], api_name="make_current",
                                concurrency_limit=None, **api)
@@ -202,7 +211,8 @@ class Takes:
         the current one (or, when the current one is browsed, the take before it)."""
         takes = self._shot_takes(board, i)
         if len(takes) < 2:
-            gr.Info(f"Shot {i + 1} has {len(takes)} take{'s' * (len(takes) != 1)}: regenerate it to have two to compare.")
+            gr.Info(f"Shot {i + 1} has {len(takes)} take{'s' * (len(takes) != 1)}: "
+                    "regenerate it to have two to compare.")
             return {}
         left = _pick(takes, key)
         right = (next((t for t in takes if t.key == right_key and t is not left), None)
@@ -265,10 +275,3 @@ class Takes:
                            print_exception=False)
         yield from self._api_render(story, index, request, take=take)
 
-
-def remembered(story: Story, shots: list) -> dict:
-    """`story` as a dict whose shots remember the takes a render showed (its ShotResults)."""
-    d = story.to_dict()
-    for shot, result in zip(d["shots"], shots):
-        shot["take"] = result.key
-    return d

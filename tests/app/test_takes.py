@@ -42,3 +42,15 @@ def test_an_opened_story_shows_its_takes_and_names_a_lost_one(app, story_engine)
 
     board, notes = app._show_takes(new_board(tiny_story(shots=2)))  # remembers nothing: nothing to show
     assert [v.status for v in board.views] == ["new", "new"] and notes == []
+
+
+def test_the_story_remembers_the_take_each_card_shows():
+    from dataclasses import replace
+
+    from app.state import ShotView, move_shot, with_takes
+
+    board = new_board(tiny_story(shots=3))
+    board = replace(board, views=(ShotView("cached", "a.mp4", key="aa"), ShotView(), ShotView("stale", "c.mp4", key="cc")))
+    assert [s.take for s in with_takes(board.story, board.views).shots] == ["aa", "", "cc"]
+    moved = move_shot(board, 2, -2)  # the take moves with its shot
+    assert [s.take for s in with_takes(moved.story, moved.views).shots] == ["cc", "aa", ""]
