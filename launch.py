@@ -139,6 +139,9 @@ def render_headless(args) -> int:
         context = "the shots before and after it" if s.get("both_sides") else "the shots before it"
         note = f" (later shots not used: {s['both_sides_note']})" if s.get("both_sides_note") else ""
         print(f"regenerated shot {args.regenerate} with {context} as context{note}")
+    for index in s.get("takes_gone", []):
+        print(f"note: shot {index:02d}'s remembered take ({story.shots[index].take}) is no longer in the shot cache; "
+              "it was generated anew")
     print(f"story: {result.story_video}  ({s['seconds']:.1f} s, sparsity {s['sparsity']:.3f}, "
           f"cache {json.dumps(s['cache'])})")
     return 0

@@ -1,5 +1,6 @@
 """The gradio_client endpoints: /generate, /regenerate, /stop, /save_story, /load_story,
-/example_story and /info (documented in docs/API.md; /recall lives with its view in app/recall.py).
+/example_story and /info (documented in docs/API.md; /recall lives with its view in app/recall.py,
+/takes and /make_current in app/takes.py).
 
 For: the hidden components the endpoints are named on (`_build_api`) and their handlers; every
 bad input becomes a gr.Error with a readable message.
@@ -15,6 +16,7 @@ import gradio as gr
 from engine.events import Finished, Progress, ShotDone, Stopped
 from engine.story import Story, StoryError
 
+from .takes import remembered
 from .worker import BusyError, Failed, Queued
 from .views import _int_or_raw, _jsonable, _session, readable_story_error, routing_summary, shot_dict
 
@@ -62,9 +64,10 @@ class Api:
                            print_exception=False)
         yield from self._api_render(story, index, request, None if both_sides is not False else False)
 
-    def _api_render(self, story: Story, regenerate: int | None, request: gr.Request, both_sides: bool | None = None):
+    def _api_render(self, story: Story, regenerate: int | None, request: gr.Request, both_sides: bool | None = None,
+                    take: str | None = None):
         try:
-            job = self.worker.submit(_session(request), story, regenerate, both_sides=both_sides)
+            job = self.worker.submit(_session(request), story, regenerate, both_sides=both_sides, take=take)
         except BusyError as error:
             raise gr.Error(str(error), print_exception=False) from None
         shots: dict[int, dict] = {}
@@ -82,6 +85,7 @@ class Api:
                 videos = [str(r.video_path) for r in result.shots if r.video_path]
                 yield (str(result.story_video) if result.story_video else None, videos or None, {
                     "state": "finished", "shots": [shot_dict(r) for r in result.shots],
+                    "story": remembered(story, result.shots),
                     "summary": _jsonable(result.summary), "routing": routing_summary(result.routing)})
             elif isinstance(event, Stopped):
                 yield None, None, {"state": "stopped", "message": event.message,

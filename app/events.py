@@ -22,7 +22,7 @@ from engine.story import Shot, Story, StoryError
 
 from . import plots
 from .state import (MAX_SHOTS, Board, add_shot, apply_result, apply_shot, duplicate_shot, load_story, mark_queued,
-                    mark_rendering, move_shot, remove_shot, set_story, settle)
+                    mark_rendering, move_shot, remove_shot, set_story, settle, with_takes)
 from .worker import TERMINAL, BusyError, Failed, Queued, Started
 from .views import (_card_classes, _int_or_raw, _session, _shot_list, cache_saved, earlier_shots, preview_strip,
                     readable_story_error, shot_dict, shot_header, status_html)
@@ -65,7 +65,8 @@ class Events:
                       seed=_int_or_raw(data[slot["seed"]]), locked=bool(data[slot["locked"]]),
                       pins=_shot_list(data[slot["pins"]]), blocks=_shot_list(data[slot["blocks"]]))
                  for slot in self.slots[: len(board.story.shots)]]
-        return replace(board.story, global_caption=data[self.global_caption], shots=shots, settings=settings)
+        story = replace(board.story, global_caption=data[self.global_caption], shots=shots, settings=settings)
+        return with_takes(story, board.views)  # each shot remembers the take its card shows
 
     def editor_updates(self, board: Board, before: Board | None = None) -> dict:
         """Everything in the editor that shows `board`; slots whose video did not change are skipped."""
@@ -168,6 +169,7 @@ class Events:
                                api_name="example_story", **api)
         self.api_trigger.click(self._api_info, None, [self.api_info], api_name="info", **api)
         self._wire_recall()  # app/recall.py: the recall view, the layer / step selectors and /recall
+        self._wire_takes()  # app/takes.py: the cards' Takes sections, the compare panel, /takes, /make_current
 
     def _load_example(self, board: Board, name: str | None) -> dict:
         if not name or name not in self.examples:
@@ -188,7 +190,9 @@ class Events:
             gr.Warning(f"This story has {len(story.shots)} shots; the editor shows at most {MAX_SHOTS}. "
                        "Render it with `python launch.py --story FILE` instead.")
             return {}
-        fresh = load_story(board, story)
+        fresh, gone = self._show_takes(load_story(board, story))  # the takes it remembers, from the cache
+        for note in gone:
+            gr.Warning(note)
         out = self.editor_updates(fresh, before=None)
         out.update(self.routing_updates(fresh))
         out.update({self.status: status_html("idle", "Ready", message), self.story_video: None,
@@ -233,13 +237,14 @@ class Events:
             if not ended:
                 job.stop()
 
-    def _render(self, request: gr.Request, data: dict, regenerate: int | None) -> Iterator[dict]:
+    def _render(self, request: gr.Request, data: dict, regenerate: int | None,
+                take: str | None = None) -> Iterator[dict]:
         before = data[self.board]
         board = set_story(before, self.story_from_form(before, data))
         try:
             story = Story.from_dict(board.story.to_dict())  # a validated copy the worker owns
             both_sides = None if regenerate is None or data.get(self.both_sides, True) else False
-            job = self.worker.submit(_session(request), story, regenerate, both_sides=both_sides)
+            job = self.worker.submit(_session(request), story, regenerate, both_sides=both_sides, take=take)
             board = set_story(board, Story.from_dict(story.to_dict()))
         except StoryError as error:
             message = readable_story_error(error)

@@ -77,6 +77,7 @@ class Layout:
                                     elem_classes="hint")
                 with gr.Row(elem_classes="shot-grid", equal_height=False):
                     self.slots = [self._build_slot(i, story) for i in range(MAX_SHOTS)]
+                self._build_compare()  # app/takes.py
                 self.add_btn = gr.Button("+ Add shot", elem_id="add-shot", elem_classes="add-shot")
                 gr.Markdown("Frames are latent frames. Seed −1 draws a random seed; the seed used is shown on "
                             "the card, and locking a shot keeps that take when you generate again.",
@@ -131,6 +132,7 @@ class Layout:
                                            info="earlier shots this shot must recall, whatever routing picks")
                 slot["blocks"] = gr.Dropdown(choices, value=list(shot.blocks) if shot else [], multiselect=True,
                                              label="Never recalls (blocked)", elem_id=f"shot-blocks-{i}")
+            slot.update(self._build_takes(i))  # app/takes.py
         return slot
 
     def _build_routing(self) -> None:

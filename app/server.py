@@ -6,6 +6,7 @@ and the output folder, and is assembled from four parts, each in its own short f
   app/events.py   the form <-> story mapping and one render streamed to the UI
   app/api.py      the gradio_client endpoints (docs/API.md)
   app/recall.py   what each shot remembered, as pictures (Routing tab), and the /recall endpoint
+  app/takes.py    a shot's takes: browse, compare, make current (and their endpoints)
 with the pure view helpers in app/views.py, story edits in app/state.py, the render queue in
 app/worker.py and the plots in app/plots.py.
 Not for: rendering (engine/), story rules (engine/story.py) or argument parsing (launch.py).
@@ -33,6 +34,7 @@ from .events import Events
 from .layout import Layout
 from .recall import RecallView
 from .state import MAX_SHOTS
+from .takes import TAKES_CSS, Takes
 from .views import (CSS, EXAMPLES_DIR, PREVIEW_FRAMES, PREVIEW_MIN_HEIGHT, THEME, cache_saved, earlier_shots,
                     fallback_story, is_default_model, log, model_note, preview_strip, readable_story_error,
                     routing_summary, shot_dict, shot_header, status_html)
@@ -56,7 +58,7 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 7860, cache_dir=None,
         app.close()
 
 
-class StoryboardApp(Layout, Events, Api, RecallView):
+class StoryboardApp(Layout, Events, Api, RecallView, Takes):
     """The engine, the render worker and the Blocks that drive them."""
 
     def __init__(self, engine, examples_dir: str | Path = EXAMPLES_DIR, out_root: str | Path | None = None):
@@ -79,7 +81,7 @@ class StoryboardApp(Layout, Events, Api, RecallView):
         cache_root = getattr(getattr(self.engine, "cache", None), "root", None)
         if cache_root:
             allowed.append(str(cache_root))
-        return demo.launch(server_name=host, server_port=port, share=share, theme=THEME, css=CSS,
+        return demo.launch(server_name=host, server_port=port, share=share, theme=THEME, css=CSS + TAKES_CSS,
                            allowed_paths=allowed, footer_links=["api", "settings"], show_error=True, ssr_mode=False,
                            max_file_size=MAX_STORY_BYTES, **kwargs)
 

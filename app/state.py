@@ -240,3 +240,11 @@ def settle(board: Board) -> Board:
     views = [replace(v, status=v.was or "new", was=None) if v.status in ("queued", "rendering") else v
              for v in board.views]
     return refresh(replace(board, views=tuple(views)))
+
+
+# -- takes --------------------------------------------------------------------------------------
+
+def with_takes(story: Story, views: tuple[ShotView, ...]) -> Story:
+    """`story` remembering, per shot, the take this session shows (`Shot.take`; "" where none)."""
+    shots = [replace(shot, take=(view.key or "") if view.video else "") for shot, view in zip(story.shots, views)]
+    return replace(story, shots=shots + list(story.shots[len(shots):]))

@@ -61,6 +61,7 @@ class Job:
     regenerate: int | None  # None: render the whole story; i: regenerate shot i only
     out_dir: Path
     both_sides: bool | None = None  # regenerate: later shots as context (None: whenever possible)
+    take: str | None = None  # with regenerate: make this cached take current instead of sampling one
     events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
     stop_flag: threading.Event = field(default_factory=threading.Event)
     started: threading.Event = field(default_factory=threading.Event)
@@ -99,7 +100,7 @@ class Worker:
     # -- what the UI and the API call -------------------------------------------------------------
 
     def submit(self, owner: str, story: Story, regenerate: int | None = None,
-               both_sides: bool | None = None) -> Job:
+               both_sides: bool | None = None, take: str | None = None) -> Job:
         """Queue a render for `owner`; one unfinished job per owner (raises BusyError otherwise)."""
         with self._lock:
             if self._closed:
@@ -107,7 +108,7 @@ class Worker:
             if any(j.owner == owner for j in self._unfinished()):
                 raise BusyError("A render of yours is already queued or running. Stop it first or wait.")
             job_id = next(self._ids)
-            job = Job(job_id, owner, story, regenerate, self.out_root / f"job_{job_id:05d}", both_sides)
+            job = Job(job_id, owner, story, regenerate, self.out_root / f"job_{job_id:05d}", both_sides, take)
             self._pending.append(job)
             self._wake.notify_all()
         return job
@@ -207,8 +208,12 @@ class Worker:
 
         started = time.perf_counter()
         try:
-            result = self.engine.render(job.story, regenerate=job.regenerate, out_dir=job.out_dir,
-                                        on_event=on_event, stop=job.stop_flag, both_sides=job.both_sides)
+            if job.take is not None:
+                result = self.engine.make_current(job.story, job.regenerate, job.take, out_dir=job.out_dir,
+                                                  on_event=on_event, stop=job.stop_flag)
+            else:
+                result = self.engine.render(job.story, regenerate=job.regenerate, out_dir=job.out_dir,
+                                            on_event=on_event, stop=job.stop_flag, both_sides=job.both_sides)
         except RenderStopped as stopped:
             if not sent_terminal.is_set():
                 job.events.put(Stopped(str(stopped) or "Stopped.", tuple(stopped.finished_shots)))

@@ -3,8 +3,9 @@
 For: `StoryEngine.load(...)` and `render(story, regenerate=..., out_dir=..., on_event=..., stop=...)`:
 plan which shots come from the shot cache and which are sampled (in which runs), run the
 sampler, store every finished take at once, write per-shot and whole-story MP4s, the routing
-report and the summary. Also `available_backends()`, the cache statistics, and the current
-takes read without rendering (`current_routing`, `take_pictures`: the recall pictures).
+report and the summary; a shot's takes (`takes`, `make_current`, `current_takes`, `take_video`).
+Also `available_backends()`, the cache statistics, and the current takes read without rendering
+(`current_routing`, `take_pictures`: the recall pictures).
 Not for: the sampling loop (sampler.py), the model (model.py, backbone.py), UI (app/).
 
 Takes and keys. A shot's *take* (frames + latents + routing) is stored under a key that hashes
@@ -14,7 +15,13 @@ its position in the joint run that made it, and (where attention is not causal a
 the run's other shots. A *slot* (the same minus the seed actually drawn for seed = -1) points
 at the current take, so a second identical request is a cache hit even with random seeds; a
 *loose slot* (position and the shot's own fields only, no context) points at the latest take
-of that shot, which is what "stale" and locked shots show.
+of that shot, which is what "stale" and locked shots show. A *takes slot* (position, caption,
+length and the common settings; any seed, context or pins) keeps the history of the shot's takes,
+oldest first (at most MAX_HISTORY, evicted takes skipped): every sampled take is added to it.
+A story may remember a shot's current take (`Shot.take`, a key). It is shown, instead of what
+the slot points at, while its context is the one it was made or made current for; a locked or
+stale shot shows it while it is a take of that shot; a remembered take the cache no longer holds
+is sampled anew (the summary's "takes_gone" lists those shots).
 Render rules:
   * normal: shots whose slot has a take are "cached"; from the first shot without one on,
     shots are sampled (joint: together, in runs; shot_by_shot: one at a time), except locked
@@ -28,6 +35,10 @@ Render rules:
     the context K/V cache is used): the shots after i are context too (encoded from their takes
     without looking at shot i), shot i may route into them, and they stay "cached", not stale;
     shot i's key then also hashes their keys.
+  * make_current(i, key) (`render(regenerate=i, take=key)`): like regenerate=i, but shot i is an
+    earlier take instead of a sampled one; later shots are "cached" where their slot (with this
+    take as context) has a take, else "stale" (or kept, "cached", if that take was itself made
+    with both sides as context).
 Otherwise context is the story prefix: a shot never conditions on a later one.
 """
 
@@ -54,7 +65,7 @@ from engine.model import StoryModel
 from engine.moc.attention import resolve_backend, triton_available
 from engine.routing_report import ShotRouting, build_report, recorded_steps
 from engine.sampler import Run, SamplerOptions, StepInfo, StorySampler
-from engine.shot_cache import ShotCache, Take
+from engine.shot_cache import MAX_HISTORY, ShotCache, Take
 from engine.story import MAX_SEED, Story, StoryError, atomic_write_text
 from engine.video import write_mp4
 
@@ -66,6 +77,11 @@ KEEP_RENDERS = 20  # render folders kept under <cache_dir>/renders when no out_d
 def _loose(common: str, index: int, shot) -> str:
     """The loose slot of a shot: its position and its own fields, no context."""
     return _hash("loose", common, index, shot.caption, shot.frames, shot.seed)
+
+
+def _takes_slot(common: str, index: int, shot) -> str:
+    """The history of a shot's takes: its position, caption and length (any seed, context or pins)."""
+    return _hash("takes", common, index, shot.caption, shot.frames)
 
 
 def _links(shot) -> list:
@@ -101,6 +117,23 @@ class _Planned:
     run_offset: int = 0  # position inside its run
     take: Take | None = None
     repoint: bool = False  # a later shot kept by a both-sided regeneration: its new slot points at its take
+    takes: str = ""  # the takes slot (history of this shot's takes)
+    chosen: bool = False  # made current by make_current: its slot and loose slot point at it
+    gone: bool = False  # the story remembered a take of this shot that the cache no longer holds
+
+
+@dataclass(frozen=True)
+class TakeInfo:
+    """One take of a shot, as `StoryEngine.takes` lists it."""
+
+    key: str  # the take's shot cache key (what Shot.take remembers)
+    number: int  # 1 = the oldest take of this shot still cached
+    seed: int  # the seed its initial noise was drawn with
+    caption: str  # the shot's caption when it was made
+    created: float  # when it was made (Unix time; 0 if unknown)
+    generated_with: str  # "joint" | "context" | "single" (see `generated_with`)
+    both_sides: bool  # it was made with the later shots as context too
+    current: bool  # what a render of the story shows for this shot now
 
 
 class StoryEngine:
@@ -197,11 +230,12 @@ class StoryEngine:
                                            f"context: {why}")
         return not why, why
 
-    def plan(self, story: Story, regenerate: int | None = None,
-             both_sides: bool = False) -> tuple[list[_Planned], list[Run]]:
+    def plan(self, story: Story, regenerate: int | None = None, both_sides: bool = False,
+             take: str | None = None) -> tuple[list[_Planned], list[Run]]:
         """Decide, for every shot, cached / stale / generate, the runs and the keys. No sampling.
         both_sides (with regenerate): the later shots keep their current takes, are not stale,
-        and are context of the regenerated shot (check `self.both_sides` first)."""
+        and are context of the regenerated shot (check `self.both_sides` first). take (with
+        regenerate): shot `regenerate` is this cached take instead of a sampled one."""
         S = len(story.shots)
         if regenerate is not None and (isinstance(regenerate, bool) or not isinstance(regenerate, int)
                                        or not 0 <= regenerate < S):
@@ -216,25 +250,28 @@ class StoryEngine:
         for i, shot in enumerate(story.shots):
             slot = _hash("slot", common, shot.caption, shot.frames, shot.seed, keys, *_links(shot))
             loose = _loose(common, i, shot)
-            p = _Planned(i, "generate", shot.seed, slot=slot, loose=loose)
-            if regenerate is not None and i == regenerate:
+            p = _Planned(i, "generate", shot.seed, slot=slot, loose=loose, takes=_takes_slot(common, i, shot))
+            fits, ours = self._remembered(shot, p) if i != regenerate else (None, None)
+            if regenerate is not None and i == regenerate and take is not None:
+                p.status, p.key, p.chosen = "cached", take, True
+            elif regenerate is not None and i == regenerate:
                 if shot.seed != -1 and not both_sides:  # a fixed seed regenerates deterministically: reuse
                     mates = [(shot.caption, shot.frames, shot.seed)] if self._sees_later(story) else []
                     key = _hash("take", slot, shot.seed, 0, mates)
                     if self.cache.contains(key):
                         p.status, p.key = "cached", key
             elif regenerate is not None and i > regenerate:
-                key = self.cache.pointer(slot)
+                key = fits or self.cache.pointer(slot)
                 if key is not None:
                     p.status, p.key = "cached", key
-                elif (key := self.cache.pointer(loose)) is not None:
+                elif (key := ours or self.cache.pointer(loose)) is not None:
                     p.status, p.key = ("cached", key) if both_sides else ("stale", key)
                     p.repoint = both_sides
             else:
-                key = None if (generating and joint) else self.cache.pointer(slot)
+                key = None if (generating and joint) or p.gone else (fits or self.cache.pointer(slot))
                 if key is not None:
                     p.status, p.key = "cached", key
-                elif shot.locked and (key := self.cache.pointer(loose)) is not None:
+                elif shot.locked and (key := ours or self.cache.pointer(loose)) is not None:
                     p.status, p.key = "stale", key
             if p.status == "generate":
                 generating = True
@@ -275,20 +312,90 @@ class StoryEngine:
                 runs = [r for r in runs if regenerate not in r.shots]
         return plans, runs
 
+    def _remembered(self, shot, p: _Planned) -> tuple[str | None, str | None]:
+        """(fits, ours) for the take the story remembers for this shot: fits = it, where its context
+        is this slot's (it was made for the slot, or made current for it); ours = it, where it is a
+        take of this shot at all (what a locked or stale shot shows). Marks p.gone if it left the cache."""
+        if not shot.take:
+            return None, None
+        meta = self.cache.meta(shot.take)
+        if meta is None:
+            p.gone = True
+            return None, None
+        fits = meta.get("slot") == p.slot or self.cache.pointer(p.slot) == shot.take
+        ours = fits or shot.take in self.cache.history(p.takes)
+        return (shot.take if fits else None), (shot.take if ours else None)
+
+    # ---- takes --------------------------------------------------------------------------------
+
+    def takes(self, story: Story, index: int) -> list[TakeInfo]:
+        """Shot `index`'s takes that the cache still holds, oldest first; `current` marks the one a
+        render of `story` shows (none where the shot would be sampled)."""
+        self.check(story)
+        index = self._shot_index(story, index)
+        plans, _ = self.plan(story)
+        p = plans[index]
+        current = p.key if p.status != "generate" else None
+        keys = self.cache.history(p.takes)
+        if current is not None and current not in keys:  # made before take histories existed
+            keys.append(current)
+        metas = [(key, self.cache.meta(key)) for key in keys]
+        metas = sorted(((k, m) for k, m in metas if m is not None), key=lambda km: float(km[1].get("created", 0)))
+        return [TakeInfo(key=k, number=n, seed=int(m.get("seed", -1)), caption=str(m.get("caption", "")),
+                         created=float(m.get("created", 0)), generated_with=str(m.get("generated_with", "")),
+                         both_sides=bool(m.get("both_sides", False)), current=k == current)
+                for n, (k, m) in enumerate(metas, 1)]
+
+    def current_takes(self, story: Story) -> list[tuple[str, str | None]]:
+        """Per shot, what a render of `story` would do, without rendering: ("cached", key),
+        ("stale", key), ("generate", None), or ("gone", None) where the take the story remembers
+        is no longer in the cache (a render samples it anew)."""
+        self.check(story)
+        plans, _ = self.plan(story)
+        return [(p.status, p.key) if p.status != "generate" else ("gone" if p.gone else "generate", None)
+                for p in plans]
+
+    def make_current(self, story: Story, index: int, key: str, **render_kwargs) -> RenderResult:
+        """Make take `key` (one of `takes(story, index)`) shot `index`'s current take: its slot
+        points at it, and the render that follows shows it without sampling it. Later shots follow
+        the rules of a regeneration (module docstring). render_kwargs: out_dir, on_event, stop."""
+        self.check(story)
+        index = self._shot_index(story, index)
+        known = [t.key for t in self.takes(story, index)]
+        if key not in known:
+            raise StoryError(f"shots[{index}].take", f"{str(key)[:80]!r} is not a cached take of shot {index + 1}; "
+                             f"its takes are {known} (list them with `takes`)")
+        both = None if (self.cache.meta(key) or {}).get("both_sides") else False
+        return self.render(story, regenerate=index, take=key, both_sides=both, **render_kwargs)
+
+    def take_video(self, key: str, path: str | Path, fps: int) -> Path | None:
+        """Write a cached take's frames as an MP4 at `path`; None if the cache no longer holds it."""
+        take = self.cache.get(key)
+        return None if take is None else write_mp4(Path(path), take.frames, fps)
+
+    @staticmethod
+    def _shot_index(story: Story, index) -> int:
+        S = len(story.shots)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < S:
+            raise StoryError("shot", f"must be a shot index in [0, {S - 1}], got {index!r}")
+        return index
+
     # ---- render -------------------------------------------------------------------------------
 
     def render(self, story: Story, *, regenerate: int | None = None, out_dir: str | Path | None = None,
-               on_event=None, stop: threading.Event | None = None, both_sides: bool | None = None) -> RenderResult:
+               on_event=None, stop: threading.Event | None = None, both_sides: bool | None = None,
+               take: str | None = None) -> RenderResult:
         """Render `story`; see the module docstring for what is sampled. Emits events through
         `on_event`; raises RenderStopped (after emitting Stopped) when `stop` is set: every take
         finished before that stays in the cache. both_sides (with regenerate): the regenerated
         shot also sees the shots after it, which keep their takes and are not stale; None = do it
-        whenever it can (see `both_sides`), True = do it or raise StoryError saying why not."""
+        whenever it can (see `both_sides`), True = do it or raise StoryError saying why not.
+        take (with regenerate): use that cached take for the shot instead (see `make_current`)."""
         self.check(story)
         emit = on_event or (lambda event: None)
         with self._lock:
             try:
-                return self._render(story, regenerate, out_dir, emit, stop, both_sides)
+                return self._render(story, regenerate, out_dir, emit, stop, both_sides, take)
             except RenderStopped as err:
                 emit(Stopped(str(err), err.finished_shots))
                 raise
@@ -304,10 +411,10 @@ class StoryEngine:
                                     "space or choose a --cache-dir with room; every shot finished so far is "
                                     "kept in the cache") from err
 
-    def _render(self, story, regenerate, out_dir, emit, stop, both_sides=None) -> RenderResult:
+    def _render(self, story, regenerate, out_dir, emit, stop, both_sides=None, take=None) -> RenderResult:
         started = time.perf_counter()
         both, why_not = self.both_sides(story, regenerate, both_sides)
-        plans, runs = self.plan(story, regenerate, both)
+        plans, runs = self.plan(story, regenerate, both, take if regenerate is not None else None)
         self.cache.record_misses(sum(p.status == "generate" for p in plans))  # shots no take could serve
         out_dir = Path(out_dir) if out_dir is not None else self._new_render_dir()
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -324,8 +431,11 @@ class StoryEngine:
                 raise RuntimeError(f"take {p.key} of shot {p.index + 1} left the cache during the render; "
                                    "render again (it will be sampled)")
             takes[p.index] = take
-            if p.repoint:
+            if p.repoint or p.chosen:
                 self.cache.point(p.slot, p.key)
+            if p.chosen or p.index == regenerate:  # a reused take is a take of this shot too
+                self.cache.point(p.loose, p.key)
+                self.cache.remember(p.takes, p.key)
             results[p.index] = self._finish_shot(p, take, p.status, 0.0, out_dir, fps)
             emit(ShotDone(p.index, results[p.index]))
         # 2. sampling runs, in story order; earlier shots become context as needed
@@ -366,10 +476,11 @@ class StoryEngine:
                     p = plans[s]
                     seconds[s] = secs * story.shots[s].frames / total_frames + time.perf_counter() - t0
                     take = Take(key=p.key, frames=frames, latents=latents[s], tensors=routing.tensors(),
-                                meta=self._take_meta(story, p, routing, run, seconds[s]))
+                                meta=self._take_meta(story, p, routing, run, seconds[s], after and s == regenerate))
                     self.cache.put(take)
                     self.cache.point(p.slot, p.key)
                     self.cache.point(p.loose, p.key)
+                    self.cache.remember(p.takes, p.key)
                     takes[s] = take
                     results[s] = self._finish_shot(p, take, "generated", seconds[s], out_dir, fps)
                     emit(ShotDone(s, results[s]))
@@ -386,6 +497,7 @@ class StoryEngine:
         if regenerate is not None and not both:
             summary["both_sides_note"] = why_not
         summary["cache_saved_s"] = round(cache_saved, 3)  # what the cached takes cost when they were made
+        summary["takes_gone"] = [p.index for p in plans if p.gone]  # remembered takes sampled anew
         atomic_write_text(out_dir / "routing.json", json.dumps(routing))
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
         result = RenderResult(shots=shots, story_video=story_video, routing=routing, summary=summary)
@@ -422,12 +534,14 @@ class StoryEngine:
         routing["keys"] = [take.key if take is not None else None for take in takes]
         return routing
 
-    def _take_meta(self, story: Story, p: _Planned, routing: ShotRouting, run: Run, seconds: float) -> dict:
+    def _take_meta(self, story: Story, p: _Planned, routing: ShotRouting, run: Run, seconds: float,
+                   both_sides: bool) -> dict:
         shot = story.shots[p.index]
         return {"shot": p.index, "seed": p.seed, "seconds": seconds, "caption": shot.caption, "frames": shot.frames,
                 "global_caption": story.global_caption, "model": self.model.identity,
                 "mode": story.settings.mode, "generated_with": generated_with(run), "run_shots": list(run.shots),
-                "created": time.time(), "routing": routing.meta()}
+                "created": time.time(), "routing": routing.meta(),
+                "slot": p.slot, "both_sides": both_sides}  # the context it was made for (see _remembered)
 
     @staticmethod
     def _routing_of(take: Take) -> ShotRouting | None:
@@ -503,4 +617,4 @@ def out_of_memory_message(story: Story, device) -> str:
     return f"Out of {where} memory: lower " + "; or ".join(tips) + ". Finished shots stay cached."
 
 
-__all__ = ["StoryEngine", "DEFAULT_CACHE_DIR", "KEY_VERSION", "ResourceError"]
+__all__ = ["StoryEngine", "TakeInfo", "DEFAULT_CACHE_DIR", "KEY_VERSION", "MAX_HISTORY", "ResourceError"]

@@ -1,10 +1,11 @@
 """The shot cache: finished takes on disk, content-addressed, atomic, size-capped (LRU).
 
 For: `ShotCache(root, max_bytes)` with `get(key) -> Take | None` (`read(key)`: the same, neither
-counted nor touching the LRU clock; `read_frames(key, indices)`: a few decoded frames alone),
-`put(take)`, `contains`, `invalidate(key)`, `stats()`, and two small pointer indexes
-(`point(name, key)`, `pointer(name)`) that the engine uses to find the current take of a shot
-slot. Safe across restarts and for two processes sharing one folder.
+counted nor touching the LRU clock; `read_frames(key, indices)`: a few decoded frames alone;
+`meta(key)`: the meta alone), `put(take)`, `contains`, `invalidate(key)`, `stats()`, a small pointer
+index (`point(name, key)`, `pointer(name)`) that the engine uses to find the current take of a shot
+slot, and a bounded history per name (`remember(name, key)`, `history(name)`) that lists a shot's
+takes. Safe across restarts and for two processes sharing one folder.
 Not for: deciding keys (engine.py computes them from everything that changes a take's output).
 
 On disk:
@@ -12,6 +13,7 @@ On disk:
   entries/<k[:2]>/<key>/meta.json          seed, shot, caption, routing meta, ... (written last)
   entries/<k[:2]>/<key>/used               its mtime is the LRU clock
   pointers/<name>.json                     {"key": ...}, atomically replaced
+  histories/<name>.json                    {"keys": [oldest, ..., newest]}, atomically replaced under the lock
   tmp/                                     staging; a write is a rename of a complete folder
   lock                                     flock for put/evict (readers never lock)
 Atomicity: a take is staged in tmp/ (files fsynced), then renamed into entries/ in one step; a
@@ -36,9 +38,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from engine.story import _fsync_dir, atomic_write_text
+from engine.story import _fsync_dir, atomic_write_text, is_cache_key
 
 STALE_TMP_SECONDS = 3600  # staging folders older than this belong to killed writers
+MAX_HISTORY = 16  # keys a history keeps; the oldest go first
 
 
 @dataclass
@@ -81,7 +84,7 @@ class ShotCache:
         self.root = Path(root)
         self.max_bytes = int(max_bytes)  # total size cap; least recently used takes go first
         self.hits = self.misses = self.evictions = 0
-        for sub in ("entries", "pointers", "tmp"):
+        for sub in ("entries", "pointers", "histories", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._clean_tmp()
 
@@ -160,6 +163,18 @@ class ShotCache:
                 return torch.cat([frames[min(max(i, 0), last):min(max(i, 0), last) + 1] for i in indices])
         except (FileNotFoundError, OSError):
             return None
+
+    def meta(self, key: str) -> dict | None:
+        """A take's meta.json (seed, caption, created, ...) without loading its tensors; None if gone.
+        Neither a hit nor a miss, and the LRU clock is left alone: listing takes is not using them."""
+        folder = self._entry(key)
+        if not _is_whole_entry(folder):
+            return None
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError, OSError):
+            return None
+        return meta if isinstance(meta, dict) else None
 
     def put(self, take: Take) -> None:
         """Store a take atomically; a take already present (same key) is kept as it is."""
@@ -261,10 +276,33 @@ class ShotCache:
             return None
         return key if self.contains(key) else None
 
+    # ---- histories: shot -> its takes, oldest first ------------------------------------------
 
-def _is_key(key) -> bool:
-    """Cache keys and pointer names are non-empty lowercase hex: nothing in them can name a path."""
-    return isinstance(key, str) and bool(key) and all(c in "0123456789abcdef" for c in key)
+    def remember(self, name: str, key: str, limit: int = MAX_HISTORY) -> None:
+        """Add `key` to history `name` (a key already there keeps its place); keys the cache has
+        evicted are dropped, then the oldest beyond `limit`. Locked: two writers never lose a key."""
+        self._entry(name)
+        self._entry(key)
+        with self._locked():
+            keys = [k for k in self._read_history(name) if self.contains(k)]
+            if key not in keys:
+                keys.append(key)
+            atomic_write_text(self.root / "histories" / f"{name}.json", json.dumps({"keys": keys[-limit:]}))
+
+    def history(self, name: str) -> list[str]:
+        """The keys remembered under `name`, oldest first, that are still cached."""
+        self._entry(name)
+        return [k for k in self._read_history(name) if self.contains(k)]
+
+    def _read_history(self, name: str) -> list[str]:
+        try:
+            keys = json.loads((self.root / "histories" / f"{name}.json").read_text())["keys"]
+        except (OSError, ValueError, KeyError, TypeError):  # none yet, unreadable or tampered with
+            return []
+        return [k for k in keys if _is_key(k)] if isinstance(keys, list) else []
+
+
+_is_key = is_cache_key  # one rule for keys, shared with the story's `take` field
 
 
 def _is_whole_entry(folder: Path) -> bool:

@@ -36,7 +36,7 @@ def client(app_url):
 def test_endpoints_are_named(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/generate", "/regenerate", "/stop", "/save_story", "/load_story", "/example_story", "/info",
-            "/recall"} <= names
+            "/recall", "/takes", "/make_current"} <= names
     info = client.predict(api_name="/info")
     assert info["model"] and isinstance(info["backends"], list) and info["examples"] == ["tiny"]
 
@@ -194,3 +194,36 @@ def test_recall_of_a_shot_as_json_with_thumbnails(client):
         client.predict(story.to_dict(), 2, None, 5, False, api_name="/recall")
     with pytest.raises(AppError, match="shot must be a shot index"):
         client.predict(story.to_dict(), 3, None, None, False, api_name="/recall")
+
+
+def test_takes_list_and_make_an_earlier_one_current(client):
+    story = tiny_story(shots=2)
+    _, first_videos, first = client.predict(story.to_dict(), api_name="/generate")
+    keys = [s["key"] for s in first["shots"]]
+    assert [s["take"] for s in first["story"]["shots"]] == keys  # the story remembers what it showed
+    _, _, again = client.predict(story.to_dict(), 1, False, api_name="/regenerate")
+    assert again["shots"][1]["key"] != keys[1]
+
+    videos, listed = client.predict(story.to_dict(), 1, api_name="/takes")
+    takes = listed["takes"]
+    assert [t["key"] for t in takes] == [keys[1], again["shots"][1]["key"]]  # oldest first
+    assert [t["current"] for t in takes] == [False, True] and [t["number"] for t in takes] == [1, 2]
+    assert len(videos) == 2 and sha(videos[0]) == sha(first_videos[1])  # take 1 is the first video
+
+    _, shot_videos, switched = client.predict(again["story"], 1, keys[1], api_name="/make_current")
+    assert switched["state"] == "finished", switched
+    assert [s["key"] for s in switched["shots"]] == keys and switched["shots"][1]["status"] == "cached"
+    assert sha(shot_videos[1]) == sha(first_videos[1])
+    _, listed = client.predict(switched["story"], 1, api_name="/takes")
+    assert [t["current"] for t in listed["takes"]] == [True, False]
+
+    for take in (keys[0], "", "../../etc/passwd"):
+        with pytest.raises(AppError, match="not a cached take of shot 2"):
+            client.predict(story.to_dict(), 1, take, api_name="/make_current")
+    for shot in (2, 0.5, -1):
+        with pytest.raises(AppError, match=r"shot: must be a shot index in \[0, 1\]"):
+            client.predict(story.to_dict(), shot, api_name="/takes")
+    bad = story.to_dict()
+    bad["shots"][1]["take"] = "NOT-HEX"
+    with pytest.raises(AppError, match="Shot 2 › take: must be"):
+        client.predict(bad, 1, api_name="/takes")

@@ -3,7 +3,8 @@
 One page walks through what a user does, test by test and in order: open the page and edit a
 caption; generate (every video element must really play: readyState >= 2, a duration, no media
 error, time advancing); look at the routing heatmap; regenerate one shot (only that shot's video
-changes); stop a long run. Screenshots of every stage go to test-artifacts/screenshots/.
+changes); stop a long run; save and open a story (the takes it remembers come back from the cache);
+switch a shot back to an earlier take. Screenshots of every stage go to test-artifacts/screenshots/.
 """
 
 from __future__ import annotations
@@ -110,6 +111,15 @@ def set_steps(page, steps: int) -> None:
     page.wait_for_function("(n) => document.querySelector('#steps input[type=range]').value === String(n)",
                            arg=steps, timeout=10_000)
     page.get_by_role("tab", name="Storyboard").click()
+
+
+def takes_shown(page) -> list[str]:
+    """The take keys the shot cards' Takes sections know (empty for sections not opened yet)."""
+    return page.eval_on_selector_all(".shot-card:visible .takes-label[data-key]", "els => els.map(e => e.dataset.key)")
+
+
+def take_label(page, i: int) -> dict:
+    return page.eval_on_selector(f"#take-label-{i} .takes-label", "e => ({...e.dataset})")
 
 
 def statuses(page) -> list[str]:
@@ -251,15 +261,27 @@ def test_7_save_and_open_a_story(page, tmp_path):
     saved = page.evaluate("async (url) => await (await fetch(url)).text()", href)
     assert '"global_caption"' in saved and "rolls in from the left" in saved and '"locked": true' in saved
 
-    story = tmp_path / "opened.json"
-    story.write_text(saved.replace("rolls in from the left", "rolls in (opened from a file)"))
-    with page.expect_file_chooser() as chooser:
-        page.click("#open-story")
-    chooser.value.set_files(str(story))
-    page.wait_for_function(
-        "() => document.querySelector('#shot-caption-0 textarea').value.endsWith('(opened from a file)')",
-        timeout=15_000)
-    assert statuses(page) == ["new", "new", "new"]  # another story: the old takes are not shown
+    shown = [video_digest(page, f"#shot-video-{i}") for i in range(3)]
+    assert all(f'"take": "{key}"' in saved for key in takes_shown(page))  # each shot remembers its take
+
+    def open_story(text: str, name: str) -> None:
+        story = tmp_path / name
+        story.write_text(text)
+        with page.expect_file_chooser() as chooser:
+            page.click("#open-story")
+        chooser.value.set_files(str(story))
+        page.wait_for_function("(name) => document.querySelector('#status').textContent.includes(name)",
+                               arg=name, timeout=15_000)
+
+    page.locator("#shot-caption-0 textarea").fill("an edit that opening a file replaces")
+    open_story(saved, "as_saved.json")  # its remembered takes are shown from the cache, nothing renders
+    assert statuses(page) == ["cached", "stale", "cached"], statuses(page)
+    assert [video_digest(page, f"#shot-video-{i}") for i in range(3)] == shown
+    open_story(saved.replace("rolls in from the left", "rolls in (opened from a file)"), "opened.json")
+    assert page.locator("#shot-caption-0 textarea").input_value().endswith("(opened from a file)")
+    # shot 1's caption changed, so it and the joint shot after it need a new take; the locked
+    # shot keeps the take it remembers, stale now
+    assert statuses(page) == ["new", "stale", "new"], statuses(page)
     screenshot(page, "08_opened_file")
 
 
@@ -354,3 +376,62 @@ def test_10_recall_pictures_of_the_last_shot(page):
     assert query_rows() == [3.5, 5.5]
     assert not page.errors, page.errors
     page.get_by_role("tab", name="Storyboard").click()
+
+
+def test_11_takes_switch_back_to_an_earlier_take(page):
+    job = current_job(page)
+    page.click("#generate")
+    wait_status(page, "done", job)
+    earlier = video_digest(page, "#shot-video-2")
+    used = int(page.inner_text("#shot-2 .shot-head").split("seed ")[1].split()[0])
+    page.locator("#shot-seed-2 input").fill(str(used + 1))  # another seed: a new take
+    job = current_job(page)
+    page.click("#shot-regen-2")
+    wait_status(page, "done", job)
+    newer = video_digest(page, "#shot-video-2")
+    assert newer != earlier
+
+    page.locator("#shot-takes-2 button").first.click()  # open the card's Takes section
+    page.wait_for_function("""() => { const e = document.querySelector('#take-label-2 .takes-label');
+                                      return e && e.dataset.current === 'true' && Number(e.dataset.count) >= 2; }""",
+                           timeout=15_000)
+    label = take_label(page, 2)
+    count = int(label["count"])
+    assert int(label["number"]) == count  # the newest take is the current one
+
+    def browsed_video_is(key: str) -> None:
+        page.wait_for_function("(key) => (document.querySelector('#take-video-2 video') || {}).currentSrc?.includes(key)",
+                               arg=key, timeout=15_000)
+
+    page.click("#take-prev-2")
+    page.wait_for_function("(n) => document.querySelector('#take-label-2 .takes-label').dataset.number === String(n)",
+                           arg=count - 1, timeout=15_000)
+    label = take_label(page, 2)
+    assert label["current"] == "false" and f"take {count - 1} of {count}" in page.inner_text("#take-label-2")
+    browsed_video_is(label["key"])
+    assert video_digest(page, "#take-video-2") == earlier  # the earlier take is the first video
+
+    page.click("#take-compare-2")
+    page.wait_for_selector("#takes-compare #compare-right-video video", timeout=15_000)
+    sides = [video_digest(page, f"#compare-{side}-video") for side in ("left", "right")]
+    assert sides == [earlier, newer], "compare shows the browsed take left and the current one right"
+    for side in ("left", "right"):
+        state = video_state(page, f"#compare-{side}-video")
+        assert state["readyState"] >= 2 and state["duration"] > 0 and state.get("error") is None, state
+    screenshot(page, "13_takes_compared")
+
+    shown = page.evaluate("() => document.querySelector('#shot-video-2 video').currentSrc")
+    job = current_job(page)
+    page.click("#take-current-2")
+    wait_status(page, "done", job)
+    page.wait_for_function("(src) => document.querySelector('#shot-video-2 video').currentSrc !== src",
+                           arg=shown, timeout=15_000)
+    assert video_digest(page, "#shot-video-2") == earlier, "the earlier take did not become the card's video"
+    assert statuses(page)[2] == "cached" and f"seed {used}" in page.inner_text("#shot-2 .shot-head")
+    page.wait_for_function("(key) => { const e = document.querySelector('#take-label-2 .takes-label');"
+                           "           return e.dataset.key === key && e.dataset.current === 'true'; }",
+                           arg=label["key"], timeout=15_000)
+    assert "(current)" in page.input_value("#compare-left input")  # the compare panel says so too
+    assert "(current)" not in page.input_value("#compare-right input")
+    assert not page.errors, page.errors
+    screenshot(page, "14_earlier_take_current")

@@ -79,10 +79,10 @@ def test_attention_values_follow_pins_and_blocks(backend):
 
 
 def test_story_pins_validate_upgrade_and_reach_the_config():
-    from engine.story import Shot, Story, StoryError
+    from engine.story import STORY_VERSION, Shot, Story, StoryError
     v1 = {"version": 1, "global_caption": "g", "shots": [{"caption": "a", "frames": 2}, {"caption": "b", "frames": 2}]}
     story = Story.from_dict(v1)
-    assert story.shots[1].pins == [] and story.to_dict()["version"] == 2
+    assert story.shots[1].pins == [] and story.to_dict()["version"] == STORY_VERSION
     with pytest.raises(StoryError, match="version 2 field"):
         Story.from_dict({**v1, "shots": [v1["shots"][0], {**v1["shots"][1], "pins": [0]}]})
     s = Story("g", [Shot("a", 2), Shot("b", 2), Shot("c", 2, pins=[0], blocks=[1])]).validate()
