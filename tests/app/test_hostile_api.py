@@ -20,7 +20,7 @@ from .conftest import free_port, tiny_story
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")]
 
 GENERIC = "has not enabled verbose error reporting"  # what Gradio says for an exception the app did not phrase
-NAMED_REQUESTS = 760  # sent or attempted (a few lone surrogates cannot leave the client)
+NAMED_REQUESTS = 800  # sent or attempted (a few lone surrogates cannot leave the client)
 RAW_REQUESTS = 300
 
 
@@ -89,22 +89,27 @@ def test_a_thousand_bad_requests_then_it_still_generates(app_url):
     messages: dict[str, int] = {}
     started = time.monotonic()
     while sum(outcomes.values()) < NAMED_REQUESTS:
-        endpoint = rng.choice(["/generate", "/regenerate", "/save_story", "/load_story", "/example_story"])
+        endpoint = rng.choice(["/generate", "/regenerate", "/save_story", "/load_story", "/example_story",
+                               "/takes", "/make_current", "/recall"])
         story = _bad_story(rng)
         if endpoint in ("/generate", "/regenerate") and _still_valid(story):
             continue  # a valid story would render: not a bad request
-        args = {"/generate": (story,), "/regenerate": (tiny_story("h").to_dict() if rng.random() < 0.5 else story,
-                                                      _odd_value(rng)),
+        either = tiny_story("h").to_dict() if rng.random() < 0.5 else story
+        args = {"/generate": (story,), "/regenerate": (either, _odd_value(rng)),
                 "/save_story": (story,), "/load_story": (None if rng.random() < 0.5 else _odd_string(rng)[:50],),
-                "/example_story": (_odd_string(rng)[:50],)}[endpoint]
+                "/example_story": (_odd_string(rng)[:50],), "/takes": (either, _odd_value(rng)),
+                "/make_current": (either, _odd_value(rng), _odd_value(rng)),  # never a cached take's key
+                "/recall": (either, _odd_value(rng), _odd_value(rng), _odd_value(rng), rng.random() < 0.5)}[endpoint]
         index = args[1] if endpoint == "/regenerate" else None
         if (isinstance(index, (int, float)) and float(index).is_integer()  # the Number input takes true as 1
                 and 0 <= index < 3 and _still_valid(args[0])):  # a valid index of a valid story: make it bad
             args = (args[0], 99)
         try:
             client.predict(*args, api_name=endpoint)
-            outcomes["accepted"] += 1  # e.g. /save_story of a story the mutation left valid
-            assert endpoint in ("/save_story", "/example_story"), (endpoint, args)
+            # e.g. /save_story of a story the mutation left valid; the takes of a valid story's shot
+            # (an empty list); /recall where a random shot, layer and frame happened to be valid
+            outcomes["accepted"] += 1
+            assert endpoint in ("/save_story", "/example_story", "/takes", "/recall"), (endpoint, args)
         except AppError as err:
             assert GENERIC not in str(err) and "Traceback" not in str(err), (endpoint, str(args)[:300], str(err))
             messages[str(err)[:60]] = messages.get(str(err)[:60], 0) + 1
