@@ -431,7 +431,9 @@ def test_11_takes_switch_back_to_an_earlier_take(page):
     page.wait_for_function("(key) => { const e = document.querySelector('#take-label-2 .takes-label');"
                            "           return e.dataset.key === key && e.dataset.current === 'true'; }",
                            arg=label["key"], timeout=15_000)
-    assert "(current)" in page.input_value("#compare-left input")  # the compare panel says so too
+    # the compare panel says so too (its dropdowns refresh after the card's label)
+    page.wait_for_function("() => document.querySelector('#compare-left input').value.includes('(current)')",
+                           timeout=15_000)
     assert "(current)" not in page.input_value("#compare-right input")
     assert not page.errors, page.errors
     screenshot(page, "14_earlier_take_current")
