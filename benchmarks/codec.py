@@ -18,50 +18,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.default_model import DEFAULT_VAE  # noqa: E402
-from engine.shapestory.render import story_frames  # noqa: E402
-from engine.shapestory.score import score_story  # noqa: E402
-from engine.shapestory.world import HELDOUT_SEED_START, sample_story  # noqa: E402
-from engine.trainer import TrainerConfig, load_codec, train_codec  # noqa: E402
+from engine.trainer import TrainerConfig, codec_scores, load_codec, train_codec  # noqa: E402
 
 RECIPES = {
     "4x": DEFAULT_VAE,
     "8x": dict(DEFAULT_VAE, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                block_out_channels=(32, 64, 128, 128)),
 }
-
-
-def evaluate(codec, stories: int) -> dict:
-    looks, motions, adherence, psnrs = [], [], [], []
-    for i in range(stories):
-        spec = sample_story(HELDOUT_SEED_START + 500_000 + i, num_shots=2 + i % 3, frames=8)
-        gt = story_frames(spec)  # (S, F, H, W, 3)
-        rec = [codec.decode(codec.encode(gt[s])).numpy() for s in range(gt.shape[0])]
-        for s in range(gt.shape[0]):
-            mse = np.mean((rec[s].astype(np.float64) - gt[s].numpy()) ** 2)
-            psnr = 10 * math.log10(255 ** 2 / max(mse, 1e-9))
-            psnrs.append(psnr)
-        score = score_story(spec, rec)
-        apps = [a for sh in score.shots for a in sh.appearances]
-        looks += [a.look_ok for a in apps]
-        motions += [a.motion_ok for a in apps]
-        adherence.append(score.adherence)
-    return {"psnr_db": round(float(np.mean(psnrs)), 2), "look_ok": round(float(np.mean(looks)), 4),
-            "motion_ok": round(float(np.mean(motions)), 4), "adherence": round(float(np.mean(adherence)), 4),
-            "appearances": len(looks)}
 
 
 def main(argv=None) -> int:
@@ -80,7 +55,7 @@ def main(argv=None) -> int:
         codec = StoryModel.load(args.model, device=str(device)).codec
         codec.vae.float()
         rows.append({"recipe": str(args.model), "latent": list(codec.latent_shape(1, 128, 192)),
-                     "parameters": sum(q.numel() for q in codec.vae.parameters()), **evaluate(codec, args.stories)})
+                     "parameters": sum(q.numel() for q in codec.vae.parameters()), **codec_scores(codec, args.stories)})
         print(json.dumps(rows[-1]), flush=True)
     for name in ([] if args.model is not None else args.recipes.split(",")):
         config = replace(TrainerConfig(), vae=RECIPES[name], codec_steps=args.steps)
@@ -91,7 +66,7 @@ def main(argv=None) -> int:
             codec = load_codec(config, Path(work), device)
             row = {"recipe": name, "steps": args.steps, "train_seconds": round(seconds, 1),
                    "latent": list(codec.latent_shape(1, config.height, config.width)),
-                   "parameters": sum(q.numel() for q in codec.vae.parameters()), **evaluate(codec, args.stories)}
+                   "parameters": sum(q.numel() for q in codec.vae.parameters()), **codec_scores(codec, args.stories)}
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(f"{'recipe':>6} {'latent':>14} {'PSNR dB':>8} {'look_ok':>8} {'motion_ok':>9} {'adherence':>9} {'train s':>8}")

@@ -45,6 +45,8 @@ class TrainerConfig:
     codec_lr: float = 3e-4
     kl_weight: float = 1e-4  # keeps the latents' scale bounded
     codec_character_weight: float = 4.0  # extra codec loss weight on the characters' pixels (1 + w * coverage)
+    codec_check_stories: int = 12  # held-out stories the finished codec is scored on (codec_scores)
+    codec_gate: float = 0.0  # stop before the transformer if the codec keeps fewer looks than this (0: never)
     tokens_per_step: int = 49152  # video tokens per transformer step (stories per batch follow from it)
     lr: float = 4e-4  # peak transformer learning rate (AdamW)
     warmup: int = 300  # linear warm-up steps
@@ -194,10 +196,53 @@ def train_codec(config: TrainerConfig, work: Path, device) -> None:
     A = torch.cat([zn, torch.ones(zn.shape[0], 1, device=zn.device)], 1)  # (P, C + 1)
     preview_rgb = torch.linalg.lstsq(A.cpu(), x.permute(0, 2, 3, 1).reshape(-1, 3).cpu()).solution  # (C + 1, 3)
     _write_reconstructions(vae, config, rng, device, work / "codec_reconstructions.png")
+    from engine.codec import FrameVAECodec
+    scores = codec_scores(FrameVAECodec(vae.requires_grad_(False), mean.tolist(), std.tolist(), preview_rgb.tolist()),
+                          config.codec_check_stories, config.height, config.width)
+    print(f"codec: {scores['psnr_db']} dB, looks kept {scores['look_ok']:.1%} of {scores['appearances']} "
+          "held-out appearances", flush=True)
     _save_atomic(vae.state_dict(), out / "vae.safetensors")
     _write_json_atomic({"latent_mean": mean.tolist(), "latent_std": std.tolist(),
                         "preview_rgb": preview_rgb.tolist(), "steps": config.codec_steps,
-                        "seconds": round(time.time() - started, 1)}, out / "codec.json")
+                        "seconds": round(time.time() - started, 1), "check": scores}, out / "codec.json")
+
+
+@torch.no_grad()
+def codec_scores(codec, stories: int, height: int = HEIGHT, width: int = WIDTH) -> dict:
+    """Held-out ground-truth stories through the codec (encode -> decode), scored by the ShapeStory
+    scorer: mean PSNR, the share of character appearances that keep their look (look_ok) and
+    motion, and the stories' mean adherence. `benchmarks/codec.py` reports these."""
+    import numpy as np
+
+    from engine.shapestory.render import story_frames
+    from engine.shapestory.score import score_story
+    looks, motions, psnrs, adherence = [], [], [], []
+    for i in range(stories):
+        spec = sample_story(HELDOUT_SEED_START + 500_000 + i, num_shots=2 + i % 3, frames=8)
+        truth = story_frames(spec, height, width)  # (S, F, H, W, 3) uint8
+        coded = [codec.decode(codec.encode(truth[s])).cpu().numpy() for s in range(truth.shape[0])]
+        for s, frames in enumerate(coded):
+            mse = np.mean((frames.astype(np.float64) - truth[s].numpy()) ** 2)
+            psnrs.append(10 * math.log10(255 ** 2 / max(mse, 1e-9)))
+        score = score_story(spec, coded)
+        adherence.append(score.adherence)
+        apps = [a for shot in score.shots for a in shot.appearances]
+        looks += [bool(a.look_ok) for a in apps]
+        motions += [bool(a.motion_ok) for a in apps]
+    return {"psnr_db": round(float(np.mean(psnrs)), 2), "look_ok": round(float(np.mean(looks)), 4) if looks else None,
+            "motion_ok": round(float(np.mean(motions)), 4) if motions else None,
+            "adherence": round(float(np.mean(adherence)), 4), "appearances": len(looks)}
+
+
+def check_codec_gate(config: TrainerConfig, work: Path) -> None:
+    """Raise if the finished codec keeps fewer characters' looks than config.codec_gate: a
+    transformer on a codec that loses the characters cannot draw them."""
+    if not config.codec_gate:
+        return
+    kept = json.loads((work / "codec" / "codec.json").read_text()).get("check", {}).get("look_ok")
+    if kept is None or kept < config.codec_gate:
+        raise RuntimeError(f"the codec keeps {kept} of the characters' looks, below the gate {config.codec_gate}: "
+                           f"train it longer (--codec-steps) or change DEFAULT_VAE, after removing {work / 'codec'}")
 
 
 @torch.no_grad()
@@ -435,10 +480,11 @@ def train(config: TrainerConfig, work: str | Path, device="cuda", text_folder: P
     dev = torch.device(device)
     _write_json_atomic(asdict(config), work / "config.json")
     train_codec(config, work, dev)
+    check_codec_gate(config, work)
     train_transformer(config, work, dev, text_folder, init_from)
     if export_to is not None:
         export_model(config, work, export_to)
 
 
-__all__ = ["TrainerConfig", "train", "train_codec", "train_transformer", "export_model", "story_batch_plan",
-           "load_codec", "write_sample"]
+__all__ = ["TrainerConfig", "train", "train_codec", "codec_scores", "check_codec_gate", "train_transformer",
+           "export_model", "story_batch_plan", "load_codec", "write_sample"]

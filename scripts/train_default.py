@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=20.0, help="transformer training time in all, minutes")
     p.add_argument("--max-steps", type=int, default=0, help="also stop after this many transformer steps")
     p.add_argument("--codec-steps", type=int, default=2500)
+    p.add_argument("--codec-gate", type=float, default=0.0,
+                   help="stop before the transformer if the codec keeps fewer characters' looks than this (0-1)")
     p.add_argument("--tokens-per-step", type=int, default=49152)
     p.add_argument("--lr", type=float, default=4e-4, help="peak transformer learning rate")
     p.add_argument("--warmup", type=int, default=300, help="learning-rate warm-up steps")
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from engine.trainer import TrainerConfig, train
-    config = TrainerConfig(minutes=args.minutes, max_steps=args.max_steps, codec_steps=args.codec_steps,
+    config = TrainerConfig(minutes=args.minutes, max_steps=args.max_steps, codec_steps=args.codec_steps, codec_gate=args.codec_gate,
                            tokens_per_step=args.tokens_per_step, moc=not args.dense, lr=args.lr,
                            warmup=args.warmup)
     if args.tiny:
@@ -54,7 +56,7 @@ def tiny_config(config):
                    transformer={**base.transformer, "num_layers": 2, "num_attention_heads": 1,
                                 "attention_head_dim": 64, "ffn_dim": 64, "freq_dim": 32},
                    vae={**base.vae, "block_out_channels": (8, 8, 16), "norm_num_groups": 8},
-                   frames_choices=(2, 3), warmup=2, lr=2e-3)
+                   frames_choices=(2, 3), warmup=2, lr=2e-3, codec_check_stories=2)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.shapestory.world import HELDOUT_SEED_START, is_heldout_name
-from engine.trainer import TrainerConfig, export_model, story_batch_plan, train
+from engine.trainer import TrainerConfig, codec_scores, export_model, story_batch_plan, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from train_default import tiny_config  # noqa: E402
@@ -92,3 +92,35 @@ def test_every_checkpoint_leaves_a_loadable_model_to_warm_start_from(tmp_path):
     assert StoryModel.load(latest, device="cpu").trained
     train(_tiny(max_steps=2), tmp_path / "warm", "cpu", init_from=latest)  # a new run starts from it
     assert json.loads((tmp_path / "warm" / "ckpt" / "state.json").read_text())["step"] == 2
+
+
+class _Identity:
+    """A perfect codec: frames pass through unchanged."""
+    def encode(self, frames):
+        return frames.clone()
+
+    def decode(self, latents):
+        return latents
+
+
+class _Grey(_Identity):
+    """A codec that loses everything: every frame comes back mid-grey."""
+    def decode(self, latents):
+        return torch.full_like(latents, 128)
+
+
+def test_codec_scores_tell_a_perfect_codec_from_a_lossy_one():
+    perfect, grey = codec_scores(_Identity(), 2), codec_scores(_Grey(), 2)
+    assert perfect["appearances"] == grey["appearances"] > 0
+    assert perfect["look_ok"] == 1.0 and perfect["psnr_db"] > 80
+    assert grey["look_ok"] == 0.0 and grey["psnr_db"] < 20
+
+
+def test_a_codec_below_the_gate_stops_the_run_before_the_transformer(tmp_path):
+    with pytest.raises(RuntimeError, match="below the gate 1.01"):
+        train(_tiny(max_steps=1, codec_gate=1.01), tmp_path, "cpu")  # no codec keeps more than all looks
+    check = json.loads((tmp_path / "codec" / "codec.json").read_text())["check"]
+    assert 0.0 <= check["look_ok"] <= 1.0 and check["appearances"] > 0
+    assert not (tmp_path / "ckpt").exists()  # the transformer never started
+    with pytest.raises(RuntimeError, match="below the gate"):  # a resumed run keeps the codec and the verdict
+        train(_tiny(max_steps=1, codec_gate=1.01), tmp_path, "cpu")
