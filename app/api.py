@@ -50,6 +50,15 @@ class Api:
         except StoryError as error:
             raise gr.Error(f"The story is not valid: {readable_story_error(error)}", print_exception=False) from None
 
+    @staticmethod
+    def _api_shot(story: Story, shot: Any) -> int:
+        """A shot index (0-based) of `story` from an API number, or a readable error."""
+        index = _int_or_raw(shot)
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(story.shots):
+            raise gr.Error(f"shot must be a shot index in [0, {len(story.shots) - 1}], got {shot!r}"[:200],
+                           print_exception=False)
+        return index
+
     def _api_generate(self, story: Any, request: gr.Request):
         """Render a whole story. Streams progress dicts as `result`; the last yield carries the videos."""
         yield from self._api_render(self._api_story(story), None, request)
@@ -58,10 +67,7 @@ class Api:
         """Regenerate shot `shot` (0-based) with the other shots as fixed context: the earlier ones,
         and with both_sides (default) the later ones too, which keep their takes (not stale)."""
         story = self._api_story(story)
-        index = _int_or_raw(shot)
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(story.shots):
-            raise gr.Error(f"shot must be a shot index in [0, {len(story.shots) - 1}], got {shot!r}"[:200],
-                           print_exception=False)
+        index = self._api_shot(story, shot)
         yield from self._api_render(story, index, request, None if both_sides is not False else False)
 
     def _api_render(self, story: Story, regenerate: int | None, request: gr.Request, both_sides: bool | None = None,

@@ -218,10 +218,7 @@ class RecallView:
         ranked by share, narrowed to `layer` and to query frame `frame` (None: all), with PNG
         thumbnails (data URLs) unless thumbnails is false. Renders nothing."""
         story = self._api_story(story)
-        index, layer, frame = _int_or_raw(shot), _int_or_raw(layer), _int_or_raw(frame)
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(story.shots):
-            raise gr.Error(f"shot must be a shot index in [0, {len(story.shots) - 1}], got {shot!r}"[:200],
-                           print_exception=False)
+        index, layer, frame = self._api_shot(story, shot), _int_or_raw(layer), _int_or_raw(frame)
         try:
             routing = self.engine.current_routing(story)
         except StoryError as error:

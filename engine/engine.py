@@ -236,10 +236,8 @@ class StoryEngine:
         both_sides (with regenerate): the later shots keep their current takes, are not stale,
         and are context of the regenerated shot (check `self.both_sides` first). take (with
         regenerate): shot `regenerate` is this cached take instead of a sampled one."""
-        S = len(story.shots)
-        if regenerate is not None and (isinstance(regenerate, bool) or not isinstance(regenerate, int)
-                                       or not 0 <= regenerate < S):
-            raise StoryError("regenerate", f"must be a shot index in [0, {S - 1}], got {regenerate!r}")
+        if regenerate is not None:
+            self._shot_index(story, regenerate, "regenerate")
         both_sides = bool(both_sides) and regenerate is not None
         common = self._common(story)
         joint = story.settings.mode == "joint"
@@ -370,14 +368,14 @@ class StoryEngine:
 
     def take_video(self, key: str, path: str | Path, fps: int) -> Path | None:
         """Write a cached take's frames as an MP4 at `path`; None if the cache no longer holds it."""
-        take = self.cache.get(key)
+        take = self.cache.read(key)  # looking at a take is not reusing it: no hit, no LRU touch
         return None if take is None else write_mp4(Path(path), take.frames, fps)
 
     @staticmethod
-    def _shot_index(story: Story, index) -> int:
+    def _shot_index(story: Story, index, name: str = "shot") -> int:
         S = len(story.shots)
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < S:
-            raise StoryError("shot", f"must be a shot index in [0, {S - 1}], got {index!r}")
+            raise StoryError(name, f"must be a shot index in [0, {S - 1}], got {index!r}")
         return index
 
     # ---- render -------------------------------------------------------------------------------

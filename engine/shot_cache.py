@@ -91,7 +91,7 @@ class ShotCache:
     # ---- paths and locking --------------------------------------------------------------------
 
     def _entry(self, key: str) -> Path:
-        if not _is_key(key):
+        if not is_cache_key(key):
             raise ValueError(f"cache keys are lowercase hex strings, got {key!r}")
         return self.root / "entries" / key[:2] / key
 
@@ -139,13 +139,12 @@ class ShotCache:
     def read(self, key: str) -> Take | None:
         """The take, or None; for looking at it (recall pictures, reports): not counted as a hit
         or a miss and leaves the LRU clock alone."""
-        folder = self._entry(key)
-        if not _is_whole_entry(folder):  # missing, or planted (a link to elsewhere): never served
+        meta = self.meta(key)  # None: missing, or planted (a link to elsewhere): never served
+        if meta is None:
             return None
         try:
-            meta = json.loads((folder / "meta.json").read_text())
-            tensors = load_file(folder / "take.safetensors")
-        except (FileNotFoundError, json.JSONDecodeError, OSError):
+            tensors = load_file(self._entry(key) / "take.safetensors")
+        except (FileNotFoundError, OSError):
             return None
         frames, latents = tensors.pop("frames"), tensors.pop("latents")
         return Take(key=key, frames=frames, latents=latents, meta=meta, tensors=tensors)
@@ -272,7 +271,7 @@ class ShotCache:
             key = json.loads((self.root / "pointers" / f"{name}.json").read_text())["key"]
         except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or tampered with
             return None
-        if not _is_key(key):
+        if not is_cache_key(key):
             return None
         return key if self.contains(key) else None
 
@@ -299,10 +298,7 @@ class ShotCache:
             keys = json.loads((self.root / "histories" / f"{name}.json").read_text())["keys"]
         except (OSError, ValueError, KeyError, TypeError):  # none yet, unreadable or tampered with
             return []
-        return [k for k in keys if _is_key(k)] if isinstance(keys, list) else []
-
-
-_is_key = is_cache_key  # one rule for keys, shared with the story's `take` field
+        return [k for k in keys if is_cache_key(k)] if isinstance(keys, list) else []
 
 
 def _is_whole_entry(folder: Path) -> bool:
