@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=20.0, help="transformer training time in all, minutes")
     p.add_argument("--max-steps", type=int, default=0, help="also stop after this many transformer steps")
     p.add_argument("--codec-steps", type=int, default=2500)
+    p.add_argument("--codec-lr", type=float, default=3e-4, help="peak codec learning rate")
     p.add_argument("--codec-gate", type=float, default=0.0,
                    help="stop before the transformer if the codec keeps fewer characters' looks than this (0-1)")
     p.add_argument("--tokens-per-step", type=int, default=49152)
@@ -40,6 +41,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from engine.trainer import TrainerConfig, train
     config = TrainerConfig(minutes=args.minutes, max_steps=args.max_steps, codec_steps=args.codec_steps, codec_gate=args.codec_gate,
+                           codec_lr=args.codec_lr,
                            tokens_per_step=args.tokens_per_step, moc=not args.dense, lr=args.lr,
                            warmup=args.warmup)
     if args.tiny:
