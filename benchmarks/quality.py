@@ -489,9 +489,10 @@ def codec_summary(rows: list[dict]) -> dict:
 
 # ---- the benchmark -------------------------------------------------------------------------------
 
-def run_benchmark(model: StoryModel, config: BenchConfig, log=sys.stderr) -> dict:
+def run_benchmark(model: StoryModel, config: BenchConfig, log=sys.stderr, checkpoint: Path | None = None) -> dict:
     """Every story in every (variant, mode); returns the JSON document (config, summary, targets,
-    codec_check, stories)."""
+    codec check, stories). checkpoint: rewrite the document there after every story, so a run
+    that is stopped (a GPU call's time running out) still leaves every finished story to merge."""
     for name, given, allowed in (("modes", config.modes, MODES), ("variants", config.variants, VARIANTS)):
         if not given or any(x not in allowed for x in given):
             raise ValueError(f"{name} must be a non-empty subset of {list(allowed)}, got {list(given)}")
@@ -504,7 +505,23 @@ def run_benchmark(model: StoryModel, config: BenchConfig, log=sys.stderr) -> dic
     defaults = GenerationSettings()
     backend, why = moc_backend(model)
     print(f"MoC backend: {backend} ({why})", file=log, flush=True)
+    moc = story_settings("moc", config.modes[0], backend, config)["moc"]
     started = time.perf_counter()
+
+    def document(rows):
+        return _document(rows, config, {
+            "model": model.name, "model_identity": model.identity, "trained": model.trained,
+            "codec": model.codec.name, "device": str(model.device), "dtype": str(model.dtype),
+            "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+            "steps": config.steps or defaults.steps, "guidance": config.guidance or defaults.guidance,
+            "height": config.height, "width": config.width, "frames": config.frames,
+            "seed_offset": config.seed_offset, "shard": f"{index}/{count}",
+            "names": "train for even story indices, heldout for odd", "length_cycle": list(LENGTH_CYCLE),
+            "modes": list(config.modes), "variants": list(config.variants), "moc": asdict(moc),
+            "moc_backend": why,
+            "isolated": "one render per story, reported under every mode (1-shot stories: the modes agree)",
+            "seconds": round(time.perf_counter() - started, 1)})
+
     rows = []
     for i, (spec, names) in enumerate(specs):
         if config.time_limit and time.perf_counter() - started > config.time_limit:
@@ -518,20 +535,18 @@ def run_benchmark(model: StoryModel, config: BenchConfig, log=sys.stderr) -> dic
                         f"id {_fmt(r['identity'])}" for r in rows[-1]["runs"])
         print(f"story {i + 1}/{len(specs)} seed {spec.seed} ({len(spec.shots)} shots, {names} names): {runs} | "
               f"{elapsed:.0f}s, ~{elapsed / (i + 1) * (len(specs) - i - 1):.0f}s left", file=log, flush=True)
+        if checkpoint is not None:
+            _write_atomic(document(rows), checkpoint)
     if not rows:
         raise RuntimeError(f"no story finished inside the time limit ({config.time_limit} s)")
-    moc = story_settings("moc", config.modes[0], backend, config)["moc"]
-    return _document(rows, config, {"model": model.name, "model_identity": model.identity, "trained": model.trained,
-                   "codec": model.codec.name, "device": str(model.device), "dtype": str(model.dtype),
-                   "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-                   "steps": config.steps or defaults.steps, "guidance": config.guidance or defaults.guidance,
-                   "height": config.height, "width": config.width, "frames": config.frames,
-                   "seed_offset": config.seed_offset, "shard": f"{index}/{count}",
-                   "names": "train for even story indices, heldout for odd", "length_cycle": list(LENGTH_CYCLE),
-                   "modes": list(config.modes), "variants": list(config.variants), "moc": asdict(moc),
-                   "moc_backend": why,
-                   "isolated": "one render per story, reported under every mode (1-shot stories: the modes agree)",
-                   "seconds": round(time.perf_counter() - started, 1)})
+    return document(rows)
+
+
+def _write_atomic(result: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def _document(rows: list[dict], config: BenchConfig, head: dict) -> dict:
@@ -639,14 +654,13 @@ def main(argv: list[str] | None = None) -> dict:
                          height=args.height, width=args.width, frames=args.frames, seed_offset=args.seed_offset,
                          memory=args.memory, shard=shard, time_limit=args.time_limit)
     model = StoryModel.load(args.model, device=args.device)
-    return _finish(run_benchmark(model, config), args.json)
+    return _finish(run_benchmark(model, config, checkpoint=args.json), args.json)
 
 
 def _finish(result: dict, json_path: Path | None) -> dict:
     print_report(result)
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        _write_atomic(result, json_path)
         print(f"wrote {json_path}")
     return result
 

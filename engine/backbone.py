@@ -143,10 +143,11 @@ def make_cross_plan(segments: list[list[torch.Tensor]], live_shots: list[tuple[i
             seg = segments[b][j]
             text[b, offsets[j]:offsets[j] + seg.shape[0]] = seg
             valid[b, offsets[j]:offsets[j] + seg.shape[0]] = True
-    text_index = {}
-    for _, _, shot in live_shots:
-        own = range(offsets[1 + shot], offsets[2 + shot])
-        text_index[shot] = torch.tensor(list(range(offsets[0], offsets[1])) + list(own), dtype=torch.long)
+    shots = [shot for _, _, shot in live_shots]
+    rows = [list(range(offsets[0], offsets[1])) + list(range(offsets[1 + s], offsets[2 + s])) for s in shots]
+    # on the device in one copy: the processors index with them in every layer
+    flat = torch.tensor([i for row in rows for i in row], dtype=torch.long).to(device)
+    text_index = dict(zip(shots, flat.split([len(row) for row in rows])))
     plan = CrossAttentionPlan(shot_ranges=tuple(live_shots), text_index=text_index,
                               text_valid=None if bool(valid.all()) else valid.to(device))
     return text.to(device), plan

@@ -55,8 +55,12 @@ class TrainerConfig:
     minutes: float = 20.0  # transformer training budget, wall-clock minutes (summed over resumes)
     max_steps: int = 0  # stop after this many transformer steps as well (0 = time only)
     caption_drop: float = 0.1  # probability a story trains with empty captions (guidance's unconditional)
-    character_weight: float = 6.0  # extra loss weight of latent cells the characters cover (1 + w * coverage):
-    # characters are a few percent of the pixels, yet what the captions and the memory are about
+    # extra flow-loss weight of latent cells the characters cover (1 + w * coverage). Keep it 0: a
+    # weight that depends on the clean frame biases the flow. Where the noisy input leaves open
+    # whether a cell is character or background, the weighted optimum counts the character w + 1
+    # times (with w = 6 a 10 % chance reads as 44 %), so samples grow character-coloured blobs
+    # several times the shapes' size (runs 1 and 2, docs/training)
+    character_weight: float = 0.0
     shot_weights: tuple[int, ...] = (1, 1, 2, 2, 2, 3, 3, 3)  # relative frequency of 1..8 shot stories
     frames_choices: tuple[int, ...] = (6, 8, 8, 10)  # latent frames per shot (one per batch)
     moc: bool = True  # MoC routing (False: dense attention, the baseline)
@@ -147,11 +151,16 @@ def _write_json_atomic(obj, path: Path) -> None:
 
 # ---- stage 1: codec ------------------------------------------------------------------------------
 
-def train_codec(config: TrainerConfig, work: Path, device) -> None:
+def train_codec(config: TrainerConfig, work: Path, device, codec_from: Path | None = None) -> None:
+    """Stage 1. codec_from: a storyboard model folder whose frame codec (weights, latent
+    statistics, preview map) is taken instead of training one; it is scored like a trained one."""
     from diffusers import AutoencoderKL
     out = work / "codec"
     if (out / "codec.json").is_file():
         print("codec: done already, skipping", flush=True)
+        return
+    if codec_from is not None:
+        import_codec(config, Path(codec_from), work, device)
         return
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -205,6 +214,33 @@ def train_codec(config: TrainerConfig, work: Path, device) -> None:
     _write_json_atomic({"latent_mean": mean.tolist(), "latent_std": std.tolist(),
                         "preview_rgb": preview_rgb.tolist(), "steps": config.codec_steps,
                         "seconds": round(time.time() - started, 1), "check": scores}, out / "codec.json")
+
+
+def import_codec(config: TrainerConfig, model: Path, work: Path, device) -> None:
+    """work/codec from a storyboard model folder's vae/ and codec statistics (a later run reuses a
+    codec that passed its check instead of spending GPU time on a new one)."""
+    from diffusers import AutoencoderKL
+    from engine.codec import FrameVAECodec
+    from engine.model import load_shards
+    manifest = json.loads((model / "storyboard.json").read_text())
+    codec = manifest.get("codec", {})
+    if codec.get("type") != "frame-vae":
+        raise ValueError(f"{model} has no frame codec to reuse (codec type {codec.get('type')!r})")
+    vae = AutoencoderKL(**config.vae)
+    vae.load_state_dict({k: v.float() for k, v in load_shards(model / "vae").items()})  # strict: same config
+    vae = vae.to(device).eval().requires_grad_(False)
+    scores = codec_scores(FrameVAECodec(vae, codec["latent_mean"], codec["latent_std"], codec["preview_rgb"]),
+                          config.codec_check_stories, config.height, config.width)
+    print(f"codec from {model}: {scores['psnr_db']} dB, looks kept {scores['look_ok']:.1%} of "
+          f"{scores['appearances']} held-out appearances", flush=True)
+    out = work / "codec"
+    out.mkdir(parents=True, exist_ok=True)
+    _save_atomic(vae.state_dict(), out / "vae.safetensors")
+    training = manifest.get("training", {})
+    _write_json_atomic({"latent_mean": codec["latent_mean"], "latent_std": codec["latent_std"],
+                        "preview_rgb": codec["preview_rgb"], "steps": training.get("codec_steps", 0),
+                        "seconds": round(60 * training.get("codec_minutes", 0.0), 1), "check": scores,
+                        "from": str(model)}, out / "codec.json")
 
 
 @torch.no_grad()
@@ -359,7 +395,8 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
         B = len(specs)
         z = z.float().view(B, shots * frames, *z.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
         cover = F.adaptive_avg_pool2d(cover.float(), z.shape[-2:]).view(B, shots * frames, *z.shape[-2:])
-        batch = StoryBatch(z, (frames,) * shots, _text(text, captions), 1 + config.character_weight * cover)
+        weights = 1 + config.character_weight * cover if config.character_weight else None
+        batch = StoryBatch(z, (frames,) * shots, _text(text, captions), weights)
         gen = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + step)
         lr = _lr_at(config, step, state["elapsed"])
         for g in opt.param_groups:
@@ -467,6 +504,7 @@ def export_model(config: TrainerConfig, work: Path, out: Path, card: dict | None
                           "preview_rgb": meta["preview_rgb"]},
                 "training": {"transformer_steps": state["step"], "transformer_minutes": round(state["elapsed"] / 60, 2),
                              "codec_steps": meta["steps"], "codec_minutes": round(meta["seconds"] / 60, 2),
+                             "codec_check": meta.get("check"),
                              "config": {k: v for k, v in asdict(config).items() if k not in ("transformer", "vae")},
                              **(card or {})}}
     _write_json_atomic(manifest, out / "storyboard.json")
@@ -474,17 +512,17 @@ def export_model(config: TrainerConfig, work: Path, out: Path, card: dict | None
 
 
 def train(config: TrainerConfig, work: str | Path, device="cuda", text_folder: Path | None = None,
-          export_to: Path | None = None, init_from: Path | None = None) -> None:
+          export_to: Path | None = None, init_from: Path | None = None, codec_from: Path | None = None) -> None:
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     _write_json_atomic(asdict(config), work / "config.json")
-    train_codec(config, work, dev)
+    train_codec(config, work, dev, codec_from)
     check_codec_gate(config, work)
     train_transformer(config, work, dev, text_folder, init_from)
     if export_to is not None:
         export_model(config, work, export_to)
 
 
-__all__ = ["TrainerConfig", "train", "train_codec", "codec_scores", "check_codec_gate", "train_transformer",
+__all__ = ["TrainerConfig", "train", "train_codec", "import_codec", "codec_scores", "check_codec_gate", "train_transformer",
            "export_model", "story_batch_plan", "load_codec", "write_sample"]

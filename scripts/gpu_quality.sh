@@ -5,7 +5,10 @@
 # MODEL: a model folder; "trained": wait up to WAIT seconds for the training's export
 # (/root/run/model, else model_latest); "recipe": the default's architecture with random weights
 # (timing and a GPU check of the benchmark before a trained model exists).
-# Usage: bash scripts/gpu_quality.sh MODEL WAIT LIMIT SHARDS [benchmarks/quality.py args]
+# Each shard rewrites its JSON after every story and gets nproc / SHARDS CPU threads (16 threads
+# each in 12 processes starved run 2's call: no shard finished a story). DEADLINE (seconds, env)
+# stops the shards that are still running then; their finished stories are merged all the same.
+# Usage: [DEADLINE=S] bash scripts/gpu_quality.sh MODEL WAIT LIMIT SHARDS [benchmarks/quality.py args]
 set -u
 [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 STORYBOARD_MINILM=$PWD/.carry/minilm
@@ -20,11 +23,19 @@ elif [ "$model" = recipe ]; then
 fi
 echo "quality of $model: $shards shards, $limit s"
 q=/tmp/quality; rm -rf $q; mkdir -p $q
+threads=$(( $(nproc) / shards )); [ "$threads" -ge 1 ] || threads=1
+pids=()
 for i in $(seq 0 $((shards - 1))); do
-  python3 benchmarks/quality.py --model "$model" --device cuda --shard "$i/$shards" --time-limit "$limit" \
-    --json "$q/part$i.json" "$@" > "$q/log$i.txt" 2>&1 &
+  OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads python3 benchmarks/quality.py --model "$model" --device cuda \
+    --shard "$i/$shards" --time-limit "$limit" --json "$q/part$i.json" "$@" > "$q/log$i.txt" 2>&1 &
+  pids+=($!)
 done
-wait
+killer=
+if [ "${DEADLINE:-0}" -gt 0 ]; then (sleep "$DEADLINE"; kill "${pids[@]}" 2>/dev/null) > /dev/null 2>&1 & killer=$!; fi
+wait "${pids[@]}"
+[ -z "$killer" ] || { pkill -P "$killer" 2>/dev/null; kill "$killer" 2>/dev/null; }
 tail -qn 2 $q/log*.txt | grep -v "^wrote" | cut -c1-300
-python3 benchmarks/quality.py --merge $q/part*.json --json "$OUT/quality.json" > "$OUT/quality.txt" 2>&1
+parts=$(ls $q/part*.json 2>/dev/null)
+[ -n "$parts" ] || { echo "no shard finished a story"; exit 1; }
+python3 benchmarks/quality.py --merge $parts --json "$OUT/quality.json" > "$OUT/quality.txt" 2>&1
 cat "$OUT/quality.txt"

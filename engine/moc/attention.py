@@ -64,7 +64,7 @@ def reference_attention(q, k, v, selection: Selection, scale: float | None = Non
     """The specification: softmax(q k^T * scale, masked to the selection) v, in float32.
     Works in query blocks so the (Nq, N) score matrix never exists whole."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    token_chunk = selection.layout.tensors.token_chunk.to(q.device)  # (N,)
+    token_chunk = selection.layout.tensors_on(q.device).token_chunk  # (N,)
     mask = selection.token_mask()  # (B, H, Nq, C)
     out = []
     for t0 in range(0, q.shape[2], block):
@@ -82,7 +82,7 @@ def dense_masked_attention(q, k, v, selection: Selection, scale: float | None = 
     over only the key chunks some query of the block attends (the union: causal stories skip
     every later shot, coherent routing much more); a block whose union is attended by every one
     of its queries runs unmasked (SDPA's fast path). Exact; memory O(block * N)."""
-    token_chunk = selection.layout.tensors.token_chunk.to(q.device)  # (N,)
+    token_chunk = selection.layout.tensors_on(q.device).token_chunk  # (N,)
     mask = selection.token_mask()  # (B, H, Nq, C)
     Nq = q.shape[2]
     out = torch.empty_like(q)

@@ -21,7 +21,7 @@ BLOCK = 128  # FlexAttention's block size; the selection's tile must equal it
 
 def block_overlap(selection: Selection, n_blocks: int) -> torch.Tensor:
     """(C, KB) float32: tokens of chunk c inside key block kb."""
-    lt = selection.layout.tensors.to(selection.routed.device)
+    lt = selection.layout.tensors_on(selection.routed.device)
     starts = torch.arange(n_blocks, device=lt.chunk_start.device) * BLOCK
     lo = torch.maximum(lt.chunk_start[:, None], starts[None, :])
     hi = torch.minimum(lt.chunk_end[:, None], (starts + BLOCK).clamp(max=selection.num_keys)[None, :])
@@ -58,7 +58,7 @@ def build_block_mask(selection: Selection) -> BlockMask:
     full_num, full_idx = to_lists(full_block)
 
     bits = selection.token_bits()  # (B, H, Nq, W)
-    token_chunk = selection.layout.tensors.token_chunk.to(device).to(torch.int32)
+    token_chunk = selection.layout.tensors_on(device).token_chunk.to(torch.int32)
     # pad lookups to whole blocks: flex may evaluate the mask past the last token
     bits = torch.nn.functional.pad(bits, (0, 0, 0, -(-Nq // BLOCK) * BLOCK - Nq))
     token_chunk = torch.nn.functional.pad(token_chunk, (0, KB * BLOCK - N))

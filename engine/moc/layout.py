@@ -123,6 +123,23 @@ class TokenLayout:
     def tensors(self) -> "LayoutTensors":
         return LayoutTensors.from_layout(self)
 
+    def memo(self, key, make):
+        """make(), computed once per layout and key. For layout-derived tensors on a GPU: a copy
+        from the host waits for the GPU's queue to drain, and routing and the kernels need them in
+        every layer, forward and backward (one copy per layer was most of a training step's host
+        synchronisations)."""
+        memo = self.__dict__.setdefault("_memo", {})  # a frozen dataclass: its __dict__ holds the cache
+        if key not in memo:
+            memo[key] = make()
+        return memo[key]
+
+    def tensors_on(self, device) -> "LayoutTensors":
+        """`tensors` on `device`, copied there once per layout."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.tensors
+        return self.memo(("tensors", str(device)), lambda: self.tensors.to(device))
+
 
 @dataclass(frozen=True)
 class LayoutTensors:

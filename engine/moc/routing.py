@@ -100,6 +100,16 @@ def forced_links(layout: TokenLayout, config: MoCConfig) -> torch.Tensor:
     return forced
 
 
+def links_on(layout: TokenLayout, config: MoCConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(forced_links, candidate_links) on `device`, computed and copied once per layout and config."""
+    device = torch.device(device)
+
+    def make():
+        forced = forced_links(layout, config)
+        return forced.to(device), candidate_links(layout, config, forced).to(device)
+    return layout.memo(("links", config, str(device)), make)
+
+
 def candidate_links(layout: TokenLayout, config: MoCConfig, forced: torch.Tensor) -> torch.Tensor:
     """(C, C) bool: key chunk j may be routed to a query in chunk i."""
     cand = ~forced
@@ -118,7 +128,7 @@ def candidate_links(layout: TokenLayout, config: MoCConfig, forced: torch.Tensor
 
 def chunk_descriptors(k: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """Mean key of every chunk, per head: k (B, H, N, D) -> (B, H, C, D) float32."""
-    lt = layout.tensors.to(k.device)
+    lt = layout.tensors_on(k.device)
     B, H, N, D = k.shape
     sums = torch.zeros(B, H, layout.num_chunks, D, device=k.device, dtype=torch.float32)
     sums.index_add_(2, lt.token_chunk, k.float())  # segment sum over each chunk's tokens
@@ -163,9 +173,8 @@ def route(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: MoCConf
     check_qk(q, k, layout, q_offset)
     B, H, Nq, D = q.shape
     device = q.device
-    lt = layout.tensors.to(device)
-    forced = forced_links(layout, config).to(device)
-    cand = candidate_links(layout, config, forced.cpu()).to(device)
+    lt = layout.tensors_on(device)
+    forced, cand = links_on(layout, config, device)
     desc = chunk_descriptors(k, layout) if descriptors is None else descriptors.float()
     kk = min(config.top_k, layout.num_chunks)
     slots = config.max_routed if training else config.top_k

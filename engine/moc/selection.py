@@ -54,7 +54,7 @@ class Selection:
         B, H, Nq, R = routed.shape
         C = layout.num_chunks
         device = routed.device
-        qchunk = layout.tensors.token_chunk.to(device)[q_offset:q_offset + Nq]  # (Nq,)
+        qchunk = layout.tensors_on(device).token_chunk[q_offset:q_offset + Nq]  # (Nq,)
         T = -(-Nq // tile)
         tile_of = torch.arange(Nq, device=device) // tile  # (Nq,)
         # routed selections counted per (tile, chunk); empty slots land in spare column C
@@ -91,7 +91,7 @@ class Selection:
     def query_chunks(self) -> torch.Tensor:
         """(Nq,) chunk of every query token."""
         Nq = self.routed.shape[2]
-        return self.layout.tensors.token_chunk.to(self.routed.device)[self.q_offset:self.q_offset + Nq]
+        return self.layout.tensors_on(self.routed.device).token_chunk[self.q_offset:self.q_offset + Nq]
 
     # ---- views -------------------------------------------------------------------------------
 
@@ -115,14 +115,14 @@ class Selection:
 
     def dense_mask(self, b: int = 0, h: int = 0) -> torch.Tensor:
         """(Nq, N) bool: the attention pattern of one (batch, head), for debugging and tests."""
-        token_chunk = self.layout.tensors.token_chunk.to(self.routed.device)
+        token_chunk = self.layout.tensors_on(self.routed.device).token_chunk
         return self.token_mask()[b, h][:, token_chunk]
 
     # ---- statistics --------------------------------------------------------------------------
 
     def attended_keys(self) -> torch.Tensor:
         """(B, H, Nq) float64: keys each query attends."""
-        clen = self.layout.tensors.chunk_len.to(self.routed.device).double()
+        clen = self.layout.tensors_on(self.routed.device).chunk_len.double()
         forced_len = (self.forced.double() @ clen)[self.query_chunks]  # (Nq,)
         routed_len = torch.where(self.routed >= 0, clen[self.routed.long().clamp(min=0)], 0.0).sum(-1)
         return routed_len + forced_len[None, None]

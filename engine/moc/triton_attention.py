@@ -66,14 +66,13 @@ class KeyRanges:
 def token_chunks(layout, start: int, stop: int, device) -> torch.Tensor:
     """(stop - start,) int32 chunk of layout tokens [start, stop), computed on `device` from the
     chunk ends (no copy of the per-token table)."""
-    ends = layout.tensors.chunk_end.to(device)
+    ends = layout.tensors_on(device).chunk_end
     return torch.bucketize(torch.arange(start, stop, device=device), ends, right=True).to(torch.int32)
 
 
 def _chunk_bounds(selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
-    lt = selection.layout.tensors
-    device = selection.routed.device
-    return lt.chunk_start.to(device), lt.chunk_end.to(device)
+    lt = selection.layout.tensors_on(selection.routed.device)
+    return lt.chunk_start, lt.chunk_end
 
 
 @triton.jit
@@ -204,8 +203,14 @@ def tile_lists(selection: Selection) -> TileLists:
 
 
 def key_blocks(selection: Selection, block: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut every chunk into blocks of <= `block` keys: (lo, hi, chunk), each (KB,) int32."""
-    lt = selection.layout.tensors
+    """Cut every chunk into blocks of <= `block` keys: (lo, hi, chunk), each (KB,) int32 (made
+    and copied to `device` once per layout and block size)."""
+    return selection.layout.memo(("key_blocks", block, str(torch.device(device))),
+                                 lambda: _key_blocks(selection.layout, block, device))
+
+
+def _key_blocks(layout, block: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lt = layout.tensors
     n = (lt.chunk_len + block - 1) // block  # (C,) blocks per chunk
     chunk = torch.repeat_interleave(torch.arange(len(n)), n)
     first = torch.cumsum(n, 0) - n  # first block of each chunk

@@ -178,3 +178,26 @@ def test_shards_merge_into_the_whole_run(tiny_model_dir, tmp_path):
     assert drop(merged["summary"]) == drop(whole["summary"])
     with pytest.raises(ValueError, match="overlap"):
         main(["--merge", str(tmp_path / "part0.json"), str(tmp_path / "whole.json")])
+
+
+def test_a_stopped_run_leaves_its_finished_stories(tiny_model_dir, tmp_path, monkeypatch):
+    """The JSON is rewritten after every story: a shard stopped midway (a GPU call's time running
+    out) still holds the stories it finished, and they merge."""
+    import benchmarks.quality as quality
+    real, calls = quality.run_story, []
+
+    def run_story(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process is stopped during its third story
+        return real(*args, **kwargs)
+    monkeypatch.setattr(quality, "run_story", run_story)
+    out = tmp_path / "part.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--model", str(tiny_model_dir), "--stories", "4", "--steps", "1", "--height", "32", "--width", "48",
+              "--frames", "2", "--device", "cpu", "--modes", "joint", "--variants", "moc", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert [row["num_shots"] for row in saved["stories"]] == [8, 2] and saved["config"]["stories"] == 2
+    assert not list(tmp_path.glob("*.tmp"))
+    merged = main(["--merge", str(out), "--json", str(tmp_path / "merged.json")])
+    assert len(merged["stories"]) == 2

@@ -124,3 +124,22 @@ def test_a_codec_below_the_gate_stops_the_run_before_the_transformer(tmp_path):
     assert not (tmp_path / "ckpt").exists()  # the transformer never started
     with pytest.raises(RuntimeError, match="below the gate"):  # a resumed run keeps the codec and the verdict
         train(_tiny(max_steps=1, codec_gate=1.01), tmp_path, "cpu")
+
+
+def test_a_run_reuses_an_exported_codec_and_scores_it_again(trained, tmp_path):
+    from safetensors.torch import load_file
+    work, _, out = trained
+    train(_tiny(max_steps=1), tmp_path / "reuse", "cpu", codec_from=out)
+    log = (tmp_path / "reuse" / "codec_log.jsonl")
+    assert not log.exists()  # no codec step was trained
+    mine, theirs = load_file(tmp_path / "reuse" / "codec" / "vae.safetensors"), load_file(work / "codec" / "vae.safetensors")
+    assert mine.keys() == theirs.keys()
+    assert all(torch.allclose(mine[k], theirs[k], rtol=1e-3, atol=1e-4) for k in mine)  # fp16 export, read back
+    meta = json.loads((tmp_path / "reuse" / "codec" / "codec.json").read_text())
+    before = json.loads((work / "codec" / "codec.json").read_text())
+    assert meta["from"] == str(out) and meta["steps"] == before["steps"] and meta["latent_mean"] == before["latent_mean"]
+    assert meta["check"]["appearances"] == before["check"]["appearances"]
+    assert json.loads((out / "storyboard.json").read_text())["training"]["codec_check"] == before["check"]
+    with pytest.raises(RuntimeError, match="Error"):  # a codec of another shape does not load
+        other = replace(_tiny(max_steps=1), vae={**_tiny().vae, "block_out_channels": (8, 16, 16)})
+        train(other, tmp_path / "other", "cpu", codec_from=out)

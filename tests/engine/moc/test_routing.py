@@ -226,3 +226,18 @@ def test_demo_recalls_returning_frames():
     for j in range(3):
         line = next(l for l in lines if l.startswith(f"shot 2 frame {j}:"))
         assert line.split(": ")[1].startswith(f"s0f{j} ")
+
+
+def test_layout_derived_links_are_made_once_per_layout_and_config():
+    from engine.moc.routing import links_on
+    layout = TokenLayout(frame_tokens=4, shot_frames=(2, 2, 3))
+    forced, cand = links_on(layout, MoCConfig(), "cpu")
+    again = links_on(layout, MoCConfig(), "cpu")
+    assert again[0] is forced and again[1] is cand  # cached: no per-layer rebuild (or host copy on a GPU)
+    assert torch.equal(forced, forced_links(layout, MoCConfig()))
+    assert torch.equal(cand, candidate_links(layout, MoCConfig(), forced))
+    pinned, pinned_cand = links_on(layout, MoCConfig(pins=((2, 0),)), "cpu")  # another config: its own entry
+    assert pinned.sum() > forced.sum() and not torch.equal(pinned_cand, cand)
+    fresh = TokenLayout(frame_tokens=4, shot_frames=(2, 2, 3))
+    assert links_on(fresh, MoCConfig(), "cpu")[0] is not forced  # per layout object, freed with it
+    assert layout.tensors_on("cpu") is layout.tensors
