@@ -159,7 +159,7 @@ class StoryEngine:
         return self.model.name
 
     def available_backends(self) -> list[str]:
-        names = ["auto", "reference", "dense"]
+        names = ["auto", "reference", "dense", "chunked"]
         try:
             from engine.moc import flex  # noqa: F401
             names.append("flex")

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.moc import MoCConfig, TokenLayout, moc_attention, route
+from engine.moc.attention import reference_attention
 
 from .conftest import random_layout
 
@@ -122,14 +123,56 @@ def test_dispatch_records_backend_and_rejects_unknown_names():
             moc_attention(q, k, v, sel, backend="triton")
 
 
-def test_cpu_auto_uses_the_reference_when_the_mask_would_be_large(monkeypatch):
+def test_cpu_auto_uses_the_chunked_path_at_story_sizes(monkeypatch):
     from engine.moc import attention
     layout = TokenLayout(frame_tokens=9, shot_frames=(2, 3))
     q, k, v = qkv(layout)
     sel = route(q, k, layout, MoCConfig(top_k=1))
-    monkeypatch.setattr(attention, "MASKED_DENSE_MAX_ELEMENTS", 10)
-    moc_attention(q, k, v, sel, backend="auto")
-    assert sel.info["backend"] == "reference"
+    monkeypatch.setattr(attention, "CHUNKED_MIN_PAIRS", 10)
+    out = moc_attention(q, k, v, sel, backend="auto")
+    assert sel.info["backend"] == "chunked" and "density" in sel.info["dispatch"]
+    torch.testing.assert_close(out, moc_attention(q, k, v, sel, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_chunked_matches_reference_values_and_gradients(seed):
+    """Random layouts (odd sizes, captions, sub-frame chunks), queries a sub-range of the keys,
+    pins and blocks, training-mode routing (drop-off / drop-in, empty slots): the chunked path's
+    values (no-grad: the CPU flash kernel) and gradients (plain ops) against the reference."""
+    from engine.moc.chunked import chunked_moc_attention
+    gen = torch.Generator().manual_seed(100 + seed)
+    layout = random_layout(gen, text=seed % 2 == 1, chunking=("frame", "subframe", "fixed")[seed % 3])
+    S = layout.num_shots
+    pins = ((S - 1, 0),) if S > 1 and seed % 4 == 0 else ()
+    blocks = ((S - 1, 0),) if S > 2 and seed % 4 == 1 else ()
+    config = MoCConfig(top_k=1 + seed % 3, pins=pins, blocks=blocks)
+    B, H, D = 2, 3, 8
+    q, k, v = (torch.randn(B, H, layout.num_tokens, D, generator=gen) for _ in range(3))
+    s0 = layout.shot_range(S - 1)[0] if seed % 2 == 0 else 0
+    qs = q[:, :, s0:].clone()
+    sel = route(qs, k, layout, config, q_offset=s0, training=seed >= 4, generator=gen)
+    with torch.no_grad():
+        fast = chunked_moc_attention(qs, k, v, sel)
+    torch.testing.assert_close(fast, reference_attention(qs, k, v, sel), rtol=1e-5, atol=1e-5)
+    grads = []
+    for fn in (chunked_moc_attention, reference_attention):
+        a, b, c = (t.clone().requires_grad_() for t in (qs, k, v))
+        out = fn(a, b, c, sel)
+        out.backward(torch.cos(out.detach() * 3))  # a non-uniform upstream gradient
+        grads.append((out.detach(), a.grad, b.grad, c.grad))
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_is_not_the_dense_pattern():
+    """A sparse selection computes something else than full attention (the check has teeth)."""
+    from engine.moc.chunked import chunked_moc_attention
+    layout = TokenLayout(frame_tokens=6, shot_frames=(3, 3, 2))
+    q, k, v = qkv(layout)
+    sel = route(q, k, layout, MoCConfig(top_k=1))
+    assert sel.density() < 0.8
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert (chunked_moc_attention(q, k, v, sel) - full).abs().max() > 1e-2
 
 
 def test_dense_is_faster_only_for_short_sequences_on_a_gpu():
