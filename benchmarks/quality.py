@@ -5,7 +5,8 @@ half with names no training story used) are rendered with the real sampling code
 codec.decode) three ways on one checkpoint, each in joint and shot-by-shot mode:
   moc       the default MoC settings; on CUDA the backend is forced to "triton" (the float32
             "reference" for head dims the kernel does not take), since "auto" runs dense SDPA at
-            these short lengths on a GPU; on the CPU "auto" (exact masked MoC)
+            these short lengths on a GPU; on the CPU "auto" (exact MoC: the chunked path, or
+            masked SDPA when small)
   dense     settings.moc.enabled = False
   isolated  every shot alone, as a one-shot story with the global caption, its caption and its
             seed: no memory at all (joint and shot-by-shot are the same computation here: it runs
@@ -118,7 +119,7 @@ def moc_backend(model: StoryModel) -> tuple[str, str]:
     these short lengths, so MoC is forced: the Triton kernel where it takes the head dim, else the
     float32 reference (the same routing and attention, slower)."""
     if model.device.type != "cuda":
-        return "auto", "CPU: auto runs exact masked MoC (masked SDPA, or the reference for large masks)"
+        return "auto", "CPU: auto runs exact MoC (the chunked path at story sizes, masked SDPA below)"
     if model.transformer.head_dim in TRITON_HEAD_DIMS:
         return "triton", "CUDA: the fused Triton kernel, forced (auto would choose dense SDPA at these lengths)"
     return "reference", (f"CUDA: head dim {model.transformer.head_dim} is not one the Triton kernel takes "
