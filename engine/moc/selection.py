@@ -66,7 +66,9 @@ class Selection:
         forced_counts = torch.zeros(T, C, dtype=torch.int32, device=device)
         forced_counts.index_add_(0, tile_of, forced[qchunk].to(torch.int32))
         total = counts + forced_counts  # (B, H, T, C) tokens of the tile attending each chunk
-        tile_tokens = torch.bincount(tile_of, minlength=T).to(torch.int32)  # (T,)
+        # tokens per tile: `tile`, the last one the rest (not bincount: its size waits for the GPU)
+        tile_tokens = torch.full((T,), tile, dtype=torch.int32, device=device)
+        tile_tokens[-1] = Nq - (T - 1) * tile
         union = total > 0
         full = total == tile_tokens[:, None]
         ids = torch.arange(C, device=device)
