@@ -23,7 +23,7 @@ from engine.engine import TakeInfo
 from engine.story import Story, StoryError
 
 from .state import Board, ShotView, fingerprint, with_takes
-from .views import _int_or_raw, readable_story_error
+from .views import readable_story_error
 
 TAKES_CSS = """
 .shot-takes .takes-label { font-size: 12px; color: var(--body-text-color-subdued); }
@@ -252,20 +252,21 @@ class Takes:
     def _api_takes(self, story: Any, shot: float) -> tuple[list[str] | None, dict]:
         """Shot `shot`'s takes (oldest first) with their videos; `current` marks the one `story` shows."""
         story = self._api_story(story)
+        index = self._api_shot(story, shot)  # the one shot check of every endpoint
         try:
-            takes = self.engine.takes(story, _int_or_raw(shot))
+            takes = self.engine.takes(story, index)
         except StoryError as error:
             raise gr.Error(readable_story_error(error), print_exception=False) from None
         videos = [self._take_file(t.key, story.settings.fps) for t in takes]
         listed = [{"key": t.key, "number": t.number, "seed": t.seed, "caption": t.caption, "created": t.created,
                    "generated_with": t.generated_with, "both_sides": t.both_sides, "current": t.current,
                    "video": Path(v).name if v else None} for t, v in zip(takes, videos)]
-        return [str(v) for v in videos if v] or None, {"shot": _int_or_raw(shot), "takes": listed}
+        return [str(v) for v in videos if v] or None, {"shot": index, "takes": listed}
 
     def _api_make_current(self, story: Any, shot: float, take: str, request: gr.Request):
         """Make take `take` (a key from /takes) shot `shot`'s current take; streams like /regenerate."""
         story = self._api_story(story)
-        index = _int_or_raw(shot)
+        index = self._api_shot(story, shot)
         try:
             known = [t.key for t in self.engine.takes(story, index)]
         except StoryError as error:

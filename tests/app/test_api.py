@@ -221,7 +221,7 @@ def test_takes_list_and_make_an_earlier_one_current(client):
         with pytest.raises(AppError, match="not a cached take of shot 2"):
             client.predict(story.to_dict(), 1, take, api_name="/make_current")
     for shot in (2, 0.5, -1):
-        with pytest.raises(AppError, match=r"shot: must be a shot index in \[0, 1\]"):
+        with pytest.raises(AppError, match=r"shot must be a shot index in \[0, 1\]"):
             client.predict(story.to_dict(), shot, api_name="/takes")
     bad = story.to_dict()
     bad["shots"][1]["take"] = "NOT-HEX"
