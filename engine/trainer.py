@@ -389,13 +389,17 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
         specs, shots, frames, fparams, captions = pending.result()
         pending = pool.submit(_prepare, config, step + 1)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            x, cover = draw(fparams, config.height, config.width, device, with_mask=True)  # (B*S*F, 3 | 1, H, W)
+            weighted = bool(config.character_weight)  # the characters' coverage only when the loss uses it
+            drawn = draw(fparams, config.height, config.width, device, with_mask=weighted)  # (B*S*F, 3 | 1, H, W)
+            x, cover = drawn if weighted else (drawn, None)
             x = x * 2 - 1
             z = torch.cat([codec.encode_images(x[i:i + 256]) for i in range(0, x.shape[0], 256)])
         B = len(specs)
         z = z.float().view(B, shots * frames, *z.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
-        cover = F.adaptive_avg_pool2d(cover.float(), z.shape[-2:]).view(B, shots * frames, *z.shape[-2:])
-        weights = 1 + config.character_weight * cover if config.character_weight else None
+        weights = None
+        if weighted:
+            cover = F.adaptive_avg_pool2d(cover.float(), z.shape[-2:]).view(B, shots * frames, *z.shape[-2:])
+            weights = 1 + config.character_weight * cover
         batch = StoryBatch(z, (frames,) * shots, _text(text, captions), weights)
         gen = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + step)
         lr = _lr_at(config, step, state["elapsed"])

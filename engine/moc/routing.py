@@ -249,8 +249,7 @@ def _drop_in(idx: torch.Tensor, allowed: torch.Tensor, config: MoCConfig, genera
 def expected_density(layout: TokenLayout, config: MoCConfig) -> float:
     """Density if every query routes min(k, candidates) chunks of average length (no data).
     Memoised: the model's attention call asks once per layer and step with the same layout."""
-    forced = forced_links(layout, config)
-    cand = candidate_links(layout, config, forced)
+    forced, cand = links_on(layout, config, "cpu")
     lt = layout.tensors
     clen = lt.chunk_len.double()
     n_cand = cand.sum(1).double()
