@@ -320,6 +320,22 @@ def to_story(spec: StorySpec, **settings):
     return Story(spec.global_caption, shots, GenerationSettings(**settings)).validate()
 
 
-__all__ = ["COLOURS", "SHAPES", "SIZES", "WORLDS", "PATTERNS", "ACTIONS", "FRAMINGS", "NAMES", "TRAIN_NAMES",
+__all__ = ["vocabulary_captions", "COLOURS", "SHAPES", "SIZES", "WORLDS", "PATTERNS", "ACTIONS", "FRAMINGS", "NAMES", "TRAIN_NAMES",
            "HELDOUT_NAMES", "HELDOUT_SEED_START", "Character", "Appearance", "ShotSpec", "StorySpec", "Placed",
            "sample_story", "track", "to_story", "is_heldout_name"]
+
+
+def vocabulary_captions(stories: int = 4000) -> list[str]:
+    """Every word the generator can write, as short captions (names, looks, worlds, actions,
+    framings, patterns), plus the captions of `stories` sampled train and held-out stories: what a
+    text encoder pruned to ShapeStory's vocabulary must keep."""
+    words = [*NAMES, *COLOURS, *SHAPES, *(w for ws in SIZE_WORDS.values() for w in ws),
+             *(w for _, _, ws in WORLDS.values() for w in ws), *(w for ws in ACTION_WORDS.values() for w in ws),
+             *(w for ws in FRAMING_WORDS.values() for w in ws if w), *(w for ws in PATTERN_WORDS.values() for w in ws if w)]
+    out = list(words)
+    for seed in range(stories):
+        for names, base in (("train", 0), ("heldout", HELDOUT_SEED_START)):
+            spec = sample_story(base + seed, names=names)
+            out.append(spec.global_caption)
+            out.extend(s.caption for s in spec.shots)
+    return out
