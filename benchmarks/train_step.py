@@ -7,7 +7,7 @@ step's cost does not depend on their values, and no codec or text encoder is nee
 counts host synchronisations per step (torch.cuda.set_sync_debug_mode), the usual reason a
 small model's step is launch-bound.
 
-Run (GPU):  python benchmarks/train_step.py [--json benchmarks/results/train_step_h100.json]
+Run (GPU):  python benchmarks/train_step.py [--json benchmarks/results/train_step_h200.json]
 Prints a table and writes JSON.
 """
 
@@ -24,17 +24,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.default_model import DEFAULT_TRANSFORMER  # noqa: E402
+from engine.default_model import DEFAULT_TRANSFORMER, DEFAULT_VAE, HEIGHT, WIDTH  # noqa: E402
 from engine.moc import MoCConfig  # noqa: E402
 from engine.training import StoryBatch, TrainingConfig, training_loss  # noqa: E402
 
 SHAPES = [(2, 8, 49152), (4, 8, 49152), (8, 8, 49152), (8, 8, 98304)]  # (shots, frames, tokens per step)
 
 
+# the frame codec's latent grid (each DownEncoderBlock2D but the last halves a side) and the
+# transformer's tokens per frame: 128 x 192 frames -> 32 x 48 cells -> 8 x 12 = 96 tokens
+DOWN = 2 ** (len(DEFAULT_VAE["down_block_types"]) - 1)
+LATENT_H, LATENT_W = HEIGHT // DOWN, WIDTH // DOWN
+FRAME_TOKENS = (LATENT_H // DEFAULT_TRANSFORMER["patch_size"][1]) * (LATENT_W // DEFAULT_TRANSFORMER["patch_size"][2])
+
+
 def make_batch(shots: int, frames: int, tokens: int, device) -> StoryBatch:
-    per_story = shots * frames * 96
+    per_story = shots * frames * FRAME_TOKENS
     B = max(1, tokens // per_story)
-    latents = torch.randn(B, 4, shots * frames, 16, 24, device=device)
+    latents = torch.randn(B, DEFAULT_VAE["latent_channels"], shots * frames, LATENT_H, LATENT_W, device=device)
     text = [[torch.randn(12, 384) for _ in range(shots + 1)] for _ in range(B)]
     return StoryBatch(latents, (frames,) * shots, text)
 
@@ -60,7 +67,7 @@ def step_ms(tr, opt, batch, config, repeats: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "train_step_h100.json")
+    p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "train_step_h200.json")
     args = p.parse_args(argv)
     from diffusers import WanTransformer3DModel
     from engine.backbone import StoryTransformer
@@ -72,7 +79,7 @@ def main(argv=None) -> int:
     for shots, frames, tokens in SHAPES:
         batch = make_batch(shots, frames, tokens, dev)
         row = {"shots": shots, "frames": frames, "stories": batch.latents.shape[0],
-               "tokens": batch.latents.shape[0] * shots * frames * 96}
+               "tokens": batch.latents.shape[0] * shots * frames * FRAME_TOKENS}
         for name, cfg in (("dense", TrainingConfig(moc=None)), ("moc", TrainingConfig(moc=MoCConfig(), backend="triton"))):
             row[f"{name}_ms"] = round(step_ms(tr, opt, batch, cfg, args.repeats), 2)
             torch.cuda.set_sync_debug_mode("warn")
