@@ -4,8 +4,8 @@ One optimiser step of `engine.training.training_loss` (forward + backward + Adam
 on the default transformer config, at the batch shapes the trainer uses (stories of S shots x F
 frames, as many stories as fit the token budget). Latents and caption states are random: the
 step's cost does not depend on their values, and no codec or text encoder is needed. Also
-counts host synchronisations per step (torch.cuda.set_sync_debug_mode), the usual reason a
-small model's step is launch-bound.
+counts host synchronisations per step (torch.cuda.set_sync_debug_mode) and the Python lines they
+come from, the usual reason a small model's step is launch-bound.
 
 Run (GPU):  python benchmarks/train_step.py [--json benchmarks/results/train_step_h200.json]
 Prints a table and writes JSON.
@@ -14,6 +14,7 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import time
@@ -46,27 +47,70 @@ def make_batch(shots: int, frames: int, tokens: int, device) -> StoryBatch:
     return StoryBatch(latents, (frames,) * shots, text)
 
 
+def train_step(tr, opt, batch, config, i: int) -> None:
+    g = torch.Generator(device=batch.latents.device).manual_seed(i)
+    with torch.autocast(batch.latents.device.type, dtype=torch.bfloat16):
+        loss = training_loss(tr, batch, config, generator=g)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def step_ms(tr, opt, batch, config, repeats: int) -> float:
-    def one(i):
-        g = torch.Generator(device=batch.latents.device).manual_seed(i)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = training_loss(tr, batch, config, generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    dev = batch.latents.device
     for i in range(3):
-        one(i)
-    torch.cuda.synchronize()
+        train_step(tr, opt, batch, config, i)
+    _sync(dev)
     t0 = time.perf_counter()
     for i in range(repeats):
-        one(i)
-    torch.cuda.synchronize()
+        train_step(tr, opt, batch, config, i)
+    _sync(dev)
     return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def profile_step(tr, opt, batch, config, steps: int = 3, top: int = 20) -> dict:
+    """Where a step's device time goes (torch.profiler): the busiest kernels (ms and launches per
+    step), the device's busy time against the wall time (busy << wall: launch- or host-bound) and
+    the launches per step. On a CPU the "device" is the CPU's own ops (a check of this code)."""
+    from torch.profiler import ProfilerActivity, profile
+    dev = batch.latents.device
+    for i in range(3):
+        train_step(tr, opt, batch, config, i)
+    _sync(dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            train_step(tr, opt, batch, config, i)
+        _sync(dev)
+    wall = (time.perf_counter() - t0) / steps * 1e3
+
+    def device_us(e) -> float:
+        if dev.type == "cuda":
+            return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0))
+        return float(e.self_cpu_time_total)
+
+    events = [e for e in prof.key_averages() if device_us(e) > 0]
+    if dev.type == "cuda":  # kernels and copies: the events that ran on the device
+        events = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")] or events
+    events.sort(key=device_us, reverse=True)
+    return {"wall_ms_per_step": round(wall, 2),  # under the profiler, so above step_ms
+            "device_busy_ms_per_step": round(sum(map(device_us, events)) / steps / 1e3, 2),
+            "launches_per_step": sum(e.count for e in events) / steps,
+            "top": [{"name": e.key[:90], "ms_per_step": round(device_us(e) / steps / 1e3, 3),
+                     "calls_per_step": e.count / steps} for e in events[:top]]}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one step of each (torch.profiler): busiest kernels, busy vs wall time")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "train_step_h200.json")
     args = p.parse_args(argv)
     from diffusers import WanTransformer3DModel
@@ -88,14 +132,29 @@ def main(argv=None) -> int:
                 warnings.simplefilter("always")
                 step_ms(tr, opt, batch, cfg, 1)
             torch.cuda.set_sync_debug_mode(0)
-            row[f"{name}_syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught) / 4  # 3 warm-up + 1
+            syncs = [w for w in caught if "synchroniz" in str(w.message)]
+            row[f"{name}_syncs_per_step"] = len(syncs) / 4  # 3 warm-up + 1
+            # where they happen (the Python line each warning points at), most frequent first
+            sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+            row[f"{name}_sync_sites"] = {site: n / 4 for site, n in sites.most_common(12)}
         row["moc_over_dense"] = round(row["moc_ms"] / row["dense_ms"], 3)
+        if args.profile and (shots, frames, tokens) == SHAPES[2]:
+            for name, cfg in (("dense", TrainingConfig(moc=None)), ("moc", TrainingConfig(moc=MoCConfig(), backend="triton"))):
+                row[f"{name}_profile"] = prof = profile_step(tr, opt, batch, cfg)
+                print(f"{name}, {shots} shots x {frames} frames: wall {prof['wall_ms_per_step']:.1f} ms, device busy "
+                      f"{prof['device_busy_ms_per_step']:.1f} ms, {prof['launches_per_step']:.0f} launches a step")
+                for k in prof["top"][:12]:
+                    print(f"  {k['ms_per_step']:8.2f} ms  x{k['calls_per_step']:<5g} {k['name']}")
         rows.append(row)
     print(f"{'shots':>5} {'frames':>6} {'stories':>7} {'tokens':>7} {'dense ms':>9} {'MoC ms':>8} {'MoC/dense':>9} "
           f"{'syncs dense':>11} {'syncs MoC':>9}")
     for r in rows:
         print(f"{r['shots']:>5} {r['frames']:>6} {r['stories']:>7} {r['tokens']:>7} {r['dense_ms']:>9.1f} "
               f"{r['moc_ms']:>8.1f} {r['moc_over_dense']:>9.2f} {r['dense_syncs_per_step']:>11.0f} {r['moc_syncs_per_step']:>9.0f}")
+    for r in rows[:1]:
+        print("host synchronisations per step, by Python line (first shape):")
+        for name in ("dense", "moc"):
+            print(f"  {name}: " + ", ".join(f"{site} x{n:g}" for site, n in r[f"{name}_sync_sites"].items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                      "config": DEFAULT_TRANSFORMER, "rows": rows}, indent=2) + "\n")

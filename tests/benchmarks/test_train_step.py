@@ -1,0 +1,33 @@
+"""benchmarks/train_step.py on the CPU: its batches are the trainer's real shapes, and its profiler
+summary reads a step (the timings themselves are GPU figures, never asserted)."""
+
+import torch
+
+from benchmarks import train_step
+from engine.default_model import DEFAULT_TRANSFORMER, PIXEL_TRANSFORMER
+from engine.training import TrainingConfig
+
+
+def test_batches_have_the_codec_latent_grid_and_the_token_budget():
+    batch = train_step.make_batch(4, 8, 49152, "cpu")
+    B, C, T, h, w = batch.latents.shape
+    _, ph, pw = DEFAULT_TRANSFORMER["patch_size"]
+    assert (h * 4, w * 4) == (128, 192)  # the frame codec's 4x smaller latent grid of the 128 x 192 frames
+    assert T == 4 * 8 and B * T * (h // ph) * (w // pw) == 49152  # the tokens it says it has
+    assert len(batch.text) == B and all(len(t) == 4 + 1 for t in batch.text)
+
+
+def test_the_profile_names_the_busiest_ops_of_a_step():
+    from diffusers import WanTransformer3DModel
+    from engine.backbone import StoryTransformer
+    torch.manual_seed(0)
+    config = dict(PIXEL_TRANSFORMER, in_channels=4, out_channels=4, patch_size=(1, 4, 4), text_dim=384, num_layers=2)
+    tr = StoryTransformer(WanTransformer3DModel(**config).train())
+    opt = torch.optim.AdamW(tr.model.parameters(), lr=1e-5)
+    batch = train_step.make_batch(2, 2, 2 * 2 * 96, "cpu")
+    prof = train_step.profile_step(tr, opt, batch, TrainingConfig(moc=None), steps=1, top=5)
+    assert prof["wall_ms_per_step"] > 0 and prof["device_busy_ms_per_step"] > 0
+    assert prof["launches_per_step"] > 100  # a transformer step is hundreds of ops
+    times = [k["ms_per_step"] for k in prof["top"]]
+    assert len(times) == 5 and times == sorted(times, reverse=True) and times[0] > 0
+    assert any("mm" in k["name"] for k in prof["top"])  # the linear layers are among the busiest
