@@ -42,7 +42,8 @@ def story_inputs(st: StoryTransformer, shots: int, frames: int, h: int, w: int, 
     latents = torch.randn(1, 16, shots * frames, h, w, generator=g, device=device, dtype=dtype)
     shot_of_token = torch.arange(layout.num_tokens, device=device) // (frames * layout.frame_tokens)
     timestep = (900.0 - 100.0 * (shot_of_token % 8)).float()[None]  # (1, N): later shots cleaner
-    segments = [[torch.randn(24, 4096, generator=g, device=device, dtype=dtype) for _ in range(shots + 1)]]
+    text_dim = st.model.config.text_dim  # 4096: umT5's width
+    segments = [[torch.randn(24, text_dim, generator=g, device=device, dtype=dtype) for _ in range(shots + 1)]]
     live = [(*layout.shot_range(s), s) for s in range(shots)]
     text, cross = make_cross_plan(segments, live, device)
     rotary = st.rotary(0, shots * frames, h, w, device)

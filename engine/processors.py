@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from engine.context_cache import ContextKV
-from engine.moc import MoCConfig, TokenLayout, attend, dense_attention
+from engine.moc import ATTENTION_RANGE, MoCConfig, TokenLayout, attend, dense_attention
 
 
 @dataclass
@@ -81,14 +82,16 @@ def story_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Sel
     qh = q.transpose(1, 2)  # (B, H, N, D)
     D = qh.shape[-1]
     if plan.moc is None:
-        out = dense_attention(qh, k_all, v_all)
+        with record_function(ATTENTION_RANGE):
+            out = dense_attention(qh, k_all, v_all)
         if plan.recorder is not None:
             plan.recorder.record_dense(layer, qh.shape, k_all.shape[2], plan.q_offset)
     else:
         q_r = None if q_route is None else q_route.transpose(1, 2)
-        out, selection = attend(qh, k_all, v_all, plan.layout, plan.moc, backend=plan.backend,
-                                q_offset=plan.q_offset, training=plan.training, generator=plan.generator,
-                                q_route=q_r, k_route=kr_all)
+        with record_function(ATTENTION_RANGE):  # routing inside it is its own range (moc.ROUTING_RANGE)
+            out, selection = attend(qh, k_all, v_all, plan.layout, plan.moc, backend=plan.backend,
+                                    q_offset=plan.q_offset, training=plan.training, generator=plan.generator,
+                                    q_route=q_r, k_route=kr_all)
         if plan.recorder is not None and selection is None:  # "auto" judged dense SDPA faster here
             plan.recorder.record_dense(layer, qh.shape, k_all.shape[2], plan.q_offset, backend="dense-auto")
         elif plan.recorder is not None:

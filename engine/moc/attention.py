@@ -32,6 +32,7 @@ import os
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import record_function
 
 from .layout import TokenLayout
 from .routing import MoCConfig, expected_density, route
@@ -104,6 +105,10 @@ def dense_masked_attention(q, k, v, selection: Selection, scale: float | None = 
                                                                             attn_mask=attn_mask, scale=scale)
     return out
 
+
+# profiler range names (benchmarks/e2e.py splits a forward's device time by them)
+ROUTING_RANGE = "moc.routing"  # descriptors, scores, top-k, the selection
+ATTENTION_RANGE = "storyboard.attention"  # a self-attention call, routing included (engine/processors.py)
 
 # SDPA's own order tries FlashAttention-2 before cuDNN; on the H100 cuDNN is ~1.6x faster
 # (MOC.md §4, benchmarks/results/attention_h100.json), so dense calls ask for it first.
@@ -221,6 +226,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayou
     if (backend == "auto" and not config.blocks
             and dense_is_faster(B, H, Nq, k.shape[2], D, expected_density(layout, config), q.device)):
         return dense_attention(q, k, v, scale), None
-    selection = route(q if q_route is None else q_route, k if k_route is None else k_route, layout, config,
-                      q_offset=q_offset, training=training, generator=generator)
+    with record_function(ROUTING_RANGE):
+        selection = route(q if q_route is None else q_route, k if k_route is None else k_route, layout, config,
+                          q_offset=q_offset, training=training, generator=generator)
     return moc_attention(q, k, v, selection, backend=backend, scale=scale), selection

@@ -1,0 +1,399 @@
+"""End to end on the GPU: an 8-shot, 180k-token story through the engine, MoC against dense.
+
+A Wan2.1-1.3B-architecture checkpoint is built offline and saved like a real one (save_pretrained,
+safetensors): the transformer at full size (30 layers, 12 heads x 128) with random bf16 weights,
+the Wan2.1 VAE architecture with random weights, and a one-layer random umT5 of the real width
+(4096) with a word-level tokenizer of the story's words. The engine loads it through `--model`
+like any checkpoint. Parts (--parts, all by default):
+
+  forward   one transformer forward of the whole story (the engine's StoryTransformer): MoC on the
+            fused Triton kernels against dense cuDNN and dense FlashAttention-2; peak memory; the
+            device time split into attention, routing and the rest (torch.profiler, by the
+            engine's ranges moc.ROUTING_RANGE and moc.ATTENTION_RANGE).
+  scaling   the forward at 1 to 8 shots (22.5k to 180k tokens), MoC against dense cuDNN.
+  render    StoryEngine.render of the story (joint, then shot by shot) with MoC: H.264 for every
+            shot and the story, the routing report, peak memory; with --render-dense also dense.
+            Then regenerate one middle shot with the others as cached context (both sides),
+            against rendering all 8.
+
+Random weights give near-random routing: the attention figures of benchmarks/attention.py bound
+what a trained model's routing gives. The JSON has the top-level keys forward_speedup_vs_cudnn,
+forward_speedup_vs_flash and regenerate_speedup beside the detailed rows; `--plot JSON` draws the
+scaling table as a PNG (here, where Pillow is; the GPU image may lack it).
+
+    python benchmarks/e2e.py --json benchmarks/results/e2e_h100.json --log-dir OUT   (GPU)
+    python benchmarks/e2e.py --plot benchmarks/results/e2e_h100.json --png docs/e2e_scaling.png
+    python benchmarks/e2e.py --tiny --device cpu ...   (a CPU check of the script, tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.wan_forward import WAN_1_3B, forward, story_inputs  # noqa: E402
+from engine.moc import ATTENTION_RANGE, ROUTING_RANGE, MoCConfig  # noqa: E402
+import engine.moc.attention as moc_attention_module  # noqa: E402
+
+# the MoC-180k story: 8 shots x 15 latent frames (57 video frames each) at 480 x 800 pixels
+# (60 x 100 latent cells, 30 x 50 = 1,500 tokens a frame)
+FULL = dict(shots=8, frames=15, height=480, width=800, layers=30)
+TINY = dict(shots=3, frames=2, height=32, width=48, layers=2)  # the CPU check
+CAPTIONS = ["a red fox runs across the snow", "the fox stops by a frozen lake", "a blue bird lands on a branch",
+            "the bird watches the fox", "the fox looks up at the bird", "snow starts to fall on the lake",
+            "the bird flies over the trees", "the fox walks home through the snow"]
+GLOBAL = "a red fox and a blue bird in a snowy forest"
+
+
+# ---- the checkpoint ---------------------------------------------------------------------------
+
+def build_checkpoint(folder: Path, tiny: bool, layers: int, device=torch.device("cpu")) -> Path:
+    """Save a random Wan2.1 text-to-video checkpoint (see the module docstring) to `folder`; the
+    transformer's random init runs on `device` (a GPU draws 1.3B numbers in a blink)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    words = sorted({w for c in CAPTIONS + [GLOBAL] for w in c.split()}) + ["<unk>", "<pad>", "</s>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", len(words) - 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    width = 32 if tiny else WAN_1_3B["text_dim"]
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(words), d_model=width, d_kv=8 if tiny else 64, d_ff=64 if tiny else 512, num_layers=1,
+        num_heads=4, relative_attention_num_buckets=8 if tiny else 32, pad_token_id=len(words) - 2,
+        eos_token_id=len(words) - 1, decoder_start_token_id=len(words) - 2))
+    if tiny:
+        transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                            in_channels=16, out_channels=16, text_dim=width, freq_dim=16,
+                                            ffn_dim=32, num_layers=layers, rope_max_seq_len=64)
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+    else:
+        with torch.device(device):
+            transformer = WanTransformer3DModel(**{**WAN_1_3B, "num_layers": layers})
+        transformer = transformer.to(torch.bfloat16).cpu()
+        vae = AutoencoderKLWan()  # the Wan2.1 VAE's architecture (its default config)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                       transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_story(size: dict, steps: int, mode: str, moc: bool, seed0: int = 100):
+    from engine.story import GenerationSettings, MoCSettings, Shot, Story
+    shots = [Shot(CAPTIONS[i % len(CAPTIONS)], size["frames"], seed0 + i) for i in range(size["shots"])]
+    settings = GenerationSettings(steps=steps, guidance=4.0, height=size["height"], width=size["width"], fps=16,
+                                  mode=mode, moc=MoCSettings(enabled=moc, top_k=5))
+    return Story(GLOBAL, shots, settings).validate()
+
+
+# ---- timing helpers ---------------------------------------------------------------------------
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device) -> float | None:
+    return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None
+
+
+def timed(fn, device, repeats: int = 1, warmup: int = 0) -> float:
+    """Median wall time of `repeats` runs in ms (the device synchronised around each)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+class dense_backend:
+    """Dense attention through one SDPA kernel: "cudnn" or "flash" (FlashAttention-2)."""
+
+    def __init__(self, kind: str):
+        from torch.nn.attention import SDPBackend
+        first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[kind]
+        self.order = [first] + [b for b in moc_attention_module.DENSE_PRIORITY if b != first]
+
+    def __enter__(self):
+        self.saved = moc_attention_module.DENSE_PRIORITY
+        moc_attention_module.DENSE_PRIORITY = self.order
+
+    def __exit__(self, *exc):
+        moc_attention_module.DENSE_PRIORITY = self.saved
+
+
+def time_split(fn, device) -> dict:
+    """One call of fn under torch.profiler: device time in ms in all, in self-attention (routing
+    included), in routing, and the rest. On a CPU the CPU's op times stand in (a check of this code)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        _sync(device)
+    events = prof.key_averages()
+
+    def total(name: str) -> float:  # device time of the kernels launched inside the named range
+        rows = [e for e in events if e.key == name and getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
+        if not rows:
+            return 0.0
+        e = rows[0]
+        us = (getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0)) if cuda else e.cpu_time_total
+        return float(us) / 1e3
+
+    if cuda:
+        kernels = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
+        all_ms = sum(float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0))
+                     for e in kernels) / 1e3
+    else:
+        all_ms = sum(float(e.self_cpu_time_total) for e in events) / 1e3
+    attention, routing = total(ATTENTION_RANGE), total(ROUTING_RANGE)
+    return {"device_ms": round(all_ms, 1), "attention_ms": round(attention - routing, 1),
+            "routing_ms": round(routing, 1), "rest_ms": round(all_ms - attention, 1)}
+
+
+# ---- the parts --------------------------------------------------------------------------------
+
+def part_forward(st, size, device, dtype, repeats: int, log) -> list[dict]:
+    h, w = size["height"] // 8, size["width"] // 8  # the Wan VAE: 8x smaller per side
+    moc = MoCConfig(top_k=5)
+    small = story_inputs(st, 2, 2, 8, 12, device, dtype, seed=1)
+    ref = forward(st, *small, moc, "reference").float()
+    fast = forward(st, *small, moc, "triton" if device.type == "cuda" else "reference").float()
+    rel_err = float((fast - ref).norm() / ref.norm())
+    log(f"forward check on {small[0].num_tokens} tokens: fused vs reference rel. error {rel_err:.2e}")
+    layout, *rest = story_inputs(st, size["shots"], size["frames"], h, w, device, dtype)
+    rows = []
+    variants = [("moc-triton", moc, "triton" if device.type == "cuda" else "reference", None),
+                ("dense-cudnn", None, "auto", "cudnn"), ("dense-flash", None, "auto", "flash")]
+    for name, cfg, backend, dense in variants:
+        def run(cfg=cfg, backend=backend):
+            return forward(st, layout, *rest, cfg, backend)
+        _reset_peak(device)
+        if dense:
+            with dense_backend(dense):
+                ms = timed(run, device, repeats, warmup=1)
+                split = time_split(run, device)
+        else:
+            ms = timed(run, device, repeats, warmup=1)
+            split = time_split(run, device)
+        rows.append({"variant": name, "tokens": layout.num_tokens, "layers": len(st.model.blocks), "forward_ms": round(ms, 1),
+                     "peak_gib": _peak_gib(device), **split})
+        log(f"forward {name}: {ms:.1f} ms, split {split}, peak {rows[-1]['peak_gib']} GiB")
+    for r in rows:
+        r["speedup_vs_cudnn"] = round(rows[1]["forward_ms"] / r["forward_ms"], 3)
+        r["speedup_vs_flash"] = round(rows[2]["forward_ms"] / r["forward_ms"], 3)
+    rows[0]["check_rel_err"] = rel_err
+    return rows
+
+
+def part_scaling(st, size, device, dtype, log) -> list[dict]:
+    h, w = size["height"] // 8, size["width"] // 8
+    moc = MoCConfig(top_k=5)
+    rows = []
+    for shots in range(1, size["shots"] + 1):
+        layout, *rest = story_inputs(st, shots, size["frames"], h, w, device, dtype)
+        row = {"shots": shots, "tokens": layout.num_tokens}
+        for name, cfg, backend in (("moc_ms", moc, "triton" if device.type == "cuda" else "reference"),
+                                   ("dense_cudnn_ms", None, "auto")):
+            with dense_backend("cudnn"):
+                row[name] = round(timed(lambda: forward(st, layout, *rest, cfg, backend), device, 1,
+                                        warmup=1 if shots == 1 else 0), 1)
+        row["speedup"] = round(row["dense_cudnn_ms"] / row["moc_ms"], 3)
+        rows.append(row)
+        log(f"scaling {shots} shots ({layout.num_tokens} tokens): MoC {row['moc_ms']} ms, dense {row['dense_cudnn_ms']} ms")
+    return rows
+
+
+def part_render(engine, size, device, steps: int, out: Path, dense: bool, log) -> dict:
+    from engine.events import Progress, ShotDone
+
+    def on_event(event):
+        if isinstance(event, Progress) and event.step in (0, event.total):
+            log(f"  {event.message}")
+        elif isinstance(event, ShotDone):
+            s = event.result
+            log(f"  shot {s.index + 1}: {s.status}, {s.seconds:.1f} s, {s.frames} frames -> {s.video_path}")
+
+    def render(story, name, **kw):
+        _reset_peak(device)
+        t0 = time.perf_counter()
+        result = engine.render(story, out_dir=out / name, on_event=on_event, **kw)
+        seconds = time.perf_counter() - t0
+        videos = [probe(s.video_path) for s in result.shots] + [probe(result.story_video)]
+        row = {"render": name, "seconds": round(seconds, 2), "peak_gib": _peak_gib(device),
+               "statuses": [s.status for s in result.shots], "sparsity": result.summary.get("sparsity"),
+               "videos": videos, "videos_ok": all(v["codec"] == "h264" and v["frames"] > 0 for v in videos)}
+        log(f"render {name}: {seconds:.1f} s, peak {row['peak_gib']} GiB, {row['statuses']}")
+        return row
+
+    rows = []
+    joint = make_story(size, steps, "joint", True)
+    rows.append(render(joint, "moc_joint"))
+    middle = (size["shots"] - 1) // 2  # shot 4 of 8: regenerated with the others as cached context
+    again = make_story(size, steps, "joint", True)
+    again.shots[middle].seed = 9_999  # a new take of it
+    row = render(again, "moc_joint_regenerate", regenerate=middle)
+    rows.append({**row, "regenerated_shot": middle})
+    rows.append(render(make_story(size, steps, "shot_by_shot", True, seed0=200), "moc_shot_by_shot"))
+    if dense:
+        with dense_backend("cudnn"):
+            rows.append(render(make_story(size, steps, "joint", False, seed0=300), "dense_cudnn_joint"))
+        with dense_backend("flash"):
+            rows.append(render(make_story(size, steps, "joint", False, seed0=400), "dense_flash_joint"))
+    by = {r["render"]: r for r in rows}
+    return {"rows": rows, "regenerate_speedup": round(by["moc_joint"]["seconds"] / by["moc_joint_regenerate"]["seconds"], 3)}
+
+
+def probe(path) -> dict:
+    """What a player sees in a written MP4: codec, frames decoded, size."""
+    import av
+    path = Path(path)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        codec = stream.codec_context.name
+    return {"name": path.name, "codec": codec, "frames": frames, "bytes": path.stat().st_size}
+
+
+# ---- the plot ---------------------------------------------------------------------------------
+
+def plot_scaling(rows: list[dict], png: Path, title: str) -> Path:
+    """The scaling table as a line chart (Pillow): forward seconds against tokens, MoC and dense."""
+    from PIL import Image, ImageDraw
+    W, H, L, R, T, B = 900, 560, 90, 30, 60, 70
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xs = [r["tokens"] for r in rows]
+    ymax = max(max(r["moc_ms"], r["dense_cudnn_ms"]) for r in rows) / 1e3 * 1.1
+    xmax = max(xs) * 1.05
+
+    def px(x, y):
+        return L + x / xmax * (W - L - R), H - B - y / ymax * (H - T - B)
+
+    d.line([px(0, 0), px(xmax, 0)], fill="black", width=2)
+    d.line([px(0, 0), px(0, ymax)], fill="black", width=2)
+    for i in range(6):
+        y = ymax * i / 5
+        d.line([px(0, y), px(xmax, y)], fill=(225, 225, 225))
+        d.text((8, px(0, y)[1] - 6), f"{y:.1f} s" if ymax >= 2 else f"{y * 1e3:.0f} ms", fill="black")
+    for x in xs:
+        d.text((px(x, 0)[0] - 16, H - B + 8), f"{x / 1000:.1f}k" if x >= 1000 else str(x), fill="black")
+    for key, colour, label in (("dense_cudnn_ms", (200, 60, 50), "dense (cuDNN)"), ("moc_ms", (40, 90, 200), "MoC")):
+        pts = [px(r["tokens"], r[key] / 1e3) for r in rows]
+        d.line(pts, fill=colour, width=3)
+        for x, y in pts:
+            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=colour)
+        d.text((pts[-1][0] - 120, pts[-1][1] - 22), label, fill=colour)
+    d.text((L, 20), title, fill="black")
+    d.text((W // 2 - 80, H - 28), "story tokens (1 to 8 shots)", fill="black")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    img.save(png)
+    return png
+
+
+# ---- main -------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="forward,scaling,render", help="comma-separated: forward, scaling, render")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps of each render (guidance doubles the forwards)")
+    p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (median)")
+    p.add_argument("--render-dense", action="store_true", help="also render the story with dense cuDNN and flash")
+    p.add_argument("--layers", type=int, default=None, help="transformer layers (default: 30; tiny: 2)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model and story (a CPU check of this script)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--work", type=Path, default=None, help="checkpoint and cache folder (default: a temporary one)")
+    p.add_argument("--log-dir", type=Path, default=None, help="the renders' videos and this run's log go here")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="draw the scaling table of this JSON and exit")
+    p.add_argument("--png", type=Path, default=ROOT / "docs" / "e2e_scaling.png")
+    args = p.parse_args(argv)
+    if args.plot is not None:
+        data = json.loads(args.plot.read_text())
+        print(plot_scaling(data["scaling"], args.png, f"One Wan2.1-1.3B-architecture forward, {data['device']}"))
+        return 0
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/e2e.py needs a CUDA GPU (or --tiny --device cpu for a check)")
+    size = dict(TINY if args.tiny else FULL)
+    size["layers"] = args.layers or size["layers"]
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    unknown = set(parts) - {"forward", "scaling", "render"}
+    if unknown:
+        raise SystemExit(f"--parts takes forward, scaling and render; got {sorted(unknown)}")
+    work = args.work or Path(tempfile.mkdtemp(prefix="e2e_"))
+    log_dir = args.log_dir or work / "out"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_file = (log_dir / "e2e_log.txt").open("a")
+
+    def log(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    from engine.engine import StoryEngine
+    t0 = time.perf_counter()
+    folder = work / "wan"
+    if not (folder / "model_index.json").exists():
+        build_checkpoint(folder, args.tiny, size["layers"], device)
+    engine = StoryEngine.load(folder, device=str(device), cache_dir=work / "cache")
+    log(f"checkpoint built and loaded in {time.perf_counter() - t0:.1f} s: {engine.model_name}, {size}")
+    st, dtype = engine.model.transformer, engine.model.dtype
+    result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "torch": torch.__version__,
+                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "model": "Wan2.1-1.3B architecture, random weights" + (" (tiny check)" if args.tiny else ", bf16"),
+                    "story": size, "top_k": 5, "steps": args.steps, "guidance": 4.0}
+    if "forward" in parts:
+        rows = part_forward(st, size, device, dtype, args.repeats, log)
+        result["forward"] = rows
+        result["forward_speedup_vs_cudnn"] = rows[0]["speedup_vs_cudnn"]
+        result["forward_speedup_vs_flash"] = rows[0]["speedup_vs_flash"]
+    if "scaling" in parts:
+        result["scaling"] = part_scaling(st, size, device, dtype, log)
+    if "render" in parts:
+        render = part_render(engine, size, device, args.steps, log_dir, args.render_dense, log)
+        result["render"] = render["rows"]
+        result["regenerate_speedup"] = render["regenerate_speedup"]
+    print(json.dumps({k: v for k, v in result.items() if k.endswith("speedup") or "speedup_vs" in k}))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if "scaling" in parts:
+        try:
+            log(f"plot: {plot_scaling(result['scaling'], log_dir / 'e2e_scaling.png', 'One forward: ' + result['device'])}")
+        except ImportError:
+            log("plot skipped (no Pillow here): run --plot JSON where it is")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""benchmarks/e2e.py on the CPU with its tiny model: the checkpoint it builds loads through the
+engine, every part runs and writes what the GPU run will (videos, JSON keys, the time split, the
+scaling plot). Its timings are GPU figures and are never asserted."""
+
+import json
+
+import pytest
+
+from benchmarks import e2e
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    out = work / "e2e.json"
+    assert e2e.main(["--tiny", "--device", "cpu", "--steps", "1", "--repeats", "1", "--work", str(work),
+                     "--json", str(out)]) == 0
+    return work, json.loads(out.read_text())
+
+
+def test_the_summary_keys_and_the_forward_rows(run):
+    _, data = run
+    for key in ("forward_speedup_vs_cudnn", "forward_speedup_vs_flash", "regenerate_speedup"):
+        assert data[key] > 0
+    rows = {r["variant"]: r for r in data["forward"]}
+    assert set(rows) == {"moc-triton", "dense-cudnn", "dense-flash"}
+    for r in rows.values():  # the split adds up to the device time
+        assert r["attention_ms"] + r["routing_ms"] + r["rest_ms"] == pytest.approx(r["device_ms"], abs=0.3)
+        assert r["attention_ms"] > 0 and r["rest_ms"] > 0
+    assert rows["moc-triton"]["routing_ms"] > 0 and rows["dense-cudnn"]["routing_ms"] == 0
+    assert data["forward_speedup_vs_cudnn"] == rows["moc-triton"]["speedup_vs_cudnn"]
+
+
+def test_scaling_grows_the_story_one_shot_at_a_time(run):
+    _, data = run
+    tokens = [r["tokens"] for r in data["scaling"]]
+    assert [r["shots"] for r in data["scaling"]] == [1, 2, 3]
+    assert tokens == [tokens[0] * s for s in (1, 2, 3)]
+
+
+def test_renders_write_videos_and_regenerate_keeps_the_other_shots(run):
+    work, data = run
+    rows = {r["render"]: r for r in data["render"]}
+    assert set(rows) == {"moc_joint", "moc_joint_regenerate", "moc_shot_by_shot"}
+    assert all(r["videos_ok"] for r in rows.values())
+    joint = rows["moc_joint"]["videos"]
+    assert [v["codec"] for v in joint] == ["h264"] * 4 and [v["frames"] for v in joint] == [5, 5, 5, 15]
+    assert rows["moc_joint"]["statuses"] == ["generated"] * 3
+    assert rows["moc_joint_regenerate"]["statuses"] == ["cached", "generated", "cached"]
+    assert (work / "out" / "moc_joint" / "story.mp4").stat().st_size > 0
+    assert "render moc_joint_regenerate" in (work / "out" / "e2e_log.txt").read_text()
+
+
+def test_the_scaling_plot_is_drawn_from_the_json(run, tmp_path):
+    from PIL import Image
+    work, data = run
+    (tmp_path / "e.json").write_text(json.dumps(data))
+    assert e2e.main(["--plot", str(tmp_path / "e.json"), "--png", str(tmp_path / "s.png")]) == 0
+    img = Image.open(tmp_path / "s.png").convert("RGB")
+    colours = set(img.getdata())
+    assert (40, 90, 200) in colours and (200, 60, 50) in colours  # both lines are drawn
