@@ -106,13 +106,57 @@ def profile_step(tr, opt, batch, config, steps: int = 3, top: int = 20) -> dict:
                      "calls_per_step": e.count / steps} for e in events[:top]]}
 
 
+def walked_work(tile: int, training: bool, shots: int = 8, frames: int = 8, seed: int = 0) -> dict:
+    """What the fused kernels walk for one training-shaped selection (CPU, no kernels): per tile of
+    `tile` query rows, in the kernels' row order, the keys of every chunk any of its rows attends,
+    as a fraction of dense pairs, against the attended pairs (the density). Queries and keys are
+    random with a per-frame component shared by q and k, so routing has structure to find."""
+    from engine.moc import TokenLayout, route
+    from engine.moc.selection import Selection
+    from engine.moc.triton_attention import row_order
+    g = torch.Generator().manual_seed(seed)
+    layout = TokenLayout(frame_tokens=FRAME_TOKENS, shot_frames=(frames,) * shots)
+    N, B, H, D = layout.num_tokens, 2, DEFAULT_TRANSFORMER["num_attention_heads"], DEFAULT_TRANSFORMER["attention_head_dim"]
+    frame = torch.arange(N) // FRAME_TOKENS
+    base = torch.randn(shots * frames, D, generator=g)[frame]
+    q = 0.5 * torch.randn(B, H, N, D, generator=g) + base
+    k = 0.5 * torch.randn(B, H, N, D, generator=g) + base
+    sel = route(q, k, layout, MoCConfig(tile=tile), training=training, generator=g, impl="reference")
+    perm = row_order(sel).long()
+    routed = sel.routed.gather(2, perm[..., None].expand_as(sel.routed))
+    tiles = Selection.build(layout, tile, sel.forced, routed, 0)
+    clen = layout.tensors.chunk_len.double()
+    ids = tiles.tile_chunks.long()
+    keys = torch.where(ids >= 0, clen[ids.clamp(min=0)], 0.0).sum(-1)  # (B, H, T) keys walked per tile
+    rows = torch.full(keys.shape[-1:], float(tile), dtype=torch.float64)
+    rows[-1] = N - (len(rows) - 1) * tile
+    walked = float((keys * rows).sum()) / (B * H * N * N)
+    return {"tile": tile, "training": training, "density": round(sel.density(), 4), "walked": round(walked, 4),
+            "walked_over_density": round(walked / sel.density(), 3)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--tiles", default="",
+                   help="also time MoC with these kernel tiles (query rows per tile, comma-separated, e.g. 64,32): "
+                        "the same attention, a smaller union of routed chunks to walk per tile")
     p.add_argument("--profile", action="store_true",
                    help="also profile one step of each (torch.profiler): busiest kernels, busy vs wall time")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "train_step_h200.json")
+    p.add_argument("--walk", action="store_true",
+                   help="CPU, no timing: the work the kernels walk per tile size, inference and training "
+                        "routing (8 shots x 8 frames), to benchmarks/results/train_walk_cpu.json")
     args = p.parse_args(argv)
+    if args.walk:
+        rows = [walked_work(t, tr) for t in (128, 64, 32, 16) for tr in (False, True)]
+        print(f"{'tile':>4} {'routing':>9} {'density':>8} {'walked':>7} {'walked/density':>14}")
+        for r in rows:
+            print(f"{r['tile']:>4} {'training' if r['training'] else 'sampling':>9} {r['density']:>8.3f} "
+                  f"{r['walked']:>7.3f} {r['walked_over_density']:>14.2f}")
+        out = ROOT / "benchmarks" / "results" / "train_walk_cpu.json"
+        out.write_text(json.dumps({"shots": 8, "frames": 8, "frame_tokens": FRAME_TOKENS, "rows": rows}, indent=1) + "\n")
+        return 0
     from diffusers import WanTransformer3DModel
     from engine.backbone import StoryTransformer
     dev = torch.device("cuda")
@@ -138,6 +182,11 @@ def main(argv=None) -> int:
             sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
             row[f"{name}_sync_sites"] = {site: n / 4 for site, n in sites.most_common(12)}
         row["moc_over_dense"] = round(row["moc_ms"] / row["dense_ms"], 3)
+        for tile in (int(t) for t in args.tiles.split(",") if t.strip()):
+            cfg = TrainingConfig(moc=MoCConfig(tile=tile), backend="triton")
+            row[f"moc_tile{tile}_ms"] = ms = round(step_ms(tr, opt, batch, cfg, args.repeats), 2)
+            print(f"{shots} shots x {frames} frames: MoC with {tile}-row tiles {ms:.1f} ms "
+                  f"({ms / row['dense_ms']:.2f}x dense; {MoCConfig().tile}-row tiles {row['moc_ms']:.1f} ms)")
         if args.profile and (shots, frames, tokens) == SHAPES[2]:
             for name, cfg in (("dense", TrainingConfig(moc=None)), ("moc", TrainingConfig(moc=MoCConfig(), backend="triton"))):
                 row[f"{name}_profile"] = prof = profile_step(tr, opt, batch, cfg)

@@ -65,6 +65,7 @@ class TrainerConfig:
     frames_choices: tuple[int, ...] = (6, 8, 8, 10)  # latent frames per shot (one per batch)
     moc: bool = True  # MoC routing (False: dense attention, the baseline)
     backend: str = "triton"  # moc_attention backend on the GPU ("reference" on the CPU)
+    moc_tile: int = 128  # query rows per kernel tile (MoCConfig.tile): speed only, the attention is the same
     log_every: int = 50  # steps per loss-log record (the mean over them)
     checkpoint_minutes: float = 3.0  # transformer checkpoint period
     sample_minutes: float = 5.0  # sample strip period
@@ -374,7 +375,7 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
     if (ckpt / "optimizer.safetensors").is_file():
         _load_optimizer(opt, params, load_file(ckpt / "optimizer.safetensors"), device)
     backend = config.backend if device.type == "cuda" else "reference"
-    tcfg = TrainingConfig(moc=MoCConfig() if config.moc else None, backend=backend)
+    tcfg = TrainingConfig(moc=MoCConfig(tile=config.moc_tile) if config.moc else None, backend=backend)
     ema_params = [p for p in ema.parameters()]
     model_params = list(model.parameters())
     pool = ThreadPoolExecutor(1)

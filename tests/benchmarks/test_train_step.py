@@ -31,3 +31,12 @@ def test_the_profile_names_the_busiest_ops_of_a_step():
     times = [k["ms_per_step"] for k in prof["top"]]
     assert len(times) == 5 and times == sorted(times, reverse=True) and times[0] > 0
     assert any("mm" in k["name"] for k in prof["top"])  # the linear layers are among the busiest
+
+
+def test_walked_work_covers_the_attended_pairs_and_shrinks_with_the_tile():
+    small = train_step.walked_work(16, training=True, shots=3, frames=4)
+    large = train_step.walked_work(128, training=True, shots=3, frames=4)
+    for r in (small, large):
+        assert r["walked"] >= r["density"] > 0  # a tile walks every key any of its rows attends
+    assert small["walked"] < large["walked"]  # fewer rows per tile, a smaller union to walk
+    assert small["density"] == large["density"]  # the tile changes the walk, never the attention
