@@ -135,6 +135,19 @@ def walked_work(tile: int, training: bool, shots: int = 8, frames: int = 8, seed
             "walked_over_density": round(walked / sel.density(), 3)}
 
 
+def best_tile(rows: list[dict]) -> int:
+    """The MoC kernel tile with the least step time summed over the timed shapes (the default's
+    when no other was timed)."""
+    total: dict[int, float] = {}
+    for r in rows:
+        total[MoCConfig().tile] = total.get(MoCConfig().tile, 0.0) + r["moc_ms"]
+        for key, ms in r.items():
+            if key.startswith("moc_tile") and key.endswith("_ms"):
+                tile = int(key[len("moc_tile"):-len("_ms")])
+                total[tile] = total.get(tile, 0.0) + ms
+    return min(total, key=total.get)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=10)
@@ -205,8 +218,10 @@ def main(argv=None) -> int:
         for name in ("dense", "moc"):
             print(f"  {name}: " + ", ".join(f"{site} x{n:g}" for site, n in r[f"{name}_sync_sites"].items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    tile = best_tile(rows)
+    print(f"fastest MoC tile over all shapes: {tile} rows")
     args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                     "config": DEFAULT_TRANSFORMER, "rows": rows}, indent=2) + "\n")
+                                     "config": DEFAULT_TRANSFORMER, "best_tile": tile, "rows": rows}, indent=2) + "\n")
     return 0
 
 
