@@ -266,7 +266,12 @@ def score_frames(spec: StorySpec, frames: list[np.ndarray]) -> dict:
     counts = {"described": len(described), "adherent": sum(bool(a.look_ok and a.motion_ok) for a in described),
               "undescribed": len(undescribed), "identity_ok": sum(bool(a.look_ok) for a in undescribed),
               "undescribed_no_global": len(no_global), "identity_no_global_ok": sum(bool(a.look_ok) for a in no_global),
-              "appearances": len(apps), "look_ok": sum(bool(a.look_ok) for a in apps)}
+              "appearances": len(apps), "look_ok": sum(bool(a.look_ok) for a in apps),
+              # the look ladder over all appearances: the true colour, + its size, + its shape
+              # (= look_ok), + the stated motion; each in at least half the shot's frames
+              "colour_ok": sum(a.colour_present >= 0.5 for a in apps),
+              "sized_ok": sum(a.sized_present >= 0.5 for a in apps),
+              "look_motion_ok": sum(bool(a.look_ok and a.motion_ok) for a in apps)}
     shots = [{"background_ok": sh.background_ok, "smooth_ok": sh.smooth_ok, "extra": int(sh.extra),
               "appearances": [{"character": spec.characters[a.character].name, "described": bool(a.described),
                                "action": a.action, "present": round(float(a.present), 3), "look_ok": bool(a.look_ok),
@@ -392,7 +397,8 @@ def _mean(values) -> float | None:
 def summarise_runs(runs: list[dict], lengths: list[int]) -> dict:
     """One (variant, mode) over all stories: appearance scores pooled over appearances, background
     and smoothness averaged over stories, routing averaged over shots, sparsity per story length."""
-    total = {k: sum(r["counts"][k] for r in runs) for k in runs[0]["counts"]}
+    keys = set.intersection(*(set(r["counts"]) for r in runs))  # parts written before a count existed lack it
+    total = {k: sum(r["counts"][k] for r in runs) for k in runs[0]["counts"] if k in keys}
     routing = [e for r in runs for e in (r["routing"] or []) if e["share"] is not None]
     by_length = {}
     for n in sorted(set(lengths)):
@@ -411,6 +417,9 @@ def summarise_runs(runs: list[dict], lengths: list[int]) -> dict:
         "routing_shots": len(routing),
         "sparsity_by_length": by_length, "sparsity_8_shots": by_length.get("8"),
         "seconds_per_story": _mean(r["seconds"] for r in runs),
+        "look_ladder": {step: _ratio(total.get(key, 0), total["appearances"]) if key in total else None
+                        for step, key in (("colour", "colour_ok"), ("colour_size", "sized_ok"),
+                                          ("colour_size_shape", "look_ok"), ("look_and_motion", "look_motion_ok"))},
         "counts": total,
     }
 
@@ -419,8 +428,8 @@ def _average(parts: list[dict]) -> dict:
     """Field by field mean of per-mode summaries (None where no mode has a value)."""
     out = {}
     for key, value in parts[0].items():
-        if key == "sparsity_by_length":
-            out[key] = {n: _mean([p[key][n] for p in parts]) for n in value}
+        if key in ("sparsity_by_length", "look_ladder"):
+            out[key] = {n: _mean([p[key][n] for p in parts if p[key][n] is not None]) for n in value}
         elif key == "counts":
             out[key] = {n: sum(p[key][n] for p in parts) for n in value}
         elif key == "routing_shots":
@@ -607,6 +616,14 @@ def print_report(result: dict) -> None:
         for mode in config["modes"]:
             by_length = summary["by_mode"][mode]["moc"]["sparsity_by_length"]
             print(f"  {mode:27} " + " ".join(f"{_fmt(by_length[n]):>6}" for n in lengths))
+    ladder_rows = [(mode, variant, summary["by_mode"][mode][variant].get("look_ladder"))
+                   for mode in config["modes"] for variant in config["variants"]]
+    if any(ladder and ladder.get("colour") is not None for _, _, ladder in ladder_rows):
+        print("where looks fail (share of all appearances, in >= half the frames): colour, + size, + shape, + motion")
+        for mode, variant, ladder in ladder_rows:
+            if ladder and ladder.get("colour") is not None:
+                print(f"  {variant:9} {mode:13} " + " ".join(f"{_fmt(ladder[k]):>6}" for k in
+                                                          ("colour", "colour_size", "colour_size_shape", "look_and_motion")))
     codec = result["codec_check"]
     print(f"codec check (ground truth -> encode -> decode): look_ok {_fmt(codec['look_ok'])} "
           f"(drawn ground truth: {_fmt(codec['ground_truth']['look_ok'])})")

@@ -241,6 +241,10 @@ class AppearanceScore:
     look_ok: bool  # present >= 0.5
     motion_ok: bool  # the stated action happens, judged on the true-look track
     wrong_look: bool  # the true colour mostly comes with a wrong shape, or the colour is mostly absent
+    # the look ladder (where a look fails): fractions of frames with a part of the true colour, and
+    # of the true colour at the look's size (any shape); present adds the shape
+    colour_present: float = 0.0
+    sized_present: float = 0.0
 
 
 @dataclass
@@ -362,6 +366,8 @@ def _score_shot(spec: StorySpec, shot: int, frames: np.ndarray) -> tuple[ShotSco
                            and lo / SIZE_RATIO <= d.radius <= hi * SIZE_RATIO])
                  for (dets, _), (lo, hi) in zip(per_frame, sizes)]
         same_colour = [_largest([d for d in dets if d.colour == c.colour]) for dets, _ in per_frame]
+        sized = sum(any(d.colour == c.colour and lo / SIZE_RATIO <= d.radius <= hi * SIZE_RATIO for d in dets)
+                    for (dets, _), (lo, hi) in zip(per_frame, sizes))
         n_right = sum(d is not None for d in right)
         n_colour = sum(d is not None for d in same_colour)
         present = n_right / F
@@ -371,7 +377,8 @@ def _score_shot(spec: StorySpec, shot: int, frames: np.ndarray) -> tuple[ShotSco
         appearances.append(AppearanceScore(
             shot=shot, character=a.character, described=a.described, action=a.action, present=present,
             look_ok=present >= 0.5, motion_ok=_motion_ok(a.action, centres, radii, travel_x, H),
-            wrong_look=(n_colour - n_right) > n_right or n_colour < 0.5 * F))
+            wrong_look=(n_colour - n_right) > n_right or n_colour < 0.5 * F,
+            colour_present=n_colour / F, sized_present=sized / F))
         colour_tracks.append(same_colour)
 
     # background

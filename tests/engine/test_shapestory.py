@@ -376,3 +376,21 @@ def test_scorer_wants_the_stated_size_and_ignores_coloured_noise():
     assert np.mean(swapped_looks) < 0.1, swapped_looks
     assert np.mean(noise) < 0.05, noise
     assert np.mean(blurred) >= 0.9, blurred
+
+
+def test_the_look_ladder_says_which_part_of_a_look_fails():
+    """colour_present / sized_present / present: a wrong shape keeps the first two, a wrong size
+    keeps the colour only, a wrong colour keeps nothing; the drawn story keeps all three."""
+    for seed in benchmark_seeds(6):
+        spec = sample_story(seed, num_shots=2, num_characters=2)
+        c = spec.characters[0]
+        used = {x.colour for x in spec.characters}
+        cases = {"drawn": (spec, (1, 1, 1)),
+                 "shape": (recast(spec, 0, shape=SHAPES[(SHAPES.index(c.shape) + 1) % len(SHAPES)]), (1, 1, 0)),
+                 "size": (recast(spec, 0, size="big" if c.size == "small" else "small"), (1, 0, 0)),
+                 "colour": (recast(spec, 0, colour=next(k for k in COLOURS if k not in used)), (0, 0, 0))}
+        for name, (drawn, expected) in cases.items():
+            score = score_story(spec, [corrupt(f, seed + s) for s, f in enumerate(frames_of(drawn, 96, 160))])
+            for a in appearances_of(score, 0):
+                got = tuple(int(x >= 0.5) for x in (a.colour_present, a.sized_present, a.present))
+                assert got == expected, (seed, name, got, a)
