@@ -236,7 +236,7 @@ def _seconds(value: float) -> str:
 
 BACKEND_NAMES = {"dense-auto": "dense (faster at this size)", "dense": "dense masked SDPA",
                  "triton": "Triton", "reference": "reference", "flex": "FlexAttention", "sdpa": "SDPA",
-                 "chunked": "chunked (CPU)"}
+                 "chunked": "chunked (CPU)", "gather": "Triton, per key chunk"}
 
 
 def headline_numbers(routing: dict | None, summary: dict | None) -> dict[str, str]:

@@ -38,10 +38,12 @@ from engine.moc import MoCConfig, route  # noqa: E402
 from engine.moc import attend as model_attention  # noqa: E402  (the model's entry point)
 from engine.moc.flex import build_block_mask, flex_moc_attention  # noqa: E402
 from engine.moc.triton_attention import kernel_plan, triton_moc_attention  # noqa: E402
+from engine.moc.triton_gather import gather_moc_attention  # noqa: E402
 
 FRAME_TOKENS = {"16k": 136, "64k": 544, "180k": 1500}
 HEADS, HEAD_DIM, TOP_K = 12, 128, 5
-BACKENDS = ("moc-triton", "moc-flex", "moc-auto", "dense-cudnn", "dense-flash")
+BACKENDS = ("moc-triton", "moc-gather", "moc-flex", "moc-auto", "dense-cudnn", "dense-flash")
+FORWARD_ONLY = ("moc-gather",)  # no backward: its fwd_bwd columns are empty
 
 
 def time_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -95,6 +97,7 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) 
     moc_attend = {
         "moc-triton": lambda s: triton_moc_attention(q, k, v, s),
         "moc-flex": lambda s: flex_moc_attention(q, k, v, s, block_mask=build_block_mask(s)),
+        "moc-gather": lambda s: gather_moc_attention(q, k, v, s),
     }
     reference_out = None
     rows = []
@@ -124,31 +127,33 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) 
 
         with torch.no_grad():
             out = attn()  # also compiles / autotunes
-        if backend == "moc-flex" and reference_out is not None:
+        if backend in ("moc-flex", "moc-gather") and reference_out is not None:
             err = float((out.float() - reference_out).norm() / reference_out.norm())
         else:
             err = float("nan")
         if backend == "moc-triton":
             reference_out = out.float()
-        fwd_bwd()
+        backward = backend not in FORWARD_ONLY
+        if backward:
+            fwd_bwd()
         with torch.no_grad():
             fwd_ms = time_ms(fwd, repeats)
             attn_ms = time_ms(attn, repeats)
-        fwd_bwd_ms = time_ms(fwd_bwd, max(3, repeats // 2))
-        peak = peak_gib(fwd_bwd)
+        fwd_bwd_ms = time_ms(fwd_bwd, max(3, repeats // 2)) if backward else float("nan")
+        peak = peak_gib(fwd_bwd) if backward else float("nan")
         with torch.no_grad():
             fwd_peak = peak_gib(fwd)
         moc_flops, dense_flops = sel.attention_flops(HEAD_DIM)
         flops = dense_flops if backend.startswith("dense") or dispatch == "dense" else moc_flops
         rows.append({
             "tokens": N, "size": size, "backend": backend, "inputs": inputs,
-            "fwd_ms": round(fwd_ms, 3), "fwd_bwd_ms": round(fwd_bwd_ms, 3),
+            "fwd_ms": round(fwd_ms, 3), "fwd_bwd_ms": round(fwd_bwd_ms, 3) if backward else None,
             "routing_ms": round(routing_ms, 3) if backend.startswith("moc") and dispatch != "dense" else 0.0,
             "attn_ms": round(attn_ms, 3), "attn_tflops": round(flops / attn_ms / 1e9, 1),
             "density": round(density, 4), "work": round(work, 4) if backend == "moc-triton" else None,
             "union_chunks_per_tile": round(union, 2), "routed_chunks_per_tile": round(routed_union, 2),
             "kernel_union_chunks_per_tile": round(kernel_union, 2) if backend == "moc-triton" else None,
-            "peak_mem_gib": round(peak, 3), "fwd_peak_mem_gib": round(fwd_peak, 3),
+            "peak_mem_gib": round(peak, 3) if backward else None, "fwd_peak_mem_gib": round(fwd_peak, 3),
             "rel_err_vs_triton": None if err != err else round(err, 5),
             "dispatch": dispatch,
         })
@@ -182,6 +187,10 @@ def summary(rows: list[dict]) -> list[str]:
             if f:
                 line += (f", attention {f['attn_ms'] / t['attn_ms']:.2f}x vs flex (same selection), "
                          f"fwd incl. routing {f['fwd_ms'] / t['fwd_ms']:.2f}x vs flex")
+            gather = by.get((size, inputs, "moc-gather"))
+            if gather:
+                line += (f"; gather (per key chunk, forward only): fwd {c['fwd_ms'] / gather['fwd_ms']:.2f}x vs cuDNN, "
+                         f"attention {t['attn_ms'] / gather['attn_ms']:.2f}x the tile kernel's speed")
             a = by.get((size, inputs, "moc-auto"))
             if a:
                 line += (f"; auto entry point ({a['dispatch']}): fwd {c['fwd_ms'] / a['fwd_ms']:.2f}x, "

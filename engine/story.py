@@ -39,7 +39,7 @@ MAX_JSON_DEPTH = 16  # a story nests 4 deep; deeper documents are refused before
 MODES = ("joint", "shot_by_shot")
 CHUNKINGS = ("frame", "subframe", "fixed")
 ANCHORS = ("shot", "chunk", "window")
-BACKENDS = ("auto", "reference", "flex", "triton", "dense", "chunked")
+BACKENDS = ("auto", "reference", "flex", "triton", "dense", "chunked", "gather")
 
 
 class StoryError(ValueError):
@@ -158,7 +158,7 @@ class MoCSettings:
     causal: bool = True  # routed chunks must lie strictly before the query's chunk
     text_anchor: bool = True  # video tokens always see the global caption and their shot's caption
     descriptor_rope: bool = True  # route on post-RoPE q/k (True) or on pre-RoPE q/k (False)
-    backend: str = "auto"  # attention backend: "auto" | "reference" | "flex" | "triton" | "dense" | "chunked"
+    backend: str = "auto"  # attention backend: "auto" | "reference" | "flex" | "triton" | "dense" | "chunked" | "gather"
 
     def validate(self, path: str = "settings.moc") -> None:
         _check_bool(f"{path}.enabled", self.enabled)

@@ -38,7 +38,7 @@ from .layout import TokenLayout
 from .routing import MoCConfig, expected_density, route
 from .selection import Selection
 
-BACKENDS = ("auto", "reference", "flex", "triton", "dense", "chunked")
+BACKENDS = ("auto", "reference", "flex", "triton", "dense", "chunked", "gather")
 DISPATCH_REASONS = {  # why "auto" picked a backend, as recorded in selection.info["dispatch"]
     "sdpa": "auto: the selection is fully dense, so unmasked SDPA (cuDNN/flash) computes it exactly and faster",
     "triton": "auto: sparse selection on CUDA, fused Triton kernel",
@@ -178,10 +178,10 @@ def resolve_backend(backend: str, device: torch.device, selection: Selection | N
             return "chunked" if B * H * Nq * n_keys >= CHUNKED_MIN_PAIRS else "dense"
         ok, _ = triton_available()
         return "triton" if ok else "reference"
-    if backend == "triton":
+    if backend in ("triton", "gather"):
         ok, why = triton_available()
         if not ok:
-            raise ValueError(f"backend='triton' is unavailable: {why}; use backend='reference' or 'flex'")
+            raise ValueError(f"backend={backend!r} is unavailable: {why}; use backend='reference' or 'flex'")
     return backend
 
 
@@ -208,6 +208,9 @@ def moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: 
     if name == "flex":
         from .flex import flex_moc_attention
         return flex_moc_attention(q, k, v, selection, scale)
+    if name == "gather":
+        from .triton_gather import gather_moc_attention
+        return gather_moc_attention(q, k, v, selection, scale)
     from .triton_attention import triton_moc_attention
     return triton_moc_attention(q, k, v, selection, scale)
 

@@ -573,26 +573,32 @@ def _selection_args(selection: Selection):
     return routed, qchunk, forced, R, max(triton.next_power_of_2(R), 2)
 
 
+def _forward(q, k, v, selection: Selection, sm_scale: float):
+    """The fused forward: (o, lse in the kernel's row order (log2 units), the plan)."""
+    B, H, Nq, D = q.shape
+    C = selection.layout.num_chunks
+    T = selection.tile_count.shape[-1]
+    plan = kernel_plan(selection)
+    ranges = plan.ranges
+    routed, qchunk, forced, R, R_PAD = _selection_args(selection)
+    o = torch.empty_like(q)  # keeps q's strides: a (B, N, H, D) caller gets its layout back
+    lse = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+
+    _launch(_attn_fwd, _attn_fwd_tuned, grid, q, k, v, o, lse, plan.perm, sm_scale,
+            ranges.lo, ranges.hi, ranges.chunk, ranges.count, routed, qchunk, forced,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *routed.stride(),
+            H, Nq, C, T, HEAD_DIM=D, TILE=selection.tile, R=R, R_PAD=R_PAD)
+    return o, lse, plan
+
+
 class _MoCAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, selection: Selection, sm_scale: float):
-        B, H, Nq, D = q.shape
-        C = selection.layout.num_chunks
-        T = selection.tile_count.shape[-1]
-        plan = kernel_plan(selection)
-        ranges = plan.ranges
-        routed, qchunk, forced, R, R_PAD = _selection_args(selection)
-        o = torch.empty_like(q)  # keeps q's strides: a (B, N, H, D) caller gets its layout back
-        lse = torch.empty(B, H, Nq, device=q.device, dtype=torch.float32)
-
-        def grid(meta):
-            return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
-
-        _launch(_attn_fwd, _attn_fwd_tuned, grid, q, k, v, o, lse, plan.perm, sm_scale,
-                ranges.lo, ranges.hi, ranges.chunk, ranges.count, routed, qchunk, forced,
-                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *routed.stride(),
-                H, Nq, C, T, HEAD_DIM=D, TILE=selection.tile, R=R, R_PAD=R_PAD)
+        o, lse, plan = _forward(q, k, v, selection, sm_scale)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.selection, ctx.plan, ctx.sm_scale = selection, plan, sm_scale
         return o

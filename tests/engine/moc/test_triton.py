@@ -315,3 +315,46 @@ def test_fused_routing_keeps_pins_and_blocks():
     mask = got.token_mask()  # (B, H, N, C)
     rows = shot[got.query_chunks.to(shot.device)] == last
     assert mask[:, :, rows][..., shot == 0].all() and not mask[:, :, rows][..., shot == 1].any()
+
+
+# ---- backend "gather": the routed part per key chunk (forward only) ------------------------------
+
+def check_gather(q, k, v, sel, scale=None):
+    with torch.no_grad():
+        out = moc_attention(q, k, v, sel, backend="gather", scale=scale)
+        ref = reference_attention(q.float(), k.float(), v.float(), sel, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
+    assert rel(out, ref) < tolerance(q.dtype), f"output error {rel(out, ref):.2e}"
+    assert sel.info["backend"] == "gather"
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,layout,q_offset", LAYOUTS, ids=LAYOUT_IDS)
+def test_gather_matches_reference(name, layout, q_offset, dtype):
+    H, D = (3, 64) if CUDA else (2, 64)
+    q, k, v = random_qkv(layout, 2, H, D, dtype, seed=100 + 10 * LAYOUT_IDS.index(name) + DTYPES.index(dtype))
+    q = q[:, :, q_offset:]
+    check_gather(q, k, v, route(q, k, layout, MoCConfig(top_k=2, tile=TILE), q_offset=q_offset, impl="reference"))
+
+
+@pytest.mark.parametrize("structured", [True, False], ids=["structured", "random"])
+def test_gather_head_dim_128_ragged_slots_and_scale(structured):
+    """Drop-off / drop-in selections leave ragged, partly empty routed slots; head dim 128."""
+    layout = LAYOUTS[1][1]
+    q, k, v = random_qkv(layout, 1, 2, 128, DTYPES[0], seed=131 + structured, structured=structured)
+    g = torch.Generator(device=DEVICE).manual_seed(4)
+    sel = route(q, k, layout, MoCConfig(top_k=3, tile=TILE), training=True, generator=g, impl="reference")
+    assert bool((sel.routed < 0).any()) and bool((sel.routed >= 0).any())
+    check_gather(q, k, v, sel, scale=0.1)
+
+
+def test_gather_equals_the_tile_kernel_and_refuses_gradients():
+    layout = LAYOUTS[2][1]
+    q, k, v = random_qkv(layout, 1, 2, 64, DTYPES[-1], seed=141)
+    sel = route(q, k, layout, MoCConfig(top_k=2, tile=TILE), impl="reference")
+    with torch.no_grad():
+        tiles = moc_attention(q, k, v, sel, backend="triton")
+    assert rel(check_gather(q, k, v, sel), tiles) < tolerance(q.dtype)
+    with pytest.raises(ValueError, match="no backward.*backend='triton'"):
+        moc_attention(q.requires_grad_(), k, v, sel, backend="gather")
