@@ -7,7 +7,8 @@ the Wan2.1 VAE architecture with random weights, and a one-layer random umT5 of 
 like any checkpoint. Parts (--parts, all by default):
 
   forward   one transformer forward of the whole story (the engine's StoryTransformer): MoC on the
-            fused Triton kernels against dense cuDNN and dense FlashAttention-2; peak memory; the
+            fused Triton kernels (tile unions, and "gather": per key chunk) against dense cuDNN and
+            dense FlashAttention-2; peak memory; the
             device time split into attention, routing and the rest (torch.profiler, by the
             engine's ranges moc.ROUTING_RANGE and moc.ATTENTION_RANGE).
   scaling   the forward at 1 to 8 shots (22.5k to 180k tokens), MoC against dense cuDNN.
@@ -190,8 +191,10 @@ def part_forward(st, size, device, dtype, repeats: int, log) -> list[dict]:
     log(f"forward check on {small[0].num_tokens} tokens: fused vs reference rel. error {rel_err:.2e}")
     layout, *rest = story_inputs(st, size["shots"], size["frames"], h, w, device, dtype)
     rows = []
-    variants = [("moc-triton", moc, "triton" if device.type == "cuda" else "reference", None),
-                ("dense-cudnn", None, "auto", "cudnn"), ("dense-flash", None, "auto", "flash")]
+    gpu = device.type == "cuda"
+    variants = [("moc-triton", moc, "triton" if gpu else "reference", None),
+                ("dense-cudnn", None, "auto", "cudnn"), ("dense-flash", None, "auto", "flash"),
+                ("moc-gather", moc, "gather" if gpu else "reference", None)]  # per key chunk (BENCHMARKS.md)
     for name, cfg, backend, dense in variants:
         def run(cfg=cfg, backend=backend):
             return forward(st, layout, *rest, cfg, backend)

@@ -23,7 +23,7 @@ def test_the_summary_keys_and_the_forward_rows(run):
     for key in ("forward_speedup_vs_cudnn", "forward_speedup_vs_flash", "regenerate_speedup"):
         assert data[key] > 0
     rows = {r["variant"]: r for r in data["forward"]}
-    assert set(rows) == {"moc-triton", "dense-cudnn", "dense-flash"}
+    assert set(rows) == {"moc-triton", "dense-cudnn", "dense-flash", "moc-gather"}
     for r in rows.values():  # the split adds up to the device time
         assert r["attention_ms"] + r["routing_ms"] + r["rest_ms"] == pytest.approx(r["device_ms"], abs=0.3)
         assert r["attention_ms"] > 0 and r["rest_ms"] > 0
