@@ -112,8 +112,7 @@ def walked_work(tile: int, training: bool, shots: int = 8, frames: int = 8, seed
     as a fraction of dense pairs, against the attended pairs (the density). Queries and keys are
     random with a per-frame component shared by q and k, so routing has structure to find."""
     from engine.moc import TokenLayout, route
-    from engine.moc.selection import Selection
-    from engine.moc.triton_attention import row_order
+    from engine.moc.triton_attention import ordered_tiles
     g = torch.Generator().manual_seed(seed)
     layout = TokenLayout(frame_tokens=FRAME_TOKENS, shot_frames=(frames,) * shots)
     N, B, H, D = layout.num_tokens, 2, DEFAULT_TRANSFORMER["num_attention_heads"], DEFAULT_TRANSFORMER["attention_head_dim"]
@@ -122,9 +121,7 @@ def walked_work(tile: int, training: bool, shots: int = 8, frames: int = 8, seed
     q = 0.5 * torch.randn(B, H, N, D, generator=g) + base
     k = 0.5 * torch.randn(B, H, N, D, generator=g) + base
     sel = route(q, k, layout, MoCConfig(tile=tile), training=training, generator=g, impl="reference")
-    perm = row_order(sel).long()
-    routed = sel.routed.gather(2, perm[..., None].expand_as(sel.routed))
-    tiles = Selection.build(layout, tile, sel.forced, routed, 0)
+    tiles = ordered_tiles(sel)[1]  # what the kernels walk: the tile unions in their row order
     clen = layout.tensors.chunk_len.double()
     ids = tiles.tile_chunks.long()
     keys = torch.where(ids >= 0, clen[ids.clamp(min=0)], 0.0).sum(-1)  # (B, H, T) keys walked per tile

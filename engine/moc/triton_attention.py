@@ -168,11 +168,16 @@ class KernelPlan:
     ranges: KeyRanges  # key ranges of those tiles
 
 
-def kernel_plan(selection: Selection) -> KernelPlan:
+def ordered_tiles(selection: Selection) -> tuple[torch.Tensor, Selection]:
+    """(row_order, the selection with its rows in that order): the tile unions the kernels walk."""
     B, H, Nq, R = selection.routed.shape
     perm = row_order(selection)
     routed = selection.routed.gather(2, perm.long()[..., None].expand(B, H, Nq, R))
-    tiles = Selection.build(selection.layout, selection.tile, selection.forced, routed, selection.q_offset)
+    return perm, Selection.build(selection.layout, selection.tile, selection.forced, routed, selection.q_offset)
+
+
+def kernel_plan(selection: Selection) -> KernelPlan:
+    perm, tiles = ordered_tiles(selection)
     return KernelPlan(perm, tiles, key_ranges(tiles))
 
 
@@ -652,28 +657,35 @@ class _MoCAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
+def check_inputs(q, k, v, selection: Selection, backend: str = "triton") -> None:
+    """What the fused kernels take (both backends that run them: "triton" and "gather"); a clear
+    error otherwise."""
+    name = f"the {backend} backend"
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{name} takes q, k, v of one dtype in {DTYPES}; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}: cast them with .to(torch.bfloat16)")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"{name} supports head dims {HEAD_DIMS}, got {q.shape[-1]}: "
+                         "use backend='flex' or 'reference' for other sizes")
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"{name} runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, for tests); "
+                         "use the reference instead")
+    if selection.tile < 16:
+        raise ValueError(f"{name} needs MoCConfig.tile >= 16 query rows, got {selection.tile}")
+    if not (q.device == k.device == v.device == selection.routed.device):
+        raise ValueError(f"q, k, v and the selection must be on one device; got {q.device}, {k.device}, "
+                         f"{v.device}, selection on {selection.routed.device}")
+
+
 def triton_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection,
                          scale: float | None = None) -> torch.Tensor:
     """Block-sparse attention of q (B, H, Nq, D) over k, v (B, H, N, D) restricted to `selection`.
     Any strides with a contiguous last dim are used in place. Returns (B, H, Nq, D) in q's dtype."""
-    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"the Triton backend takes q, k, v of one dtype in {DTYPES}; got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}: cast them with .to(torch.bfloat16)")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"the Triton backend supports head dims {HEAD_DIMS}, got {q.shape[-1]}: "
-                         "use backend='flex' or 'reference' for other sizes")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("the Triton backend runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, for tests); "
-                         "use the reference instead")
-    if selection.tile < 16:
-        raise ValueError(f"the Triton backend needs MoCConfig.tile >= 16 query rows, got {selection.tile}")
-    if not (q.device == k.device == v.device == selection.routed.device):
-        raise ValueError(f"q, k, v and the selection must be on one device; got {q.device}, {k.device}, "
-                         f"{v.device}, selection on {selection.routed.device}")
+    check_inputs(q, k, v, selection)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     sm_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _MoCAttention.apply(q, k, v, selection, sm_scale)
 
 
-__all__ = ["KernelPlan", "KeyRanges", "TileLists", "kernel_plan", "row_order", "key_ranges", "key_ranges_reference", "tile_lists", "key_blocks",
+__all__ = ["check_inputs", "KernelPlan", "KeyRanges", "TileLists", "kernel_plan", "ordered_tiles", "row_order", "key_ranges", "key_ranges_reference", "tile_lists", "key_blocks",
            "token_chunks", "triton_moc_attention"]

@@ -25,7 +25,6 @@ spare ones exit at once.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .selection import Selection
-from .triton_attention import (DTYPES, HEAD_DIMS, _attn_bwd_dq_range, _attn_fwd_range, _backward,
+from .triton_attention import (_attn_bwd_dq_range, check_inputs, _attn_fwd_range, _backward,
                                _delta, _forward, _last_dim_contiguous, key_blocks)
 
 GATHER_BLOCK = {"cuda": (64, 64, 4), "cpu": (16, 16, 1)}  # BLOCK_M, BLOCK_N, warps (CPU: the interpreter)
@@ -69,6 +68,24 @@ def routed_pairs(routed: torch.Tensor, num_chunks: int, block_m: int) -> RoutedP
 
 
 @triton.jit
+def _pair_tile(t, off_hz, chunk_tile_end, chunk_pair_start, chunk_pair_count, C, P,
+               C_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Program t of (batch * head) off_hz: its chunk c (clamped), the flat indices of its up to
+    BLOCK_M pairs, and which of them exist (none for a spare program past the last tile)."""
+    plan = off_hz.to(tl.int64) * C
+    offs_c = tl.arange(0, C_PAD)
+    ends = tl.load(chunk_tile_end + plan + offs_c, mask=offs_c < C, other=2147483647)
+    c = tl.sum((ends <= t).to(tl.int32), 0)  # the chunk whose tiles hold t (C: a spare program)
+    live = c < C
+    c = tl.minimum(c, C - 1)
+    first_tile = tl.sum(tl.where(offs_c == c - 1, ends, 0), 0)  # tiles before chunk c
+    start = tl.load(chunk_pair_start + plan + c)
+    count = tl.load(chunk_pair_count + plan + c)
+    offs_m = (t - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return c, off_hz.to(tl.int64) * P + start + offs_m, (offs_m < count) & live
+
+
+@triton.jit
 def _routed_fwd(Q, K, V, OP, LP, pair_query, pair_slot, chunk_pair_start, chunk_pair_count, chunk_tile_end,
                 chunk_start, chunk_end, sm_scale,
                 stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -81,18 +98,7 @@ def _routed_fwd(Q, K, V, OP, LP, pair_query, pair_slot, chunk_pair_start, chunk_
     off_hz = tl.program_id(1)
     off_b = (off_hz // H).to(tl.int64)
     off_h = (off_hz % H).to(tl.int64)
-    plan = off_hz.to(tl.int64) * C
-    offs_c = tl.arange(0, C_PAD)
-    ends = tl.load(chunk_tile_end + plan + offs_c, mask=offs_c < C, other=2147483647)
-    c = tl.sum((ends <= t).to(tl.int32), 0)  # the chunk whose tiles hold t (C: a spare program)
-    live = c < C
-    c = tl.minimum(c, C - 1)
-    first_tile = tl.sum(tl.where(offs_c == c - 1, ends, 0), 0)  # tiles before chunk c
-    start = tl.load(chunk_pair_start + plan + c)
-    count = tl.load(chunk_pair_count + plan + c)
-    offs_m = (t - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = (offs_m < count) & live
-    pair = off_hz.to(tl.int64) * P + start + offs_m
+    c, pair, row_valid = _pair_tile(t, off_hz, chunk_tile_end, chunk_pair_start, chunk_pair_count, C, P, C_PAD, BLOCK_M)
     rows = tl.load(pair_query + pair, mask=row_valid, other=0).to(tl.int64)
     slots = tl.load(pair_slot + pair, mask=row_valid, other=0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -137,18 +143,7 @@ def _routed_bwd_dq(Q, K, V, DO, DQP, LSE, DELTA, pair_query, pair_slot, chunk_pa
     off_hz = tl.program_id(1)
     off_b = (off_hz // H).to(tl.int64)
     off_h = (off_hz % H).to(tl.int64)
-    plan = off_hz.to(tl.int64) * C
-    offs_c = tl.arange(0, C_PAD)
-    ends = tl.load(chunk_tile_end + plan + offs_c, mask=offs_c < C, other=2147483647)
-    c = tl.sum((ends <= t).to(tl.int32), 0)
-    live = c < C
-    c = tl.minimum(c, C - 1)
-    first_tile = tl.sum(tl.where(offs_c == c - 1, ends, 0), 0)
-    start = tl.load(chunk_pair_start + plan + c)
-    count = tl.load(chunk_pair_count + plan + c)
-    offs_m = (t - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = (offs_m < count) & live
-    pair = off_hz.to(tl.int64) * P + start + offs_m
+    c, pair, row_valid = _pair_tile(t, off_hz, chunk_tile_end, chunk_pair_start, chunk_pair_count, C, P, C_PAD, BLOCK_M)
     rows, lse, delta = _pair_rows(pair_query, pair, row_valid, LSE, DELTA, off_hz.to(tl.int64) * NQ)
     slots = tl.load(pair_slot + pair, mask=row_valid, other=0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
@@ -225,21 +220,6 @@ def forced_only(selection: Selection) -> Selection:
     B, H, Nq, _ = selection.routed.shape
     empty = torch.full((B, H, Nq, 1), -1, dtype=torch.int32, device=selection.routed.device)
     return Selection.build(selection.layout, selection.tile, selection.forced, empty, selection.q_offset)
-
-
-def _check(q, k, v, selection: Selection) -> None:
-    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"the gather backend takes q, k, v of one dtype in {DTYPES}; got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}: cast them with .to(torch.bfloat16)")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"the gather backend supports head dims {HEAD_DIMS}, got {q.shape[-1]}: "
-                         "use backend='reference' for other sizes")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("the gather backend runs on CUDA tensors (on the CPU only under TRITON_INTERPRET=1, "
-                         "for tests); use the reference instead")
-    if not (q.device == k.device == v.device == selection.routed.device):
-        raise ValueError(f"q, k, v and the selection must be on one device; got {q.device}, {k.device}, "
-                         f"{v.device}, selection on {selection.routed.device}")
 
 
 def _blocks(q: torch.Tensor) -> tuple[int, int, int]:
@@ -334,7 +314,7 @@ def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sele
     """Block-sparse attention of q (B, H, Nq, D) over k, v (B, H, N, D) restricted to `selection`,
     its routed part computed per key chunk over the queries that chose it; differentiable.
     Returns (B, H, Nq, D) in q's dtype."""
-    _check(q, k, v, selection)
+    check_inputs(q, k, v, selection, "gather")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     sm_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
