@@ -148,7 +148,14 @@ def best_moc(rows: list[dict]) -> dict:
                 add(("triton", int(key[len("moc_tile"):-len("_ms")])), ms)
             elif key == "moc_gather_ms":
                 add(("gather", default), ms)
-    backend, tile = min(total, key=total.get)
+    # only setups timed on every shape compete (one that failed on a shape has a partial sum)
+    counts: dict[tuple[str, int], int] = {}
+    for r in rows:
+        for key in {("triton", default)} | {("triton", int(k[len("moc_tile"):-len("_ms")])) for k in r
+                                             if k.startswith("moc_tile") and k.endswith("_ms")} | \
+                ({("gather", default)} if "moc_gather_ms" in r else set()):
+            counts[key] = counts.get(key, 0) + 1
+    backend, tile = min((k for k in total if counts[k] == len(rows)), key=total.get)
     return {"backend": backend, "tile": tile}
 
 
@@ -203,8 +210,12 @@ def main(argv=None) -> int:
         row["moc_over_dense"] = round(row["moc_ms"] / row["dense_ms"], 3)
         if args.gather:
             cfg = TrainingConfig(moc=MoCConfig(), backend="gather")
-            row["moc_gather_ms"] = ms = round(step_ms(tr, opt, batch, cfg, args.repeats), 2)
-            print(f"{shots} shots x {frames} frames: MoC on backend 'gather' {ms:.1f} ms ({ms / row['dense_ms']:.2f}x dense)")
+            try:
+                row["moc_gather_ms"] = ms = round(step_ms(tr, opt, batch, cfg, args.repeats), 2)
+                print(f"{shots} shots x {frames} frames: MoC on backend 'gather' {ms:.1f} ms ({ms / row['dense_ms']:.2f}x dense)")
+            except Exception as e:  # a new backend's first GPU run: record why, keep timing the rest
+                row["moc_gather_error"] = f"{type(e).__name__}: {e}"[:500]
+                print(f"backend 'gather' failed: {row['moc_gather_error']}")
         for tile in (int(t) for t in args.tiles.split(",") if t.strip()):
             cfg = TrainingConfig(moc=MoCConfig(tile=tile), backend="triton")
             row[f"moc_tile{tile}_ms"] = ms = round(step_ms(tr, opt, batch, cfg, args.repeats), 2)
@@ -218,6 +229,7 @@ def main(argv=None) -> int:
                 for k in prof["top"][:12]:
                     print(f"  {k['ms_per_step']:8.2f} ms  x{k['calls_per_step']:<5g} {k['name']}")
         rows.append(row)
+        write_json(args.json, rows)  # after every shape: a run cut short by its time limit keeps what it timed
     print(f"{'shots':>5} {'frames':>6} {'stories':>7} {'tokens':>7} {'dense ms':>9} {'MoC ms':>8} {'MoC/dense':>9} "
           f"{'syncs dense':>11} {'syncs MoC':>9}")
     for r in rows:
@@ -227,12 +239,19 @@ def main(argv=None) -> int:
         print("host synchronisations per step, by Python line (first shape):")
         for name in ("dense", "moc"):
             print(f"  {name}: " + ", ".join(f"{site} x{n:g}" for site, n in r[f"{name}_sync_sites"].items()))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    best = best_moc(rows)
+    best = write_json(args.json, rows)
     print(f"fastest MoC setup over all shapes: backend {best['backend']}, {best['tile']}-row tiles")
-    args.json.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                     "config": DEFAULT_TRANSFORMER, "best": best, "rows": rows}, indent=2) + "\n")
     return 0
+
+
+def write_json(path: Path, rows: list[dict]) -> dict:
+    """The results so far, with the fastest MoC setup among the shapes timed; returns that setup."""
+    best = best_moc(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                "config": DEFAULT_TRANSFORMER, "best": best, "shapes_timed": len(rows),
+                                "rows": rows}, indent=2) + "\n")
+    return best
 
 
 if __name__ == "__main__":

@@ -49,3 +49,6 @@ def test_the_best_setup_is_the_fastest_over_all_shapes():
     rows[0]["moc_gather_ms"], rows[1]["moc_gather_ms"] = 80.0, 150.0
     assert train_step.best_moc(rows) == {"backend": "gather", "tile": 128}
     assert train_step.best_moc([{"moc_ms": 5.0}]) == {"backend": "triton", "tile": 128}  # only the default timed
+    del rows[1]["moc_gather_ms"]  # failed on the second shape: its partial sum (80 ms) must not win
+    rows[1]["moc_gather_error"] = "CompilationError"
+    assert train_step.best_moc(rows) == {"backend": "triton", "tile": 32}
