@@ -68,7 +68,7 @@ class Selection:
         total = counts + forced_counts  # (B, H, T, C) tokens of the tile attending each chunk
         # tokens per tile: `tile`, the last one the rest (not bincount: its size waits for the GPU)
         tile_tokens = torch.full((T,), tile, dtype=torch.int32, device=device)
-        tile_tokens[-1] = Nq - (T - 1) * tile
+        tile_tokens[-1:].fill_(Nq - (T - 1) * tile)  # fill_: a kernel argument, not a blocking host copy
         union = total > 0
         full = total == tile_tokens[:, None]
         ids = torch.arange(C, device=device)

@@ -31,6 +31,10 @@ def test_the_profile_names_the_busiest_ops_of_a_step():
     times = [k["ms_per_step"] for k in prof["top"]]
     assert len(times) == 5 and times == sorted(times, reverse=True) and times[0] > 0
     assert any("mm" in k["name"] for k in prof["top"])  # the linear layers are among the busiest
+    # the engine's attention range and the optimizer's are reported apart, not counted as kernels
+    assert "storyboard.attention" in prof["ranges_ms_per_step"]
+    assert not any(train_step.is_range(k["name"]) for k in prof["top"])
+    assert train_step.is_range("Optimizer.step#AdamW.step") and not train_step.is_range("aten::mm")
 
 
 def test_walked_work_covers_the_attended_pairs_and_shrinks_with_the_tile():
