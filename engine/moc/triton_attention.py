@@ -398,6 +398,25 @@ def _dkdv_configs():
 
 
 @triton.jit
+def _key_block(K, V, kb_lo, kb_hi, kb_chunk, pid_n, off_b, off_h, stride_kb, stride_kh, stride_kn,
+               stride_vb, stride_vh, stride_vn, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The prologue of a dK/dV program: key block pid_n's chunk, its column range [lo, hi), and its
+    keys and values (BLOCK_N, D) with the columns past hi loaded as 0."""
+    lo = tl.load(kb_lo + pid_n)
+    hi = tl.load(kb_hi + pid_n)
+    c = tl.load(kb_chunk + pid_n)
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols64 = offs_n.to(tl.int64)
+    col_ok = offs_n < hi
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + cols64[:, None] * stride_kn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + cols64[:, None] * stride_vn + offs_d[None, :],
+                mask=col_ok[:, None], other=0.0)
+    return c, lo, hi, offs_n, offs_d, cols64, col_ok, k, v
+
+
+@triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, PERM, sm_scale,
                    kb_lo, kb_hi, kb_chunk, list_tiles, list_full, list_count,
                    routed, qchunk, forced,
@@ -415,18 +434,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, PERM, sm_scale,
     off_hz = tl.program_id(1)
     off_b = (off_hz // H).to(tl.int64)
     off_h = (off_hz % H).to(tl.int64)
-    lo = tl.load(kb_lo + pid_n)
-    hi = tl.load(kb_hi + pid_n)
-    c = tl.load(kb_chunk + pid_n)
-    offs_n = lo + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    cols64 = offs_n.to(tl.int64)
-    col_ok = offs_n < hi
     # 1. this block's keys and values, kept in registers; columns past hi are loaded as 0 and never stored
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + cols64[:, None] * stride_kn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + cols64[:, None] * stride_vn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
+    c, lo, hi, offs_n, offs_d, cols64, col_ok, k, v = _key_block(
+        K, V, kb_lo, kb_hi, kb_chunk, pid_n, off_b, off_h, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, HEAD_DIM, BLOCK_N)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.44269504

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .selection import Selection
-from .triton_attention import (_attn_bwd_dq_range, check_inputs, _attn_fwd_range, _backward,
+from .triton_attention import (_attn_bwd_dq_range, check_inputs, _attn_fwd_range, _backward, _key_block,
                                _delta, _forward, _last_dim_contiguous, key_blocks)
 
 GATHER_BLOCK = {"cuda": (64, 64, 4), "cpu": (16, 16, 1)}  # BLOCK_M, BLOCK_N, warps (CPU: the interpreter)
@@ -178,17 +178,9 @@ def _routed_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, pair_query, chunk_pair_sta
     off_hz = tl.program_id(1)
     off_b = (off_hz // H).to(tl.int64)
     off_h = (off_hz % H).to(tl.int64)
-    lo = tl.load(kb_lo + pid_n)
-    hi = tl.load(kb_hi + pid_n)
-    c = tl.load(kb_chunk + pid_n)
-    offs_n = lo + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    cols64 = offs_n.to(tl.int64)
-    col_ok = offs_n < hi
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + cols64[:, None] * stride_kn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + cols64[:, None] * stride_vn + offs_d[None, :],
-                mask=col_ok[:, None], other=0.0)
+    c, lo, hi, offs_n, offs_d, cols64, col_ok, k, v = _key_block(
+        K, V, kb_lo, kb_hi, kb_chunk, pid_n, off_b, off_h, stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn, HEAD_DIM, BLOCK_N)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     qk_scale = sm_scale * 1.44269504
