@@ -41,17 +41,14 @@ def fixed_stories(count: int, shots: int, frames: int) -> list:
 
 def render_and_score(model, specs, height: int, width: int) -> tuple[dict, list[np.ndarray]]:
     """Joint renders of `specs` with `model` as the app samples them, scored; (summary, strips)."""
-    from engine.sampler import Run, StorySampler
+    from benchmarks.quality import render
     from engine.shapestory.render import story_frames
     from engine.shapestory.score import score_story
     from engine.shapestory.world import to_story
     apps, adherence, strips = [], [], []
     for spec in specs:
-        story = to_story(spec, steps=12, guidance=4.0, height=height, width=width)
         with torch.no_grad():
-            latents, _, _ = StorySampler(model, story).sample(Run(tuple(range(len(story.shots))),
-                                                                  tuple(s.seed for s in story.shots)))
-        frames = [model.codec.decode(latents[s]).numpy() for s in range(len(story.shots))]
+            frames = render(model, to_story(spec, steps=12, guidance=4.0, height=height, width=width)).frames
         score = score_story(spec, frames)
         adherence.append(score.adherence)
         apps += [a for shot in score.shots for a in shot.appearances]

@@ -147,26 +147,22 @@ def walked_work(tile: int, training: bool, shots: int = 8, frames: int = 8, seed
 def best_moc(rows: list[dict]) -> dict:
     """The MoC training setup with the least step time summed over the timed shapes: backend
     "triton" at some tile (the default's 128 when no other was timed), or backend "gather"."""
-    total: dict[tuple[str, int], float] = {}
-
-    def add(key, ms):
-        total[key] = total.get(key, 0.0) + ms
-
     default = MoCConfig().tile
-    for r in rows:
-        add(("triton", default), r["moc_ms"])
-        for key, ms in r.items():
-            if key.startswith("moc_tile") and key.endswith("_ms"):
-                add(("triton", int(key[len("moc_tile"):-len("_ms")])), ms)
-            elif key == "moc_gather_ms":
-                add(("gather", default), ms)
-    # only setups timed on every shape compete (one that failed on a shape has a partial sum)
+    total: dict[tuple[str, int], float] = {}
     counts: dict[tuple[str, int], int] = {}
     for r in rows:
-        for key in {("triton", default)} | {("triton", int(k[len("moc_tile"):-len("_ms")])) for k in r
-                                             if k.startswith("moc_tile") and k.endswith("_ms")} | \
-                ({("gather", default)} if "moc_gather_ms" in r else set()):
-            counts[key] = counts.get(key, 0) + 1
+        for key, ms in r.items():
+            if key == "moc_ms":
+                setup = ("triton", default)
+            elif key.startswith("moc_tile") and key.endswith("_ms"):
+                setup = ("triton", int(key[len("moc_tile"):-len("_ms")]))
+            elif key == "moc_gather_ms":
+                setup = ("gather", default)
+            else:
+                continue
+            total[setup] = total.get(setup, 0.0) + ms
+            counts[setup] = counts.get(setup, 0) + 1
+    # only setups timed on every shape compete (one that failed on a shape has a partial sum)
     backend, tile = min((k for k in total if counts[k] == len(rows)), key=total.get)
     return {"backend": backend, "tile": tile}
 
