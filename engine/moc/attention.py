@@ -7,13 +7,18 @@ Not for: routing (routing.py) or backend internals (flex.py, triton_attention.py
 Backends:
   "reference": masked softmax attention in float32, query tile by query tile; CPU and GPU; autograd.
   "flex":      FlexAttention with a BlockMask built from the selection (flex.py).
-  "triton":    fused block-sparse flash attention over the selection (GPU only).
+  "triton":    fused block-sparse flash attention over the selection, per query tile's union of
+               chunks (GPU only).
+  "gather":    the routed pairs per key chunk, merged with the forced part by log-sum-exp
+               (triton_gather.py): work that follows the density whatever the routing (GPU only).
   "dense":     the selection as a boolean mask through SDPA (exact; for debugging and as a floor).
   "chunked":   forced blocks dense plus routed chunks gathered, merged by log-sum-exp (chunked.py):
                exact, its work follows the density; the CPU path at story sizes.
   "auto":      on CUDA, "sdpa" when the selection covers every (query, key) pair (plain dense
                SDPA is then exact, and cuDNN is faster than any sparse kernel at density 1), else
-               "triton" when it is importable; on the CPU "chunked", or "dense" (exact, SDPA with
+               "triton" when it is importable, or "gather" when the tile unions would walk
+               GATHER_MIN_WALK times the attended pairs or more (incoherent routing) on a story
+               of GATHER_MIN_KEYS keys or more (`sparse_choice`); on the CPU "chunked", or "dense" (exact, SDPA with
                the mask) below CHUNKED_MIN_PAIRS (query, key) pairs, where its per-chunk steps cost
                more than they save. The choice and its reason are recorded in
                selection.info["backend"] / ["dispatch"] and in the statistics.
@@ -42,6 +47,8 @@ BACKENDS = ("auto", "reference", "flex", "triton", "dense", "chunked", "gather")
 DISPATCH_REASONS = {  # why "auto" picked a backend, as recorded in selection.info["dispatch"]
     "sdpa": "auto: the selection is fully dense, so unmasked SDPA (cuDNN/flash) computes it exactly and faster",
     "triton": "auto: sparse selection on CUDA, fused Triton kernel",
+    "gather": "auto: sparse selection on CUDA whose query tiles route apart (walk ratio >= GATHER_MIN_WALK), "
+              "fused kernels per key chunk",
     "reference": "auto: not on a CUDA GPU (or Triton unavailable), float32 reference",
     "dense": "auto: on the CPU, a small selection as an exact mask through SDPA",
     "chunked": "auto: on the CPU, forced blocks dense and routed chunks gathered (work follows the density)",
@@ -147,6 +154,15 @@ MOC_WORK_FACTOR = 1.41  # MoC kernel time / (density x dense time)
 # 2-core CPU, the default story's self-attention (2 x 4 x 3072 x 3072, density 0.37): chunked
 # 149 ms, masked SDPA 388 ms, unmasked dense SDPA 198 ms
 CHUNKED_MIN_PAIRS = 1 << 20
+# CUDA "auto": "gather" instead of the tile-union kernels when these kernels would walk at least
+# GATHER_MIN_WALK x the attended pairs, on stories of GATHER_MIN_KEYS keys or more. Measured on one
+# H200 at MoC-180k (bf16, benchmarks/results/attention_gather_180k_h200.json): the tile kernel's
+# attention takes about 72 ms per unit of walk ratio (85 ms at 1.18 on structured inputs, 240 ms at
+# 3.15 on random ones), "gather" about 92 ms at either, so they cross near 1.27. Below ~32k keys
+# the per-chunk programs hold few rows: "gather" lost the training step at 6k-token stories
+# (benchmarks/results/train_step_h200.json); between 6k and 180k keys nothing was measured yet.
+GATHER_MIN_WALK = 1.3
+GATHER_MIN_KEYS = 32_768
 
 
 def dense_is_faster(batch: int, heads: int, num_queries: int, num_keys: int, head_dim: int,
@@ -194,6 +210,10 @@ def moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: 
     reason = name
     if backend == "auto" and name == "triton" and (q.shape[-1] not in TRITON_HEAD_DIMS or q.dtype not in TRITON_DTYPES):
         name, reason = "reference", "reference-shape"
+    plan = None
+    if backend == "auto" and name == "triton":
+        name, plan = sparse_choice(selection)
+        reason = name
     selection.info["backend"] = name
     selection.info["dispatch"] = DISPATCH_REASONS[reason] if backend == "auto" else "requested"
     if name == "sdpa":
@@ -212,7 +232,21 @@ def moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: 
         from .triton_gather import gather_moc_attention
         return gather_moc_attention(q, k, v, selection, scale)
     from .triton_attention import triton_moc_attention
-    return triton_moc_attention(q, k, v, selection, scale)
+    return triton_moc_attention(q, k, v, selection, scale, plan=plan)
+
+
+def sparse_choice(selection: Selection):
+    """("triton", its kernel plan or None) or ("gather", None) for a sparse selection on the GPU:
+    "gather" when the tile unions would walk GATHER_MIN_WALK x the attended pairs or more on a story
+    of GATHER_MIN_KEYS keys or more. The walk ratio (one host synchronisation) is recorded in
+    selection.info["walk_ratio"]; the plan it was measured on is reused by the tile kernels."""
+    if selection.num_keys < GATHER_MIN_KEYS or selection.tile < 16:  # gather takes tiles of 16 rows up
+        return "triton", None
+    from .triton_attention import kernel_plan, walk_ratio
+    plan = kernel_plan(selection)
+    ratio = walk_ratio(selection, plan)
+    selection.info["walk_ratio"] = round(ratio, 3)
+    return ("gather", None) if ratio >= GATHER_MIN_WALK else ("triton", plan)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, config: MoCConfig, *,

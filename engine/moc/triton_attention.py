@@ -589,12 +589,13 @@ def _selection_args(selection: Selection):
     return routed, qchunk, forced, R, max(triton.next_power_of_2(R), 2)
 
 
-def _forward(q, k, v, selection: Selection, sm_scale: float):
-    """The fused forward: (o, lse in the kernel's row order (log2 units), the plan)."""
+def _forward(q, k, v, selection: Selection, sm_scale: float, plan: KernelPlan | None = None):
+    """The fused forward: (o, lse in the kernel's row order (log2 units), the plan); `plan`: the
+    selection's kernel_plan when the caller already built it."""
     B, H, Nq, D = q.shape
     C = selection.layout.num_chunks
     T = selection.tile_count.shape[-1]
-    plan = kernel_plan(selection)
+    plan = kernel_plan(selection) if plan is None else plan
     ranges = plan.ranges
     routed, qchunk, forced, R, R_PAD = _selection_args(selection)
     o = torch.empty_like(q)  # keeps q's strides: a (B, N, H, D) caller gets its layout back
@@ -653,8 +654,8 @@ def _backward(q, k, v, do, lse, delta, selection: Selection, plan: KernelPlan, s
 class _MoCAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, selection: Selection, sm_scale: float):
-        o, lse, plan = _forward(q, k, v, selection, sm_scale)
+    def forward(ctx, q, k, v, selection: Selection, sm_scale: float, plan: KernelPlan | None):
+        o, lse, plan = _forward(q, k, v, selection, sm_scale, plan)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.selection, ctx.plan, ctx.sm_scale = selection, plan, sm_scale
         return o
@@ -665,7 +666,7 @@ class _MoCAttention(torch.autograd.Function):
         do = _last_dim_contiguous(do)
         delta = _delta(o, do)
         dq, dk, dv = _backward(q, k, v, do, lse, delta, ctx.selection, ctx.plan, ctx.sm_scale)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
 def check_inputs(q, k, v, selection: Selection, backend: str = "triton") -> None:
@@ -689,14 +690,23 @@ def check_inputs(q, k, v, selection: Selection, backend: str = "triton") -> None
 
 
 def triton_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection,
-                         scale: float | None = None) -> torch.Tensor:
+                         scale: float | None = None, plan: KernelPlan | None = None) -> torch.Tensor:
     """Block-sparse attention of q (B, H, Nq, D) over k, v (B, H, N, D) restricted to `selection`.
-    Any strides with a contiguous last dim are used in place. Returns (B, H, Nq, D) in q's dtype."""
+    Any strides with a contiguous last dim are used in place; `plan`: kernel_plan(selection) when
+    the caller built it already ("auto" does, to weigh the walk). Returns (B, H, Nq, D) in q's dtype."""
     check_inputs(q, k, v, selection)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     sm_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _MoCAttention.apply(q, k, v, selection, sm_scale)
+    return _MoCAttention.apply(q, k, v, selection, sm_scale, plan)
 
 
-__all__ = ["check_inputs", "KernelPlan", "KeyRanges", "TileLists", "kernel_plan", "ordered_tiles", "row_order", "key_ranges", "key_ranges_reference", "tile_lists", "key_blocks",
+def walk_ratio(selection: Selection, plan: KernelPlan) -> float:
+    """(query, key) pairs the tile-union kernels walk with `plan` (tile rows x keys of each tile's
+    ranges) / the pairs the selection attends: 1 when every tile's rows route alike, up to
+    tile-fold when they share nothing. One host synchronisation."""
+    walked = plan.ranges.keys_per_tile().sum() * selection.tile
+    return float(walked.double() / selection.attended_keys().sum().clamp_min(1.0))
+
+
+__all__ = ["check_inputs", "walk_ratio", "KernelPlan", "KeyRanges", "TileLists", "kernel_plan", "ordered_tiles", "row_order", "key_ranges", "key_ranges_reference", "tile_lists", "key_blocks",
            "token_chunks", "triton_moc_attention"]

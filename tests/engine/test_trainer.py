@@ -14,7 +14,7 @@ from engine.shapestory.world import HELDOUT_SEED_START, is_heldout_name
 from engine.trainer import TrainerConfig, codec_scores, export_model, story_batch_plan, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-from train_default import tiny_config  # noqa: E402
+from train_default import _frames_choices, tiny_config  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -46,6 +46,17 @@ def test_batches_use_training_seeds_and_names_only():
         assert not any(is_heldout_name(c.name) for s in specs for c in s.characters)
         assert len(specs) * shots * frames * 96 <= config.tokens_per_step or len(specs) == 1
     assert story_batch_plan(config, 5)[0] == story_batch_plan(config, 5)[0]  # a step's data is fixed
+
+
+def test_frames_per_shot_come_from_the_configured_choices():
+    """--frames-choices (run 5 trained on 3,4,6,8,8): every step draws its frames per shot from
+    them, and a bad list is refused with the flag's name."""
+    config = replace(TrainerConfig(), frames_choices=_frames_choices("3,4,6,8,8"))
+    drawn = {story_batch_plan(config, step)[2] for step in range(1, 200)}
+    assert drawn == {3, 4, 6, 8}
+    for bad in ("", "3,x", "0,4"):
+        with pytest.raises(SystemExit, match="--frames-choices"):
+            _frames_choices(bad)
 
 
 def test_loss_falls_and_the_run_resumes(trained):

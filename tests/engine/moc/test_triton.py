@@ -355,3 +355,40 @@ def test_gather_equals_the_tile_kernel():
     sel = route(q, k, layout, MoCConfig(top_k=2, tile=TILE), impl="reference")
     tiles = check_against_reference(q, k, v, sel)
     assert rel(check_gather(q, k, v, sel), tiles) < tolerance(q.dtype)
+
+
+def test_auto_sends_tiles_that_route_apart_to_gather(monkeypatch):
+    """sparse_choice ("auto" on the GPU): the walk ratio is the plan's tile rows x union keys over
+    the attended pairs; routing shared by whole chunks (structured inputs) walks less than routing
+    that differs row by row (random inputs), and "gather" is chosen exactly where the ratio reaches
+    GATHER_MIN_WALK; the tile kernels get the plan the ratio was measured on, and compute the same
+    attention with it."""
+    from engine.moc import attention
+    from engine.moc.triton_attention import kernel_plan, triton_moc_attention, walk_ratio
+    layout = TokenLayout(frame_tokens=67, shot_frames=(3, 4, 3))
+    clen = layout.tensors_on(DEVICE).chunk_len.double()
+    monkeypatch.setattr(attention, "GATHER_MIN_KEYS", 0)
+    ratios, sels = {}, {}
+    for structured in (True, False):
+        q, k, v = random_qkv(layout, 1, 2, 64, torch.float32, seed=23, structured=structured)
+        sel = route(q, k, layout, MoCConfig(top_k=2, tile=16), impl="reference")
+        plan = kernel_plan(sel)
+        ids = plan.tiles.tile_chunks.long()
+        walked = float(torch.where(ids >= 0, clen[ids.clamp(min=0)], 0.0).sum()) * sel.tile
+        attended = float((sel.token_mask().double() * clen).sum())
+        ratios[structured], sels[structured] = walk_ratio(sel, plan), (q, k, v, sel)
+        assert ratios[structured] == pytest.approx(walked / attended)
+        assert ratios[structured] >= 1.0
+    assert ratios[False] > ratios[True]
+    monkeypatch.setattr(attention, "GATHER_MIN_WALK", (ratios[False] + ratios[True]) / 2)
+    for structured, want in ((True, "triton"), (False, "gather")):
+        q, k, v, sel = sels[structured]
+        name, plan = attention.sparse_choice(sel)
+        assert name == want and sel.info["walk_ratio"] == pytest.approx(ratios[structured], abs=1e-3)
+        if want == "triton":
+            out = triton_moc_attention(q, k, v, sel, plan=plan)
+            assert rel(out, reference_attention(q, k, v, sel)) < tolerance(q.dtype)
+        else:
+            assert plan is None
+    monkeypatch.setattr(attention, "GATHER_MIN_KEYS", layout.num_tokens + 1)  # too short a story
+    assert attention.sparse_choice(sels[False][3]) == ("triton", None)
