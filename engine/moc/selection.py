@@ -97,6 +97,12 @@ class Selection:
 
     # ---- views -------------------------------------------------------------------------------
 
+    def heads(self, h0: int, h1: int) -> "Selection":
+        """The selection of heads [h0, h1) alone (what a backend running heads in groups takes)."""
+        return Selection(self.layout, self.tile, self.q_offset, self.forced, self.routed[:, h0:h1].contiguous(),
+                         self.tile_count[:, h0:h1].contiguous(), self.tile_chunks[:, h0:h1].contiguous(),
+                         self.tile_full[:, h0:h1].contiguous())
+
     def token_mask(self) -> torch.Tensor:
         """(B, H, Nq, C) bool: token attends chunk (forced or routed)."""
         B, H, Nq, R = self.routed.shape

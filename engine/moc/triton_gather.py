@@ -37,6 +37,11 @@ from .triton_attention import (_attn_bwd_dq_range, check_inputs, _attn_fwd_range
 
 GATHER_BLOCK = {"cuda": (64, 64, 4), "cpu": (16, 16, 1)}  # BLOCK_M, BLOCK_N, warps (CPU: the interpreter)
 MERGE_ROWS = 16384  # query rows merged at once (bounds the float32 buffers)
+# Heads run in groups whose per-pair buffers stay under this many bytes: the routed partial outputs
+# (q's dtype) and, with gradients, the float32 dQ per pair slot and dK / dV. All heads at once held
+# 15.3 GiB at MoC-180k forward + backward on the H200, against dense cuDNN's 6.9 (12 heads x 128,
+# benchmarks/results/attention_gather_180k_h200.json); one head there needs about 0.9 GB.
+GATHER_BUFFER_BYTES = 1 << 30
 
 
 @dataclass
@@ -309,9 +314,37 @@ def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sele
     check_inputs(q, k, v, selection, "gather")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     sm_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    H = q.shape[1]
+    group = heads_per_group(q, k, selection.routed.shape[-1], grad)
+    if group < H:  # heads in groups, each with its own buffers (views of q, k, v: no copies in)
+        return torch.cat([_gather(q[:, h0:h0 + group], k[:, h0:h0 + group], v[:, h0:h0 + group],
+                                  selection.heads(h0, min(h0 + group, H)), sm_scale, grad)
+                          for h0 in range(0, H, group)], dim=1)
+    return _gather(q, k, v, selection, sm_scale, grad)
+
+
+def _gather(q, k, v, selection: Selection, sm_scale: float, grad: bool) -> torch.Tensor:
+    if grad:
         return _GatherAttention.apply(q, k, v, selection, sm_scale)
     return _gather_forward(q, k, v, selection, sm_scale)[0]
 
 
-__all__ = ["RoutedPairs", "routed_pairs", "forced_only", "gather_moc_attention"]
+def head_buffer_bytes(q: torch.Tensor, k: torch.Tensor, slots: int, grad: bool) -> int:
+    """One head's per-pair buffers: the partial outputs, and with `grad` the float32 dQ per pair
+    slot and dK / dV."""
+    B, _, Nq, D = q.shape
+    per_head = B * Nq * slots * D * q.element_size()
+    if grad:
+        per_head += B * Nq * slots * D * 4 + 2 * B * k.shape[2] * D * 4
+    return per_head
+
+
+def heads_per_group(q: torch.Tensor, k: torch.Tensor, slots: int, grad: bool) -> int:
+    """How many heads run at once so that one group's buffers stay under GATHER_BUFFER_BYTES (at
+    least one)."""
+    return max(1, min(q.shape[1], GATHER_BUFFER_BYTES // head_buffer_bytes(q, k, slots, grad)))
+
+
+__all__ = ["GATHER_BUFFER_BYTES", "RoutedPairs", "routed_pairs", "forced_only", "gather_moc_attention",
+           "head_buffer_bytes", "heads_per_group"]

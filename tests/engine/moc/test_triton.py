@@ -349,6 +349,23 @@ def test_gather_head_dim_128_ragged_slots_and_scale(structured):
     check_gather(q, k, v, sel, scale=0.1)
 
 
+@pytest.mark.parametrize("group_bytes", [1, "two heads"], ids=["one_head", "two_heads"])
+def test_gather_in_head_groups_matches_reference(monkeypatch, group_bytes):
+    """Under a small buffer budget "gather" runs its heads in groups (one at a time, or two then
+    one of three heads, with a context offset): values and gradients stay the reference's."""
+    from engine.moc import triton_gather
+    name, layout, q_offset = LAYOUTS[-1]
+    q, k, v = random_qkv(layout, 2, 3, 64, DTYPES[-1], seed=151)
+    q = q[:, :, q_offset:]
+    sel = route(q, k, layout, MoCConfig(top_k=2, tile=TILE), q_offset=q_offset, impl="reference")
+    if group_bytes == "two heads":  # the budget of two heads' buffers with gradients, exactly
+        group_bytes = 2 * triton_gather.head_buffer_bytes(q, k, sel.routed.shape[-1], grad=True)
+    monkeypatch.setattr(triton_gather, "GATHER_BUFFER_BYTES", group_bytes)
+    expect = 1 if group_bytes == 1 else 2
+    assert triton_gather.heads_per_group(q, k, sel.routed.shape[-1], grad=True) == expect
+    check_gather(q, k, v, sel)
+
+
 def test_gather_equals_the_tile_kernel():
     layout = LAYOUTS[2][1]
     q, k, v = random_qkv(layout, 1, 2, 64, DTYPES[-1], seed=141)
