@@ -55,6 +55,11 @@ class TrainerConfig:
     minutes: float = 20.0  # transformer training budget, wall-clock minutes (summed over resumes)
     max_steps: int = 0  # stop after this many transformer steps as well (0 = time only)
     caption_drop: float = 0.1  # probability a story trains with empty captions (guidance's unconditional)
+    # how training draws noise levels: u ~ U(0, 1) through this shift (TrainingConfig.shift). 3 spends
+    # 75 % of the steps above noise level 0.5, where layout is decided; 1 is uniform and gives the
+    # lower levels, where a blob becomes a circle or a triangle, twice the steps. The sampler's
+    # schedule (DEFAULT_SCHEDULER) does not change with it
+    train_shift: float = 3.0
     # extra flow-loss weight of latent cells the characters cover (1 + w * coverage). Keep it 0: a
     # weight that depends on the clean frame biases the flow. Where the noisy input leaves open
     # whether a cell is character or background, the weighted optimum counts the character w + 1
@@ -340,15 +345,23 @@ def _text(encoder, captions: list[list[str]]) -> list[list[torch.Tensor]]:
     return out
 
 
+def training_config(config: TrainerConfig, device):
+    """The loss's settings (engine/training.py) for this run on `device`."""
+    from engine.moc import MoCConfig
+    from engine.training import TrainingConfig
+    backend = config.backend if torch.device(device).type == "cuda" else "reference"
+    return TrainingConfig(moc=MoCConfig(tile=config.moc_tile) if config.moc else None, backend=backend,
+                          shift=config.train_shift)
+
+
 def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Path | None = None,
                       init_from: Path | None = None) -> None:
     """Train until config.minutes of training time (summed over resumes) or config.max_steps.
     init_from: a storyboard model folder whose transformer starts the run (a warm restart)."""
     from diffusers import WanTransformer3DModel
     from engine.backbone import StoryTransformer
-    from engine.moc import MoCConfig
     from engine.text import MiniLMEncoder
-    from engine.training import StoryBatch, TrainingConfig, training_loss
+    from engine.training import StoryBatch, training_loss
 
     ckpt = work / "ckpt"
     ckpt.mkdir(parents=True, exist_ok=True)
@@ -374,8 +387,7 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
     opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.01)
     if (ckpt / "optimizer.safetensors").is_file():
         _load_optimizer(opt, params, load_file(ckpt / "optimizer.safetensors"), device)
-    backend = config.backend if device.type == "cuda" else "reference"
-    tcfg = TrainingConfig(moc=MoCConfig(tile=config.moc_tile) if config.moc else None, backend=backend)
+    tcfg = training_config(config, device)
     ema_params = [p for p in ema.parameters()]
     model_params = list(model.parameters())
     pool = ThreadPoolExecutor(1)

