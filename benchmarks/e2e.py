@@ -249,11 +249,11 @@ def part_forward(st, size, device, dtype, repeats: int, log) -> list[dict]:
 def part_scaling(st, size, device, dtype, log) -> list[dict]:
     h, w = size["height"] // 8, size["width"] // 8
     moc = MoCConfig(top_k=5)
+    gpu = device.type == "cuda"
     rows = []
     for shots in range(1, size["shots"] + 1):
         layout, *rest = story_inputs(st, shots, size["frames"], h, w, device, dtype)
         row = {"shots": shots, "tokens": layout.num_tokens}
-        gpu = device.type == "cuda"
         for name, cfg, backend in (("moc_ms", moc, "auto"), ("moc_triton_ms", moc, "triton" if gpu else "reference"),
                                    ("moc_gather_ms", moc, "gather" if gpu else "reference"),
                                    ("dense_cudnn_ms", None, "auto")):

@@ -40,28 +40,23 @@ def fixed_stories(count: int, shots: int, frames: int) -> list:
 
 
 def render_and_score(model, specs, height: int, width: int) -> tuple[dict, list[np.ndarray]]:
-    """Joint renders of `specs` with `model` as the app samples them, scored; (summary, strips)."""
-    from benchmarks.quality import render
+    """Joint renders of `specs` with `model` as the app samples them, scored as quality.py scores
+    them (counts pooled over the stories); (summary, strips)."""
+    from benchmarks.quality import look_ladder, render, score_frames
     from engine.shapestory.render import story_frames
-    from engine.shapestory.score import score_story
     from engine.shapestory.world import to_story
-    apps, adherence, strips = [], [], []
+    counts, strips = {}, []
     for spec in specs:
         with torch.no_grad():
             frames = render(model, to_story(spec, steps=12, guidance=4.0, height=height, width=width)).frames
-        score = score_story(spec, frames)
-        adherence.append(score.adherence)
-        apps += [a for shot in score.shots for a in shot.appearances]
+        for key, n in score_frames(spec, frames)["counts"].items():
+            counts[key] = counts.get(key, 0) + n
         truth = story_frames(spec, height, width).numpy()
         for s, gen in enumerate(frames):
             strips.append(np.concatenate([np.concatenate(list(truth[s, ::2]), 1), np.concatenate(list(gen[::2]), 1)], 1))
-    n = max(len(apps), 1)
-    summary = {"adherence": round(float(np.mean(adherence)), 3),
-               "look_ladder": {"colour": round(sum(a.colour_present >= 0.5 for a in apps) / n, 3),
-                               "colour_size": round(sum(a.sized_present >= 0.5 for a in apps) / n, 3),
-                               "colour_size_shape": round(sum(a.look_ok for a in apps) / n, 3),
-                               "look_and_motion": round(sum(a.look_ok and a.motion_ok for a in apps) / n, 3)},
-               "appearances": len(apps)}
+    summary = {"adherence": round(counts["adherent"] / max(counts["described"], 1), 3),
+               "look_ladder": {rung: None if v is None else round(v, 3) for rung, v in look_ladder(counts).items()},
+               "appearances": counts["appearances"]}
     return summary, strips
 
 

@@ -389,6 +389,16 @@ def _ratio(num: int, den: int) -> float | None:
     return num / den if den else None
 
 
+LOOK_LADDER = (("colour", "colour_ok"), ("colour_size", "sized_ok"), ("colour_size_shape", "look_ok"),
+               ("look_and_motion", "look_motion_ok"))  # (rung, the score_frames count behind it)
+
+
+def look_ladder(counts: dict) -> dict:
+    """The share of all appearances that reach each rung of the look ladder (score_frames' counts,
+    pooled over stories); None where a count is missing or there are no appearances."""
+    return {rung: _ratio(counts[key], counts["appearances"]) if key in counts else None for rung, key in LOOK_LADDER}
+
+
 def _mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.mean(values)) if values else None
@@ -417,9 +427,7 @@ def summarise_runs(runs: list[dict], lengths: list[int]) -> dict:
         "routing_shots": len(routing),
         "sparsity_by_length": by_length, "sparsity_8_shots": by_length.get("8"),
         "seconds_per_story": _mean(r["seconds"] for r in runs),
-        "look_ladder": {step: _ratio(total.get(key, 0), total["appearances"]) if key in total else None
-                        for step, key in (("colour", "colour_ok"), ("colour_size", "sized_ok"),
-                                          ("colour_size_shape", "look_ok"), ("look_and_motion", "look_motion_ok"))},
+        "look_ladder": look_ladder(total),
         "counts": total,
     }
 

@@ -208,12 +208,13 @@ def moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: 
     check_qkv(q, k, v, selection)
     name = resolve_backend(backend, q.device, selection)
     reason = name
-    if backend == "auto" and name == "triton" and (q.shape[-1] not in TRITON_HEAD_DIMS or q.dtype not in TRITON_DTYPES):
-        name, reason = "reference", "reference-shape"
     plan = None
     if backend == "auto" and name == "triton":
-        name, plan = sparse_choice(selection)
-        reason = name
+        if q.shape[-1] not in TRITON_HEAD_DIMS or q.dtype not in TRITON_DTYPES:
+            name, reason = "reference", "reference-shape"
+        else:
+            name, plan = sparse_choice(selection)
+            reason = name
     selection.info["backend"] = name
     selection.info["dispatch"] = DISPATCH_REASONS[reason] if backend == "auto" else "requested"
     if name == "sdpa":
