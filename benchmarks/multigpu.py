@@ -41,7 +41,6 @@ from diffusers import WanTransformer3DModel  # noqa: E402
 
 from benchmarks.wan_forward import WAN_1_3B, story_inputs  # noqa: E402
 from engine.backbone import StoryTransformer  # noqa: E402
-from engine.engine import is_out_of_memory  # noqa: E402
 from engine.moc import MoCConfig  # noqa: E402
 from engine.parallel import SequenceParallel, start  # noqa: E402
 from engine.processors import ForwardPlan, SelfAttentionPlan  # noqa: E402
@@ -61,6 +60,11 @@ def run_forward(st, inputs, moc, parallel: SequenceParallel | None, backend: str
                                                    parallel=parallel), cross_attn=cross, rotary=rotary)
     with torch.no_grad():
         return st.forward(latents, timestep, text, plan)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """(Not engine.engine's: that imports the video writer, which the GPU image lacks.)"""
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(err).lower()
 
 
 def sync(device) -> None:
