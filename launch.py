@@ -4,6 +4,8 @@ Headless:  python launch.py --story examples/default_story.json --out outputs/de
            writes DIR/shot_XX.mp4 (XX = 0-based shot index), DIR/story.mp4, DIR/routing.json,
            DIR/summary.json and prints one line per shot.
 App:       python launch.py [--host 127.0.0.1] [--port 7860] [--share] [--model PATH] [--auth USER:PASS | FILE]
+Several:   torchrun --nproc-per-node N launch.py --story FILE --out DIR   (sequence parallel: each
+           forward spread over N processes, NCCL on GPUs (one each), gloo on the CPU; rank 0 writes)
 Routing:   python launch.py --routing-demo   (which earlier frames each frame recalls; no model)
 argparse lives here and only here; everything else takes explicit arguments.
 Every failure ends in one line on stderr and a non-zero exit (2: bad input, 1: anything else,
@@ -17,6 +19,7 @@ import ipaddress
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -94,9 +97,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def render_headless(args) -> int:
-    from engine.engine import StoryEngine
-    from engine.events import Progress, RenderStopped, ShotDone
-    from engine.model import ModelError
     from engine.story import Story, StoryError
 
     try:
@@ -109,15 +109,58 @@ def render_headless(args) -> int:
               f"got {args.regenerate}", file=sys.stderr)
         return 2
     out = args.out or Path("outputs") / args.story.stem
+    if not under_torchrun():
+        return render_with(args, story, out, None, args.device)
+    from engine.parallel import start
+    import torch.distributed as dist
     try:
-        engine = StoryEngine.load(args.model, device=args.device, cache_dir=args.cache_dir)
+        parallel, device = start(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        if parallel.rank == 0:
+            return render_with(args, story, out, parallel, device)
+        # the other ranks render in step and write into a folder of their own, thrown away after
+        with tempfile.TemporaryDirectory(prefix=f"storyboard-rank{parallel.rank}-") as scratch:
+            args = argparse.Namespace(**{**vars(args), "cache_dir": Path(scratch) / "cache"})
+            return render_with(args, story, Path(scratch) / "out", parallel, device, quiet=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def under_torchrun() -> bool:
+    """Started by torchrun with more than one process (its WORLD_SIZE variable)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def render_with(args, story, out: Path, parallel, device: str, quiet: bool = False) -> int:
+    """Render `story` into `out` (with `parallel`: as one rank of a sequence-parallel group)."""
+    from engine.engine import StoryEngine
+    from engine.events import Progress, RenderStopped, ShotDone
+    from engine.model import ModelError
+    from engine.sampler import SamplerOptions
+    from engine.story import StoryError
+
+    say = (lambda *a, **k: None) if quiet else print
+    try:
+        engine = StoryEngine.load(args.model, device=device, cache_dir=args.cache_dir, parallel=parallel,
+                                  options=SamplerOptions(preview=not quiet))
     except (ModelError, OSError) as err:
         print(f"error: cannot load the model: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:  # the heads do not divide over the processes
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not engine.model.trained:
-        print(f"note: the model ({engine.model_name}) is untrained: expect colour noise, not a story")
+        say(f"note: the model ({engine.model_name}) is untrained: expect colour noise, not a story")
+    if parallel is not None:
+        say(f"sequence parallel: {parallel.world} processes, {engine.model.transformer.num_heads // parallel.world} "
+            f"heads each, on {device}")
 
     def on_event(event) -> None:
+        if quiet:
+            return
         if isinstance(event, Progress) and event.step and event.step in (1, event.total):
             print(f"  {event.message}", flush=True)
         elif isinstance(event, ShotDone):
@@ -138,11 +181,11 @@ def render_headless(args) -> int:
     if args.regenerate is not None:
         context = "the shots before and after it" if s.get("both_sides") else "the shots before it"
         note = f" (later shots not used: {s['both_sides_note']})" if s.get("both_sides_note") else ""
-        print(f"regenerated shot {args.regenerate} with {context} as context{note}")
+        say(f"regenerated shot {args.regenerate} with {context} as context{note}")
     for index in s.get("takes_gone", []):
-        print(f"note: shot {index:02d}'s remembered take ({story.shots[index].take}) is no longer in the shot cache; "
+        say(f"note: shot {index:02d}'s remembered take ({story.shots[index].take}) is no longer in the shot cache; "
               "it was generated anew")
-    print(f"story: {result.story_video}  ({s['seconds']:.1f} s, sparsity {s['sparsity']:.3f}, "
+    say(f"story: {result.story_video}  ({s['seconds']:.1f} s, sparsity {s['sparsity']:.3f}, "
           f"cache {json.dumps(s['cache'])})")
     return 0
 
@@ -178,6 +221,10 @@ def run(args) -> int:
         return 0
     if args.story is not None:
         return render_headless(args)
+    if under_torchrun():
+        print("error: the app runs in one process; render across processes headless: "
+              "torchrun --nproc-per-node N launch.py --story FILE --out DIR", file=sys.stderr)
+        return 2
     if args.regenerate is not None or args.out is not None or args.one_sided:
         print("error: --out, --regenerate and --one-sided need --story", file=sys.stderr)
         return 2

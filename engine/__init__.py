@@ -5,6 +5,7 @@
   sampler.py  the flow-matching loop, joint and shot by shot, the context K/V cache in use
   backbone.py + processors.py   diffusers' Wan transformer with the MoC and per-shot processors
 then events.py (what the UI receives), shot_cache.py, context_cache.py, routing_report.py,
-model.py / text.py / codec.py (loading), video.py, training.py, and engine/moc (the attention).
+model.py / text.py / codec.py (loading), video.py, training.py, parallel.py (one story across
+several processes: sequence parallelism), and engine/moc (the attention).
 Importing `engine` imports nothing heavy.
 """

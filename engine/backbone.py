@@ -3,7 +3,9 @@
 For: installing the processors (`StoryTransformer(model)`), the forward over the live shots of a
 story (`forward`: patchify, per-token or per-batch timesteps, Wan's blocks unchanged, unpatchify)
 with RoPE positions taken from the whole story (a shot generated after its context keeps its
-true frame positions), and `make_cross_plan` (which text each shot sees).
+true frame positions), and `make_cross_plan` (which text each shot sees). Under sequence
+parallelism (ForwardPlan.self_attn.parallel) each rank runs the blocks on its slice of the tokens
+(`local_plan`) and every rank gets the whole output (engine/parallel.py).
 Not for: weights (the diffusers model owns them), sampling (sampler.py) or routing (engine/moc).
 
 Why a forward of our own: diffusers' `WanTransformer3DModel.forward` numbers RoPE frames from 0
@@ -13,8 +15,11 @@ story. Everything else is the diffusers code path: the same submodules in the sa
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from engine.parallel import SequenceParallel
 from engine.processors import CrossAttentionPlan, ForwardPlan, MoCSelfAttention, ShotCrossAttention
 
 
@@ -81,20 +86,29 @@ class StoryTransformer:
         m = self.model
         B, _, Fr, h, w = latents.shape
         pt, ph, pw = self.patch_size
+        N = (Fr // pt) * (h // ph) * (w // pw)
         if plan.rotary is None:
             raise ValueError("ForwardPlan.rotary must hold the live tokens' RoPE (StoryTransformer.rotary)")
+        if timestep.ndim == 2 and timestep.shape[1] != N:
+            raise ValueError(f"per-token timestep must be (B, {N}), got {tuple(timestep.shape)}")
+        sp = plan.self_attn.parallel
+        if sp is not None:  # sequence parallelism: this rank runs the blocks on its slice of the tokens
+            if torch.is_grad_enabled():
+                raise ValueError("sequence parallelism is inference only: run the forward under torch.no_grad()")
+            plan = local_plan(plan, N, sp)
+            if timestep.ndim == 2:
+                timestep = sp.split_tokens(timestep, dim=1)
         for p in self.self_processors + self.cross_processors:
             p.plan = plan
         try:
-            # 1. patchify: (B, C, F, h, w) -> (B, N, dim), tokens frame-major
+            # 1. patchify: (B, C, F, h, w) -> (B, N, dim), tokens frame-major (with sp: (B, N_local, dim))
             x = m.patch_embedding(latents).flatten(2).transpose(1, 2).contiguous()
-            N = x.shape[1]
+            if sp is not None:
+                x = sp.split_tokens(x)
             # 2. time and text conditioning; a (B, N) timestep gives every token its own noise level
             ts_len = None
             if timestep.ndim == 2:
-                if timestep.shape[1] != N:
-                    raise ValueError(f"per-token timestep must be (B, {N}), got {tuple(timestep.shape)}")
-                ts_len, timestep = N, timestep.flatten()
+                ts_len, timestep = timestep.shape[1], timestep.flatten()
             temb, timestep_proj, text_states, _ = m.condition_embedder(timestep, text, None, timestep_seq_len=ts_len)
             timestep_proj = timestep_proj.unflatten(2 if ts_len else 1, (6, -1))  # (B, [N,] 6, dim)
             # 3. Wan's blocks, unchanged; the processors read the plan
@@ -112,12 +126,26 @@ class StoryTransformer:
                 shift, scale = (m.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
             x = (m.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
             x = m.proj_out(x)
+            if sp is not None:
+                x = sp.gather_tokens(x, N)  # (B, N, out): every rank gets the whole prediction
             x = x.reshape(B, Fr // pt, h // ph, w // pw, pt, ph, pw, -1)
             x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
             return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)  # (B, C, F, h, w)
         finally:
             for p in self.self_processors + self.cross_processors:
                 p.plan = None
+
+
+def local_plan(plan: ForwardPlan, num_tokens: int, sp: SequenceParallel) -> ForwardPlan:
+    """The plan of rank sp.rank's slice of the live tokens: its RoPE rows, its part of each shot's
+    range (cross-attention), and the whole forward's token count (for the all-to-all)."""
+    lo, hi = sp.token_range(num_tokens)
+    ranges = tuple((max(a, lo) - lo, min(b, hi) - lo, shot) for a, b, shot in plan.cross_attn.shot_ranges
+                   if max(a, lo) < min(b, hi))
+    cos, sin = plan.rotary
+    return replace(plan, self_attn=replace(plan.self_attn, parallel_tokens=num_tokens),
+                   cross_attn=replace(plan.cross_attn, shot_ranges=ranges),
+                   rotary=(sp.split_tokens(cos), sp.split_tokens(sin)))
 
 
 def make_cross_plan(segments: list[list[torch.Tensor]], live_shots: list[tuple[int, int, int]],
@@ -153,4 +181,4 @@ def make_cross_plan(segments: list[list[torch.Tensor]], live_shots: list[tuple[i
     return text.to(device), plan
 
 
-__all__ = ["StoryTransformer", "make_cross_plan"]
+__all__ = ["StoryTransformer", "make_cross_plan", "local_plan"]

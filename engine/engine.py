@@ -62,6 +62,7 @@ from engine.events import (Finished, Preview, Progress, RenderResult, RenderStop
                            Stopped)
 from engine.codec import middle_video_frame
 from engine.model import StoryModel
+from engine.parallel import SequenceParallel, check_heads
 from engine.moc.attention import resolve_backend, triton_available
 from engine.routing_report import ShotRouting, build_report, recorded_steps
 from engine.sampler import Run, SamplerOptions, StepInfo, StorySampler
@@ -138,21 +139,27 @@ class TakeInfo:
 
 class StoryEngine:
     def __init__(self, model: StoryModel, cache: ShotCache, cache_dir: Path,
-                 options: SamplerOptions = SamplerOptions()):
+                 options: SamplerOptions = SamplerOptions(), parallel: SequenceParallel | None = None):
         self.model = model
         self.cache = cache  # ShotCache: .stats() -> hits / misses / entries / bytes
         self.cache_dir = cache_dir
         self.options = options
+        # sequence parallelism: every rank renders the same story in step; rank 0 decides what is
+        # sampled and serves cached takes, every transformer forward is spread over the ranks
+        self.parallel = parallel
+        if parallel is not None:
+            check_heads(model.transformer.num_heads, parallel.world)
         self._lock = threading.Lock()  # one render at a time per engine
 
     @staticmethod
     def load(model: str | Path | None = None, device: str = "auto", cache_dir: str | Path | None = None,
              dtype: torch.dtype | None = None, cache_bytes: int = 4 << 30,
-             options: SamplerOptions = SamplerOptions()) -> "StoryEngine":
-        """model: None = the shipped default (assets/default_model), or a local folder."""
+             options: SamplerOptions = SamplerOptions(), parallel: SequenceParallel | None = None) -> "StoryEngine":
+        """model: None = the shipped default (assets/default_model), or a local folder.
+        parallel: the sequence-parallel group this process renders with (engine.parallel.start)."""
         m = StoryModel.load(model, device=device, dtype=dtype)
         cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-        return StoryEngine(m, ShotCache(cache_dir / "shots", max_bytes=cache_bytes), cache_dir, options)
+        return StoryEngine(m, ShotCache(cache_dir / "shots", max_bytes=cache_bytes), cache_dir, options, parallel)
 
     @property
     def model_name(self) -> str:
@@ -411,8 +418,10 @@ class StoryEngine:
 
     def _render(self, story, regenerate, out_dir, emit, stop, both_sides=None, take=None) -> RenderResult:
         started = time.perf_counter()
-        both, why_not = self.both_sides(story, regenerate, both_sides)
-        plans, runs = self.plan(story, regenerate, both, take if regenerate is not None else None)
+        # with several ranks, rank 0's cache decides (cache hits, random seeds) and the others follow
+        decide = self.parallel.on_rank0 if self.parallel is not None else (lambda answer: answer())
+        both, why_not = decide(lambda: self.both_sides(story, regenerate, both_sides))
+        plans, runs = decide(lambda: self.plan(story, regenerate, both, take if regenerate is not None else None))
         self.cache.record_misses(sum(p.status == "generate" for p in plans))  # shots no take could serve
         out_dir = Path(out_dir) if out_dir is not None else self._new_render_dir()
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -424,7 +433,7 @@ class StoryEngine:
         for p in plans:
             if p.status == "generate":
                 continue
-            take = self.cache.get(p.key)
+            take = decide(lambda: self.cache.get(p.key))
             if take is None:  # evicted by another process between planning and now
                 raise RuntimeError(f"take {p.key} of shot {p.index + 1} left the cache during the render; "
                                    "render again (it will be sampled)")
@@ -449,7 +458,8 @@ class StoryEngine:
                 frames = self.model.codec.preview(info.x0).numpy()
                 emit(Preview(shot=live[0] if len(live) == 1 else None, frames=frames, step=info.step, shots=live))
 
-        sampler = StorySampler(self.model, story, stop=stop, on_step=on_step, options=self.options)
+        sampler = StorySampler(self.model, story, stop=stop, on_step=on_step, options=self.options,
+                               parallel=self.parallel)
         encoded = 0
         try:
             for r, run in enumerate(runs):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from engine.context_cache import ContextKV
+from engine.parallel import SequenceParallel
 from engine.moc import ATTENTION_RANGE, MoCConfig, TokenLayout, attend, dense_attention
 
 
@@ -35,6 +36,9 @@ class SelfAttentionPlan:
     recorder: "object | None" = None  # routing_report.RoutingRecorder (or None: record nothing)
     training: bool = False  # routing drop-off / drop-in
     generator: torch.Generator | None = None  # randomness of drop-off / drop-in
+    parallel: SequenceParallel | None = None  # sequence parallelism: tokens sharded over ranks; None = one process
+    parallel_tokens: int = 0  # with `parallel`: the forward's live tokens N (each rank holds a slice; set by
+    #                           backbone.StoryTransformer.forward)
 
 
 @dataclass
@@ -64,9 +68,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def story_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SelfAttentionPlan,
                     layer: int, q_route: torch.Tensor | None = None,
                     k_route: torch.Tensor | None = None) -> torch.Tensor:
-    """The single self-attention call site (a sequence-parallel all-to-all wraps this).
-    q, k, v (B, N, H, D) live tokens -> (B, N, H, D). q_route/k_route (B, N, H, D), when given,
-    are what routing scores instead of q/k (pre-RoPE routing, MoCConfig.descriptor_rope=False)."""
+    """The single self-attention call site. q, k, v (B, N, H, D) live tokens -> (B, N, H, D).
+    q_route/k_route (B, N, H, D), when given, are what routing scores instead of q/k (pre-RoPE
+    routing, MoCConfig.descriptor_rope=False).
+    With plan.parallel (sequence parallelism) the inputs are this rank's slice of the tokens
+    (B, N_local, H, D): an all-to-all gives every token of this rank's H / world heads, routing and
+    attention run on those heads unchanged (MoC routes per head), and an all-to-all gives back
+    this rank's tokens with every head."""
+    sp = plan.parallel
+    if sp is None:
+        return _attention(q, k, v, plan, layer, q_route, k_route)
+    n = plan.parallel_tokens
+    q, k, v, q_route, k_route = (None if t is None else sp.to_heads(t, n) for t in (q, k, v, q_route, k_route))
+    return sp.to_tokens(_attention(q, k, v, plan, layer, q_route, k_route))  # (B, N_local, H, D)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SelfAttentionPlan, layer: int,
+               q_route: torch.Tensor | None, k_route: torch.Tensor | None) -> torch.Tensor:
+    """story_attention on whole tokens: q, k, v (B, N, H, D) -> (B, N, H, D)."""
     started = time.perf_counter()
     n = q.shape[1]
     end = plan.layout.num_tokens
@@ -154,7 +173,7 @@ class ShotCrossAttention(_PlannedProcessor):
         k = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)  # (B, H, L, D)
         v = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
         q, k = q.to(v.dtype), k.to(v.dtype)  # autocast: the norms return float32, v is bf16
-        out = torch.empty_like(q)
+        out = torch.zeros_like(q)  # zeros: rows of no shot (a sequence-parallel slice's padding) stay finite
         for start, end, shot in plan.shot_ranges:
             idx = plan.text_index[shot].to(k.device)
             mask = None

@@ -94,8 +94,11 @@ class RoutingRecorder:
     """Accumulates statistics of one sampling run (the live shots of one layout)."""
 
     def __init__(self, layout: TokenLayout, live_shots: list[int], q_offset: int, num_layers: int,
-                 num_heads: int, steps: int):
+                 num_heads: int, steps: int, head_range: tuple[int, int] | None = None):
         self.layout = layout
+        # heads [h0, h1) of the model are the ones this process's selections cover (sequence
+        # parallelism: this rank's heads; `merge` then combines the ranks)
+        self.h0, self.h1 = head_range or (0, num_heads)
         self.live_shots = live_shots  # story indices of the live shots (= layout shot indices)
         self.q_offset = q_offset
         self.L, self.H = num_layers, num_heads
@@ -148,7 +151,7 @@ class RoutingRecorder:
         self.total_flops_moc += float(B * H * Nq * num_keys * 4 * D)
         self.total_flops_dense += float(B * H * Nq * num_keys * 4 * D)
         for s, a, b in self._shot_query_ranges():
-            self.att_sum[s][layer] += B * (b - a)
+            self.att_sum[s][layer, self.h0:self.h1] += B * (b - a)
             self.att_n[s][layer] += B * (b - a)
             f = float(B * H * (b - a) * num_keys * 4 * D)
             self.flops_moc[s] += f
@@ -170,7 +173,7 @@ class RoutingRecorder:
         self.total_flops_moc += total * 4 * head_dim
         self.total_flops_dense += float(B * H * Nq * N) * 4 * head_dim
         for (s, a, b), row in zip(ranges, per_shot):
-            self.att_sum[s][layer] += (row / N).numpy()
+            self.att_sum[s][layer, self.h0:self.h1] += (row / N).numpy()
             self.att_n[s][layer] += B * (b - a)
             self.flops_moc[s] += float(row.sum()) * 4 * head_dim
             self.flops_dense[s] += float(B * H * (b - a) * N) * 4 * head_dim
@@ -202,6 +205,32 @@ class RoutingRecorder:
             self.routed_frames[s][layer] += picks[f0:f1]
             rows = (self.chunk_shot == s)
             self.recall[s] += routed_by_shot[rows].sum(0).numpy()
+
+    def merge(self, parallel) -> None:
+        """Combine the statistics of every rank of a sequence-parallel run (each rank recorded its
+        own heads), on every rank, so that each holds the whole run's: densities and counts are
+        summed, per-(query, head) means averaged over the ranks (each holds as many heads), and
+        a backend's calls counted once per call (a fraction where the ranks' heads ran different
+        backends). Every rank must call it, once, after the run."""
+        live = self.live_shots
+        parts = ([self.att_sum[s] for s in live] + [self.recall[s] for s in live]
+                 + [np.array([self.flops_moc[s], self.flops_dense[s]]) for s in live]
+                 + [np.array([self.total_flops_moc, self.total_flops_dense])])
+        means = [self.frame_sel[s] for s in live] + [self.routed_frames[s] for s in live]
+        flat = np.concatenate([a.ravel() for a in parts] + [a.ravel() / parallel.world for a in means])
+        flat = parallel.all_reduce_sum(torch.from_numpy(flat)).numpy()
+        pos = 0
+        for a in parts + means:  # every part and mean back in place, in the order sent
+            a[...] = flat[pos:pos + a.size].reshape(a.shape)
+            pos += a.size
+        for i, s in enumerate(live):
+            self.flops_moc[s], self.flops_dense[s] = (float(x) for x in parts[2 * len(live) + i])
+        self.total_flops_moc, self.total_flops_dense = (float(x) for x in parts[-1])
+        calls: dict[str, float] = {}
+        for backends in parallel.all_gather_object(self.backends):
+            for name, n in backends.items():
+                calls[name] = calls.get(name, 0) + n / parallel.world
+        self.backends = {name: int(n) if float(n).is_integer() else round(n, 3) for name, n in calls.items()}
 
     def shot_routing(self, shot: int) -> ShotRouting:
         recall = self.recall[shot]

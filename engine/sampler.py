@@ -24,6 +24,7 @@ from engine.backbone import make_cross_plan
 from engine.context_cache import ContextKV
 from engine.events import RenderStopped
 from engine.moc import TokenLayout
+from engine.parallel import SequenceParallel
 from engine.processors import ForwardPlan, SelfAttentionPlan
 from engine.routing_report import RoutingRecorder
 from engine.story import Story
@@ -60,8 +61,13 @@ class StepInfo:
 
 class StorySampler:
     def __init__(self, model, story: Story, *, stop: threading.Event | None = None,
-                 on_step: Callable[[StepInfo], None] | None = None, options: SamplerOptions = SamplerOptions()):
+                 on_step: Callable[[StepInfo], None] | None = None, options: SamplerOptions = SamplerOptions(),
+                 parallel: SequenceParallel | None = None):
         self.model = model
+        # sequence parallelism: every rank runs this sampler in step; each forward is spread over
+        # the ranks and returns the whole output on each. The context K/V cache and the routing
+        # statistics hold this rank's heads (`heads`), the statistics merged after every forward set
+        self.parallel = parallel
         self.story = story
         self.settings = story.settings
         self.stop = stop
@@ -70,6 +76,7 @@ class StorySampler:
         self.device = model.device
         tr = model.transformer
         self.transformer = tr
+        self.heads = parallel.heads(tr.num_heads) if parallel is not None else (0, tr.num_heads)
         C, _, self.h, self.w = model.codec.latent_shape(1, self.settings.height, self.settings.width)
         self.channels = C
         self.frame_tokens = tr.frame_tokens(self.h, self.w)
@@ -109,7 +116,7 @@ class StorySampler:
         if self.kv is None:
             tr = self.transformer
             self.kv = ContextKV(tr.num_layers, self.batch, self.layout(len(self.shot_frames)).num_tokens,
-                                tr.num_heads, tr.head_dim, dtype=self.model.dtype, device=self.device,
+                                self.heads[1] - self.heads[0], tr.head_dim, dtype=self.model.dtype, device=self.device,
                                 route_keys=self.settings.moc.enabled and not self.settings.moc.descriptor_rope)
         return self.kv
 
@@ -135,7 +142,7 @@ class StorySampler:
         rotary = self.transformer.rotary(frame_start, frames, self.h, self.w, self.device)
         plan = ForwardPlan(
             self_attn=SelfAttentionPlan(layout=layout, q_offset=q_offset, moc=moc or self.moc_config,
-                                        backend=self.backend, kv=kv, recorder=recorder),
+                                        backend=self.backend, kv=kv, recorder=recorder, parallel=self.parallel),
             cross_attn=cross, rotary=rotary)
         dtype = self.model.dtype
         xb = x[None].expand(B, *x.shape).to(self.device, dtype)
@@ -187,9 +194,12 @@ class StorySampler:
         layout = self.layout(shot + 1)
         a, b = layout.shot_range(shot)
         t_c = torch.tensor(self.settings.context_noise * self.model.num_train_timesteps)
-        work = RoutingRecorder(layout, [shot], a, self.transformer.num_layers, self.transformer.num_heads, 1)
+        work = RoutingRecorder(layout, [shot], a, self.transformer.num_layers, self.transformer.num_heads, 1,
+                               head_range=self.heads)
         work.begin_step(-1)  # count work only, record no routing maps
         self._forward(x, t_c, shot + 1, a, [shot], kv, work, moc)
+        if self.parallel is not None:
+            work.merge(self.parallel)
         self.attn_flops_moc += work.total_flops_moc
         self.attn_flops_dense += work.total_flops_dense
         kv.mark_context(a, b)
@@ -217,7 +227,8 @@ class StorySampler:
         x = torch.cat(noise, dim=1).to(self.device)  # (C, F_live, h, w), frames in story order
         use_cache = self.options.context_cache
         recorder = RoutingRecorder(layout, list(run.shots), q_offset if use_cache else 0,
-                                   self.transformer.num_layers, self.transformer.num_heads, steps)
+                                   self.transformer.num_layers, self.transformer.num_heads, steps,
+                                   head_range=self.heads)
         kv = None
         if context_after and not use_cache:
             raise ValueError("later shots as context need the context K/V cache (SamplerOptions.context_cache)")
@@ -257,6 +268,8 @@ class StorySampler:
             x = scheduler.step(flow.to(x.dtype), t, x, return_dict=False)[0]
             if self.on_step is not None:
                 self.on_step(StepInfo(run=run, step=i + 1, total=steps, x0=x0, density=recorder.last_density))
+        if self.parallel is not None:
+            recorder.merge(self.parallel)
         if kv is not None and context_after:
             kv.close_hole()
             kv.invalidate(q_offset)  # the run's positions now hold live K/V, not a context pass
