@@ -73,7 +73,8 @@ class Layout:
                                           interactive=False)
                 if is_default_model(self.engine):
                     with gr.Accordion("What the default model knows", open=True, elem_id="model-note"):
-                        gr.Markdown(model_note(trained=bool(getattr(self.engine.model, "trained", True))),
+                        gr.Markdown(model_note(trained=bool(getattr(self.engine.model, "trained", True)),
+                                               caveat=str(getattr(self.engine.model, "caveat", ""))),
                                     elem_classes="hint")
                 with gr.Row(elem_classes="shot-grid", equal_height=False):
                     self.slots = [self._build_slot(i, story) for i in range(MAX_SHOTS)]

@@ -61,9 +61,10 @@ def _action_listing() -> str:
     return _listing(f"{head} {'/'.join(tails)}" if tails else head for head, tails in groups.items())
 
 
-def model_note(trained: bool = True) -> str:
+def model_note(trained: bool = True, caveat: str = "") -> str:
     """What the default model understands, in Markdown, built from the ShapeStory vocabulary
-    (engine/shapestory/world.py) so that the note grows with it."""
+    (engine/shapestory/world.py) so that the note grows with it; `caveat` (the model folder's own
+    word on what it cannot do yet) follows it."""
     kip = Character("Kip", "red", "triangle", "small")
     introduced = f"{kip.name}, a {kip.look()}, {ACTION_WORDS['bounces'][0]}."  # "Kip, a small red triangle, ..."
     named = f"{kip.name} {ACTION_WORDS['up'][1]}."  # "Kip rises."
@@ -78,6 +79,8 @@ def model_note(trained: bool = True) -> str:
         "Any Wan2.1 diffusers checkpoint loads with `python launch.py --model PATH`.")
     if not trained:
         note += " *This copy of the default model is untrained: it draws coloured noise.*"
+    elif caveat:
+        note += f" *{caveat}*"
     return note
 
 

@@ -73,7 +73,8 @@ class StoryModel:
     scheduler_config: dict  # its config (a fresh scheduler per run: multistep schedulers keep state)
     device: torch.device
     dtype: torch.dtype  # transformer compute dtype
-    trained: bool  # False for the random default until the trained one ships
+    trained: bool  # False for a random-initialised model (tests, the recipe)
+    caveat: str = ""  # what the model cannot do yet, from storyboard.json "caveat" (shown to the user)
 
     def new_scheduler(self):
         return self.scheduler_class.from_config(self.scheduler_config)
@@ -187,7 +188,8 @@ def _load_default(folder: Path, device, dtype) -> StoryModel:
                       identity=model_identity(folder), transformer=transformer,
                       text_encoder=MiniLMEncoder.load(device), codec=codec,
                       scheduler_class=scheduler_class, scheduler_config=scheduler_config, device=device,
-                      dtype=dtype, trained=bool(manifest.get("trained", False)))
+                      dtype=dtype, trained=bool(manifest.get("trained", False)),
+                      caveat=str(manifest.get("caveat", "")))
 
 
 def _load_wan(folder: Path, device, dtype) -> StoryModel:

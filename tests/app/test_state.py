@@ -120,6 +120,7 @@ def test_model_note_names_the_vocabulary_and_the_model_flag():
         assert word in note, word
     assert "Kip, a small red triangle" in note and "python launch.py --model PATH" in note
     assert "untrained" not in note and "untrained" in model_note(trained=False)
+    assert "soft blobs" in model_note(caveat="shapes are soft blobs") and "soft blobs" not in note
     # shown for the shipped default model only (a Wan checkpoint knows other things)
     assert is_default_model(SimpleNamespace(model=SimpleNamespace(identity=model_identity(DEFAULT_MODEL_DIR))))
     assert not is_default_model(SimpleNamespace(model=SimpleNamespace(identity="another model")))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.engine import StoryEngine
+from engine.model import DEFAULT_MODEL_DIR
 from engine.shapestory.world import (ACTION_WORDS, COLOURS, FRAMING_WORDS, MAX_CHARACTERS, NAMES, PATTERN_WORDS,
                                      SHAPES, SIZE_WORDS, WORLDS)
 from engine.story import Story
@@ -70,7 +71,10 @@ def test_examples_include_the_default_four_shot_story():
 
 def test_shipped_default_model_renders_the_default_story(tmp_path):
     engine = StoryEngine.load(None, device="cpu", cache_dir=tmp_path)
-    assert not engine.model.trained  # random until the trained default ships
+    assert engine.model.trained and engine.model.caveat  # an early trained model that says what it lacks
+    assert (DEFAULT_MODEL_DIR / "MODEL_CARD.md").is_file()
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL_DIR.rglob("*.safetensors"))
+    assert size <= 32 * 2**20, f"the default model's weights are {size / 2**20:.1f} MiB (at most 32)"
     story = Story.load(Path(__file__).resolve().parents[2] / "examples" / "default_story.json").with_settings(steps=1)
     result = engine.render(story, out_dir=tmp_path / "out")
     assert [s.status for s in result.shots] == ["generated"] * 4
