@@ -17,6 +17,7 @@ import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from engine.model import DEFAULT_MODEL_DIR
 from engine.story import Story
 
 from .conftest import long_story, tiny_story
@@ -46,8 +47,10 @@ def test_the_editor_says_what_the_default_model_knows(app_url):
     props = [c.get("props", {}) for c in config["components"]]
     note = next(p for p in props if p.get("elem_id") == "model-note")
     assert note["label"] == "What the default model knows" and note.get("visible", True)
-    text = next(str(p["value"]) for p in props if "ShapeStory" in str(p.get("value", "")))
+    text = next(str(p["value"]) for p in props if "draws **ShapeStory**" in str(p.get("value", "")))
     assert "Kip, a small red triangle" in text and "--model PATH" in text
+    caveat = json.loads((DEFAULT_MODEL_DIR / "storyboard.json").read_text()).get("caveat", "")
+    assert caveat in text  # what the shipped model cannot do yet is said where its vocabulary is
 
 
 def test_generate_then_regenerate_one_shot(client):
