@@ -154,7 +154,7 @@ def render_with(args, story, out: Path, parallel, device: str, quiet: bool = Fal
         return 2
     if not engine.model.trained:
         say(f"note: the model ({engine.model_name}) is untrained: expect colour noise, not a story")
-    elif getattr(engine.model, "caveat", ""):
+    elif engine.model.caveat:
         say(f"note: {engine.model.caveat}")
     if parallel is not None:
         say(f"sequence parallel: {parallel.world} processes, {engine.model.transformer.num_heads // parallel.world} "

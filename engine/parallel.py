@@ -24,6 +24,7 @@ Inference only: the collectives carry no gradients.
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 from dataclasses import dataclass
 
@@ -146,7 +147,6 @@ def start(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[S
     """Join the process group torchrun describes (its RANK / WORLD_SIZE / MASTER_ADDR variables):
     NCCL on CUDA (each process on GPU LOCAL_RANK), gloo on the CPU. Returns (the group, the device
     this process renders on)."""
-    import os
     cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
