@@ -7,7 +7,8 @@
 # every checkpoint) instead, so a call cut short still brings back a model to warm-start from
 # (train_default.py --init-from). Set SECONDS well inside the device time left: a call stopped by
 # the budget returns nothing.
-# RUNS (env, default /root/run): the run folders, space-separated (gpu_train.sh's RUN).
+# RUNS (env, default /root/run): the run folders, space-separated (gpu_train.sh's RUN). PACK_MODEL=0
+# leaves the models out: a large reply takes long enough to arrive that the idle machine goes back.
 # Usage: [RUNS="DIR ..."] bash scripts/gpu_poll.sh SECONDS
 set -u
 runs=${RUNS:-/root/run}
@@ -25,6 +26,7 @@ for run in $runs; do
   grep -v "Loading weights" "$run/log.txt" | tail -n 8
   model=model
   [ -f "$run/model/storyboard.json" ] || model=model_latest
+  [ "${PACK_MODEL:-1}" = 1 ] || model=none  # PACK_MODEL=0: logs and samples only (a small reply)
   name=$(basename "$run")
   (cd "$run" && tar czf "/tmp/$name.tgz" $( [ -f "$model/storyboard.json" ] && echo "$model" ) samples \
     codec_reconstructions.png train_log.jsonl codec_log.jsonl codec/codec.json log.txt config.json 2>/dev/null)

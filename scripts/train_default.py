@@ -11,6 +11,7 @@ Logs: work/codec_log.jsonl, work/train_log.jsonl; sample strips: work/samples/st
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import replace
@@ -45,6 +46,9 @@ def main(argv=None) -> int:
     p.add_argument("--init-from", type=Path, help="storyboard model folder to start the transformer from")
     p.add_argument("--codec-from", type=Path, help="storyboard model folder whose frame codec to reuse (no codec training)")
     p.add_argument("--export", type=Path, help="write the trained model folder here at the end")
+    p.add_argument("--transformer", type=_transformer_overrides, default={},
+                   help='WanTransformer3DModel config changes as JSON, e.g. \'{"patch_size": [1, 2, 2]}\' '
+                        "(a new architecture trains from scratch; --init-from needs the same one)")
     p.add_argument("--tiny", action="store_true", help="tiny smoke-test configuration")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,6 +60,8 @@ def main(argv=None) -> int:
                            frames_choices=_frames_choices(args.frames_choices), train_shift=args.train_shift)
     if args.tiny:
         config = tiny_config(config)
+    if args.transformer:
+        config = replace(config, transformer={**config.transformer, **args.transformer})
     train(config, args.work, args.device, args.text_encoder, args.export, args.init_from, args.codec_from)
     return 0
 
@@ -68,6 +74,24 @@ def _frames_choices(text: str) -> tuple[int, ...]:
     if not choices or min(choices) < 1:
         raise SystemExit(f"--frames-choices takes positive whole numbers separated by commas, got {text!r}")
     return choices
+
+
+def _transformer_overrides(text: str) -> dict:
+    """--transformer: a JSON object of WanTransformer3DModel config keys the default recipe knows."""
+    from engine.default_model import DEFAULT_TRANSFORMER
+    try:
+        changes = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--transformer takes a JSON object, e.g. '{{\"num_layers\": 12}}': {e}") from e
+    if not isinstance(changes, dict):
+        raise argparse.ArgumentTypeError(f"--transformer takes a JSON object, got {text!r}")
+    unknown = sorted(set(changes) - set(DEFAULT_TRANSFORMER))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--transformer: unknown config keys {unknown}; "
+                                         f"known: {sorted(DEFAULT_TRANSFORMER)}")
+    if "patch_size" in changes:
+        changes["patch_size"] = tuple(changes["patch_size"])
+    return changes
 
 
 def tiny_config(config):

@@ -165,3 +165,22 @@ def test_a_run_reuses_an_exported_codec_and_scores_it_again(trained, tmp_path):
     with pytest.raises(RuntimeError, match="Error"):  # a codec of another shape does not load
         other = replace(_tiny(max_steps=1), vae={**_tiny().vae, "block_out_channels": (8, 16, 16)})
         train(other, tmp_path / "other", "cpu", codec_from=out)
+
+
+def test_the_command_trains_another_architecture_and_exports_it(tmp_path):
+    """--transformer changes the backbone's config (run 7 compared 2 x 2 patches with the default's
+    4 x 4): the run trains it from scratch, the export carries it and loads; bad changes are refused."""
+    import argparse
+
+    from engine.model import StoryModel
+    from train_default import _transformer_overrides, main
+    main(["--work", str(tmp_path / "run"), "--tiny", "--device", "cpu", "--codec-steps", "5", "--max-steps", "2",
+          "--transformer", '{"patch_size": [1, 2, 2], "num_layers": 3}', "--export", str(tmp_path / "model")])
+    config = json.loads((tmp_path / "model" / "transformer" / "config.json").read_text())
+    assert config["patch_size"] == [1, 2, 2] and config["num_layers"] == 3
+    model = StoryModel.load(tmp_path / "model", device="cpu")
+    assert tuple(model.transformer.patch_size) == (1, 2, 2)
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown config keys"):
+        _transformer_overrides('{"patch": 2}')
+    with pytest.raises(argparse.ArgumentTypeError, match="JSON object"):
+        _transformer_overrides("[1, 2, 2]")
