@@ -82,6 +82,19 @@ class FrameVAECodec:
         # (C + 1, 3): rgb = [latent, 1] @ preview_rgb, in [-1, 1]
         self.preview_rgb = None if preview_rgb is None else torch.as_tensor(preview_rgb, dtype=torch.float32)
         self.batch = batch  # frames per decoder call (bounds memory)
+        self._layout_on = None  # the device the VAE's memory layout was last chosen for
+
+    def _ready(self, x: torch.Tensor) -> torch.Tensor:
+        """x on the VAE's device and dtype, in the memory layout its convolutions run fastest in
+        there: channels-last on the CPU (oneDNN: decoding 8 frames 1.6 -> 1.0 s on the 2-core
+        machine, the same numbers to float32 rounding), PyTorch's default elsewhere."""
+        p = next(self.vae.parameters())
+        if self._layout_on != p.device:
+            fmt = torch.channels_last if p.device.type == "cpu" else torch.contiguous_format
+            self.vae.to(memory_format=fmt)
+            self._layout_on = p.device
+        fmt = torch.channels_last if p.device.type == "cpu" else torch.contiguous_format
+        return x.to(p.device, p.dtype).contiguous(memory_format=fmt)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (self.channels, frames, height // self.spatial, width // self.spatial)
@@ -92,16 +105,14 @@ class FrameVAECodec:
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
         """(n, 3, H, W) in [-1, 1] -> (n, C, h, w) normalised latents (the mode, no sampling)."""
-        p = next(self.vae.parameters())
-        z = self.vae.encode(x.to(p.device, p.dtype)).latent_dist.mode().float()
+        z = self.vae.encode(self._ready(x)).latent_dist.mode().float().contiguous()
         return (z - self.mean[:, 0].to(z.device)[None]) / self.std[:, 0].to(z.device)[None]
 
     @torch.no_grad()
     def decode_images(self, z: torch.Tensor) -> torch.Tensor:
         """(n, C, h, w) normalised latents -> (n, 3, H, W) in [-1, 1]."""
-        p = next(self.vae.parameters())
         z = z.float() * self.std[:, 0].to(z.device)[None] + self.mean[:, 0].to(z.device)[None]
-        return self.vae.decode(z.to(p.device, p.dtype)).sample.float()
+        return self.vae.decode(self._ready(z)).sample.float().contiguous()
 
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """(T, H, W, 3) uint8 -> (C, T, h, w) latents."""

@@ -6,8 +6,9 @@ sizes). Two parts, merged by their log-sum-exp:
   1. forced links: query tokens whose chunks share one forced row (with the "shot" anchor, every
      frame of a shot: its own shot and captions) attend those keys as one dense block;
   2. routed links: per key chunk, the (batch x head) rows of the queries that routed to it are
-     gathered (padded to the longest row) and attend the chunk's keys in one batched matmul;
-     each query meets a chunk at most once, so the running softmax merges without collisions.
+     gathered (padded to the longest row) and attend the chunk's keys in one batched call; the
+     query lists of all chunks come from one sort, and each (query, routed slot) keeps its own
+     partial result, merged with the forced part by one log-sum-exp at the end.
 Forced and routed links are disjoint (routing.candidate_links), so nothing is counted twice.
 Computes in float32; autograd flows through it (tests compare values and gradients with the
 reference). Not for: GPUs (triton_attention.py), the specification (attention.reference_attention).
@@ -63,30 +64,49 @@ def chunked_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel
             t = tokens[a:a + FORCED_BLOCK]
             o_f[:, t], lse_f[:, t] = _attend(qf[:, t], kk, vv, scale)
 
-    # 2. routed: per key chunk, the rows that chose it, padded into one batched call
-    routed = selection.routed.reshape(BH, Nq, -1).long()  # (BH, Nq, R), -1 empty
-    lse_r = torch.full((BH, Nq), float("-inf"), device=q.device)
-    o_r = torch.zeros(BH, Nq, D, device=q.device)
+    # 2. routed: per key chunk, the (batch x head) rows of the queries that chose it, padded into
+    # one batched call. The query lists of every chunk come from one sort of all routed entries,
+    # and each entry's partial result lands in its own slot (a query meets a chunk at most once),
+    # so nothing is read back and merged per chunk: one log-sum-exp over the slots at the end.
+    R = selection.routed.shape[-1]
+    routed = selection.routed.reshape(BH * Nq * R).long()  # entry e = (bh, query, slot)
+    entries = (routed >= 0).nonzero().squeeze(1)
+    chunk = routed[entries]
+    row = entries // R  # bh * Nq + query
+    bh = row // Nq
+    order = torch.argsort(chunk * BH + bh, stable=True)  # grouped by (chunk, bh)
+    entries, chunk, row, bh = entries[order], chunk[order], row[order], bh[order]
+    groups = torch.bincount(chunk * BH + bh, minlength=lt.chunk_start.numel() * BH)  # entries per (chunk, bh)
+    first = torch.cumsum(groups, 0) - groups
+    rank = torch.arange(entries.numel(), device=q.device) - first[chunk * BH + bh]  # place within (chunk, bh)
+    per_chunk = torch.bincount(chunk, minlength=lt.chunk_start.numel()).tolist()
+    widths = groups.view(-1, BH).amax(1).tolist()
     starts, ends = lt.chunk_start.tolist(), lt.chunk_end.tolist()
-    for c in torch.unique(routed[routed >= 0]).tolist():
-        chose = (routed == c).any(-1)  # (BH, Nq): a query routes to a chunk at most once
-        count = chose.sum(-1)  # (BH,)
-        width = int(count.max())
-        order = torch.argsort((~chose).to(torch.int8), dim=-1, stable=True)[:, :width]  # choosers first
-        valid = torch.arange(width, device=q.device)[None, :] < count[:, None]  # (BH, width)
-        qs = qf.gather(1, order[..., None].expand(-1, -1, D))  # (BH, width, D)
-        o, lse = _attend(qs, kf[:, starts[c]:ends[c]], vf[:, starts[c]:ends[c]], scale)
-        bh, j = valid.nonzero(as_tuple=True)
-        t = order[bh, j]
-        old, add = lse_r[bh, t], lse[bh, j]
-        new = torch.logaddexp(old, add)
-        # in place: the reads above are copies, so autograd keeps what it needs
-        o_r.index_put_((bh, t), o_r[bh, t] * torch.exp(old - new)[:, None] + o[bh, j] * torch.exp(add - new)[:, None])
-        lse_r.index_put_((bh, t), new)
+    q_rows = qf.reshape(BH * Nq, D)
+    outs, lses, a = [], [], 0
+    for c, n in enumerate(per_chunk):
+        if n == 0:
+            continue
+        e = slice(a, a + n)
+        a += n
+        width = widths[c]
+        at = bh[e] * width + rank[e]  # each entry's place in the padded (BH, width) call
+        pick = torch.zeros(BH * width, dtype=torch.long, device=q.device)  # padding rows: query 0
+        pick[at] = row[e]
+        o, lse = _attend(q_rows[pick].view(BH, width, D), kf[:, starts[c]:ends[c]], vf[:, starts[c]:ends[c]], scale)
+        outs.append(o.reshape(BH * width, D)[at])
+        lses.append(lse.reshape(BH * width)[at])
 
     # merge: every query has its own chunk forced, so lse_f is finite
-    lse = torch.logaddexp(lse_f, lse_r)
-    out = o_f * torch.exp(lse_f - lse)[..., None] + o_r * torch.exp(lse_r - lse)[..., None]
+    lse_slot = torch.full((BH * Nq * R,), float("-inf"), device=q.device, dtype=qf.dtype)
+    if lses:
+        lse_e = torch.cat(lses)
+        lse_slot = lse_slot.index_put((entries,), lse_e)
+    lse = torch.logaddexp(lse_f, torch.logsumexp(lse_slot.view(BH, Nq, R), -1))  # (BH, Nq)
+    out = (o_f * torch.exp(lse_f - lse)[..., None]).reshape(BH * Nq, D)
+    if outs:
+        weight = torch.exp(lse_e - lse.reshape(-1)[row])  # each routed part's share of its query
+        out = out.index_add(0, row, torch.cat(outs) * weight[:, None])
     return out.reshape(B, H, Nq, D).to(q.dtype)
 
 
