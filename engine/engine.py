@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from engine.events import (Finished, Preview, Progress, RenderResult, RenderStopped, ShotDone, ShotResult,
                            Stopped)
@@ -69,6 +70,8 @@ from engine.sampler import Run, SamplerOptions, StepInfo, StorySampler
 from engine.shot_cache import MAX_HISTORY, ShotCache, Take
 from engine.story import MAX_SEED, Story, StoryError, atomic_write_text
 from engine.video import write_mp4
+
+DECODE_RANGE = "storyboard.decode"  # profiler range of a shot's latents -> frames (benchmarks/cpu_profile.py)
 
 KEY_VERSION = 1  # bump when sampling changes so old takes stop matching
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parent.parent / "cache"
@@ -479,7 +482,8 @@ class StoryEngine:
                 total_frames = sum(story.shots[s].frames for s in run.shots)
                 for s in run.shots:
                     t0 = time.perf_counter()
-                    frames = self.model.codec.decode(latents[s])
+                    with record_function(DECODE_RANGE):
+                        frames = self.model.codec.decode(latents[s])
                     routing = recorder.shot_routing(s)
                     p = plans[s]
                     seconds[s] = secs * story.shots[s].frames / total_frames + time.perf_counter() - t0
