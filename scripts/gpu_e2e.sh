@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # On the lent GPU: benchmarks/e2e.py (the 8-shot, 180k-token story end to end). Carry .whl and
 # .whl_e2e (PyAV, for the H.264 videos; the GPU image lacks it): make both here with
-# scripts/prepare_gpu_carry.sh. The random Wan2.1-1.3B checkpoint is built in /root/e2e once per
+# scripts/prepare_gpu_carry.sh. The working tree (32 MB with the shipped default model) and the
+# carry must fit in 64 MiB together, and .whl_e2e is 35 MB: carry it alone in a first call that
+# only unpacks it (the machine keeps ignored files between calls while it stays warm), then call
+# again at once, within 30 s, carrying .whl. The random Wan2.1-1.3B checkpoint is built in /root/e2e once per
 # machine and reused by later calls while the machine stays warm, so the parts can be split over
 # calls (--parts forward,scaling then --parts render). The videos stay on the machine (noise
 # compresses badly); their codec, frame counts and sizes are in the JSON. Brought back: the JSON,
