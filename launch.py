@@ -5,7 +5,10 @@ Headless:  python launch.py --story examples/default_story.json --out outputs/de
            DIR/summary.json and prints one line per shot.
 App:       python launch.py [--host 127.0.0.1] [--port 7860] [--share] [--model PATH] [--auth USER:PASS | FILE]
 Several:   torchrun --nproc-per-node N launch.py --story FILE --out DIR   (sequence parallel: each
-           forward spread over N processes, NCCL on GPUs (one each), gloo on the CPU; rank 0 writes)
+           forward spread over N processes, NCCL on GPUs (one each), gloo on the CPU; rank 0 writes,
+           the others write nothing)
+           torchrun --nproc-per-node N launch.py [--model PATH] [--host ...]   (the app: rank 0 serves
+           it, ranks 1..N-1 render each of its jobs in step, engine/ranks.py)
 Routing:   python launch.py --routing-demo   (which earlier frames each frame recalls; no model)
 argparse lives here and only here; everything else takes explicit arguments.
 Every failure ends in one line on stderr and a non-zero exit (2: bad input, 1: anything else,
@@ -19,7 +22,6 @@ import ipaddress
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -118,13 +120,8 @@ def render_headless(args) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    try:
-        if parallel.rank == 0:
-            return render_with(args, story, out, parallel, device)
-        # the other ranks render in step and write into a folder of their own, thrown away after
-        with tempfile.TemporaryDirectory(prefix=f"storyboard-rank{parallel.rank}-") as scratch:
-            args = argparse.Namespace(**{**vars(args), "cache_dir": Path(scratch) / "cache"})
-            return render_with(args, story, Path(scratch) / "out", parallel, device, quiet=True)
+    try:  # the ranks other than 0 render in step, quietly, and write nothing (StoryEngine.writes)
+        return render_with(args, story, out, parallel, device, quiet=parallel.rank != 0)
     finally:
         dist.destroy_process_group()
 
@@ -134,23 +131,30 @@ def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def render_with(args, story, out: Path, parallel, device: str, quiet: bool = False) -> int:
-    """Render `story` into `out` (with `parallel`: as one rank of a sequence-parallel group)."""
+def load_engine(args, parallel, device: str, preview: bool):
+    """The StoryEngine of --model / --cache-dir, or None after printing why it cannot load."""
     from engine.engine import StoryEngine
-    from engine.events import Progress, RenderStopped, ShotDone
     from engine.model import ModelError
     from engine.sampler import SamplerOptions
+
+    try:
+        return StoryEngine.load(args.model, device=device, cache_dir=args.cache_dir, parallel=parallel,
+                                options=SamplerOptions(preview=preview))
+    except (ModelError, OSError) as err:
+        print(f"error: cannot load the model: {err}", file=sys.stderr)
+    except ValueError as err:  # the heads do not divide over the processes
+        print(f"error: {err}", file=sys.stderr)
+    return None
+
+
+def render_with(args, story, out: Path, parallel, device: str, quiet: bool = False) -> int:
+    """Render `story` into `out` (with `parallel`: as one rank of a sequence-parallel group)."""
+    from engine.events import Progress, RenderStopped, ShotDone
     from engine.story import StoryError
 
     say = (lambda *a, **k: None) if quiet else print
-    try:
-        engine = StoryEngine.load(args.model, device=device, cache_dir=args.cache_dir, parallel=parallel,
-                                  options=SamplerOptions(preview=not quiet))
-    except (ModelError, OSError) as err:
-        print(f"error: cannot load the model: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # the heads do not divide over the processes
-        print(f"error: {err}", file=sys.stderr)
+    engine = load_engine(args, parallel, device, preview=not quiet)
+    if engine is None:
         return 2
     if not engine.model.trained:
         say(f"note: the model ({engine.model_name}) is untrained: expect colour noise, not a story")
@@ -223,22 +227,57 @@ def run(args) -> int:
         return 0
     if args.story is not None:
         return render_headless(args)
-    if under_torchrun():
-        print("error: the app runs in one process; render across processes headless: "
-              "torchrun --nproc-per-node N launch.py --story FILE --out DIR", file=sys.stderr)
-        return 2
     if args.regenerate is not None or args.out is not None or args.one_sided:
         print("error: --out, --regenerate and --one-sided need --story", file=sys.stderr)
         return 2
     auth = parse_auth(args.auth)
-    if not is_loopback(args.host) or args.share:
-        where = "a public share link" if args.share else f"{args.host}"
-        print(f"warning: serving on {where}: anyone who can reach it can use the app, its GPU and its cache"
-              + ("" if auth else "; the app has no login unless --auth USER:PASS is given"), file=sys.stderr)
+    if under_torchrun():
+        return serve_across(args, auth)
+    warn_if_public(args, auth)
     from app.server import serve
     serve(model=args.model, host=args.host, port=args.port, cache_dir=args.cache_dir, device=args.device,
           share=args.share, auth=auth)
     return 0
+
+
+def warn_if_public(args, auth) -> None:
+    if not is_loopback(args.host) or args.share:
+        where = "a public share link" if args.share else f"{args.host}"
+        print(f"warning: serving on {where}: anyone who can reach it can use the app, its GPU and its cache"
+              + ("" if auth else "; the app has no login unless --auth USER:PASS is given"), file=sys.stderr)
+
+
+def serve_across(args, auth) -> int:
+    """The app under torchrun: rank 0 serves it; every other rank renders each of its jobs in step
+    (engine/ranks.py: `follow`) until the app closes and rank 0 sends the quit job."""
+    from engine.parallel import start
+    from engine.ranks import Jobs, Leader, follow
+    import torch.distributed as dist
+    try:
+        parallel, device = start(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        engine = load_engine(args, parallel, device, preview=parallel.rank == 0)
+        if engine is None:
+            return 2
+        jobs = Jobs.open(parallel)
+        if parallel.rank != 0:
+            follow(engine, jobs)
+            return 0
+        print(f"sequence parallel: {parallel.world} processes, {engine.model.transformer.num_heads // parallel.world} "
+              f"heads each, on {device}; rank 0 serves the app", flush=True)
+        warn_if_public(args, auth)
+        from app.server import serve
+        leader = Leader(engine, jobs)
+        try:
+            serve(host=args.host, port=args.port, share=args.share, auth=auth, engine=engine, renderer=leader)
+        finally:
+            leader.close()  # the other ranks' follow returns
+        return 0
+    finally:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

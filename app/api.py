@@ -131,6 +131,7 @@ class Api:
         """Model, device, attention backends, example names, cache statistics, renders in the queue."""
         return {"model": str(getattr(self.engine, "model_name", "")), "device": self._device(),
                 "backends": self._available_backends(), "examples": sorted(self.examples),
-                "cache": _jsonable(self._cache_stats()), "queue": self.worker.busy()}
+                "cache": _jsonable(self._cache_stats()), "queue": self.worker.busy(),
+                "processes": getattr(getattr(self.engine, "parallel", None), "world", 1)}
 
 

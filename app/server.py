@@ -10,6 +10,8 @@ and the output folder, and is assembled from four parts, each in its own short f
 with the pure view helpers in app/views.py, story edits in app/state.py, the render queue in
 app/worker.py and the plots in app/plots.py.
 Not for: rendering (engine/), story rules (engine/story.py) or argument parsing (launch.py).
+Across several processes (torchrun) launch.py serves from rank 0: it passes that rank's engine and
+an engine.ranks.Leader, which the render worker renders through so every rank renders each job.
 
 Reading order: `serve` -> `StoryboardApp.build` (layout.py) -> `StoryboardApp._render`
 (events.py: one render, from click to last event). Each browser tab keeps its own `Board` in a
@@ -42,16 +44,19 @@ from .worker import Worker
 
 
 def serve(model=None, host: str = "127.0.0.1", port: int = 7860, cache_dir=None, device: str = "auto",
-          share: bool = False, auth: tuple[str, str] | None = None):
+          share: bool = False, auth: tuple[str, str] | None = None, engine=None, renderer=None):
     """Load the engine, build the app and serve it until interrupted (called by launch.py).
-    auth: (user, password) every browser and API client must give (None: no login)."""
-    from engine.engine import StoryEngine
+    auth: (user, password) every browser and API client must give (None: no login).
+    engine: one loaded already (then model, cache_dir and device are not used); renderer: what the
+    render worker renders through (see StoryboardApp; under torchrun, rank 0's engine.ranks.Leader)."""
+    if engine is None:
+        from engine.engine import StoryEngine
 
-    kwargs = {"model": model, "device": device}
-    if cache_dir is not None:
-        kwargs["cache_dir"] = cache_dir
-    engine = StoryEngine.load(**kwargs)
-    app = StoryboardApp(engine)
+        kwargs = {"model": model, "device": device}
+        if cache_dir is not None:
+            kwargs["cache_dir"] = cache_dir
+        engine = StoryEngine.load(**kwargs)
+    app = StoryboardApp(engine, renderer=renderer)
     try:
         app.launch(host=host, port=port, share=share, auth=auth)
     finally:
@@ -61,13 +66,16 @@ def serve(model=None, host: str = "127.0.0.1", port: int = 7860, cache_dir=None,
 class StoryboardApp(Layout, Events, Api, RecallView, Takes):
     """The engine, the render worker and the Blocks that drive them."""
 
-    def __init__(self, engine, examples_dir: str | Path = EXAMPLES_DIR, out_root: str | Path | None = None):
+    def __init__(self, engine, examples_dir: str | Path = EXAMPLES_DIR, out_root: str | Path | None = None,
+                 renderer=None):
+        """renderer: what the render worker calls `render` / `make_current` on (default: the engine;
+        across several processes engine.ranks.Leader, which renders every job on all of them)."""
         self.engine = engine
         self.examples_dir = Path(examples_dir)
         self._own_out_root = out_root is None  # a temporary folder, removed by close()
         self.out_root = Path(out_root) if out_root else Path(tempfile.mkdtemp(prefix="moc-storyboard-"))
         self.out_root.mkdir(parents=True, exist_ok=True)
-        self.worker = Worker(engine, self.out_root / "renders")
+        self.worker = Worker(renderer if renderer is not None else engine, self.out_root / "renders")
         self.examples = self._load_examples()
         self.demo: gr.Blocks | None = None
 
@@ -117,6 +125,9 @@ class StoryboardApp(Layout, Events, Api, RecallView, Takes):
     def _engine_html(self) -> str:
         rows = [("Model", getattr(self.engine, "model_name", "?")), ("Device", self._device()),
                 ("Backends", ", ".join(self._available_backends()) or "?")]
+        parallel = getattr(self.engine, "parallel", None)
+        if parallel is not None:
+            rows.append(("Sequence parallel", f"{parallel.world} processes (rank 0 serves the app)"))
         stats = self._cache_stats()
         if stats:
             rows.append(("Shot cache", f"{stats.get('entries', 0)} takes, {stats.get('bytes', 0) / 2**20:.1f} MiB "

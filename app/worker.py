@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from engine.engine import ResourceError
+from engine.ranks import RanksOutOfStep
 from engine.events import Finished, Preview, Progress, RenderStopped, Stopped
 from engine.story import Story, StoryError
 
@@ -83,7 +84,9 @@ class Job:
 
 
 class Worker:
-    """A daemon thread that runs `engine.render` for one job at a time, in submission order."""
+    """A daemon thread that runs `engine.render` for one job at a time, in submission order.
+    engine: a StoryEngine, or anything with its `render` and `make_current` (across several
+    processes, engine.ranks.Leader: every job rendered on all of them)."""
 
     def __init__(self, engine, out_root: str | Path):
         self.engine = engine
@@ -249,8 +252,8 @@ def coalesce(events: list) -> list:
 def readable_error(error: BaseException) -> str:
     """One line a user can act on, for errors the engine did not phrase itself."""
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if isinstance(error, ResourceError):
-        return text  # phrased by the engine: names the settings to lower
+    if isinstance(error, (ResourceError, RanksOutOfStep)):
+        return text  # phrased by the engine: names the settings to lower, or that the app must restart
     if isinstance(error, MemoryError) or "out of memory" in text.lower():
         return "Out of memory: try fewer or shorter shots, fewer steps, or a smaller resolution."
     if isinstance(error, OSError) and "No space left" in text:

@@ -6,6 +6,7 @@
   backbone.py + processors.py   diffusers' Wan transformer with the MoC and per-shot processors
 then events.py (what the UI receives), shot_cache.py, context_cache.py, routing_report.py,
 model.py / text.py / codec.py (loading), video.py, training.py, parallel.py (one story across
-several processes: sequence parallelism), and engine/moc (the attention).
+several processes: sequence parallelism), ranks.py (the app across them: rank 0 sends each job to
+the others), and engine/moc (the attention).
 Importing `engine` imports nothing heavy.
 """

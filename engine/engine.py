@@ -5,7 +5,9 @@ plan which shots come from the shot cache and which are sampled (in which runs),
 sampler, store every finished take at once, write per-shot and whole-story MP4s, the routing
 report and the summary; a shot's takes (`takes`, `make_current`, `current_takes`, `take_video`).
 Also `available_backends()`, the cache statistics, and the current takes read without rendering
-(`current_routing`, `take_pictures`: the recall pictures).
+(`current_routing`, `take_pictures`: the recall pictures). With several ranks (engine/parallel.py)
+rank 0 plans, serves cached takes and does all the file work; the other ranks compute in step,
+keep no shot cache and write nothing (`writes`).
 Not for: the sampling loop (sampler.py), the model (model.py, backbone.py), UI (app/).
 
 Takes and keys. A shot's *take* (frames + latents + routing) is stored under a key that hashes
@@ -141,17 +143,21 @@ class TakeInfo:
 
 
 class StoryEngine:
-    def __init__(self, model: StoryModel, cache: ShotCache, cache_dir: Path,
+    def __init__(self, model: StoryModel, cache: ShotCache | None, cache_dir: Path,
                  options: SamplerOptions = SamplerOptions(), parallel: SequenceParallel | None = None):
         self.model = model
-        self.cache = cache  # ShotCache: .stats() -> hits / misses / entries / bytes
+        self.cache = cache  # ShotCache: .stats() -> hits / misses / entries / bytes; None on ranks other than 0
         self.cache_dir = cache_dir
         self.options = options
         # sequence parallelism: every rank renders the same story in step; rank 0 decides what is
-        # sampled and serves cached takes, every transformer forward is spread over the ranks
+        # sampled, serves cached takes and writes every file (`writes`), every transformer forward
+        # is spread over the ranks
         self.parallel = parallel
         if parallel is not None:
             check_heads(model.transformer.num_heads, parallel.world)
+        if cache is None and self.writes:
+            raise ValueError("a StoryEngine needs a ShotCache; only a rank other than 0 of a sequence-parallel "
+                             "group goes without (rank 0's cache serves it)")
         self._lock = threading.Lock()  # one render at a time per engine
 
     @staticmethod
@@ -162,11 +168,19 @@ class StoryEngine:
         parallel: the sequence-parallel group this process renders with (engine.parallel.start)."""
         m = StoryModel.load(model, device=device, dtype=dtype)
         cache_dir = Path(cache_dir) if cache_dir is not None else DEFAULT_CACHE_DIR
-        return StoryEngine(m, ShotCache(cache_dir / "shots", max_bytes=cache_bytes), cache_dir, options, parallel)
+        writes = parallel is None or parallel.rank == 0  # the other ranks keep no cache (not even its folders)
+        cache = ShotCache(cache_dir / "shots", max_bytes=cache_bytes) if writes else None
+        return StoryEngine(m, cache, cache_dir, options, parallel)
 
     @property
     def model_name(self) -> str:
         return self.model.name
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process does the file work of a render (MP4s, the shot cache, the routing
+        report and summary): one process, or rank 0. The other ranks compute in step and write nothing."""
+        return self.parallel is None or self.parallel.rank == 0
 
     def available_backends(self) -> list[str]:
         names = ["auto", "reference", "dense", "chunked"]
@@ -366,7 +380,14 @@ class StoryEngine:
     def make_current(self, story: Story, index: int, key: str, **render_kwargs) -> RenderResult:
         """Make take `key` (one of `takes(story, index)`) shot `index`'s current take: its slot
         points at it, and the render that follows shows it without sampling it. Later shots follow
-        the rules of a regeneration (module docstring). render_kwargs: out_dir, on_event, stop."""
+        the rules of a regeneration (module docstring). render_kwargs: out_dir, on_event, stop.
+        Reads this process's cache: with several ranks, rank 0 calls `make_current_args` and sends
+        the render they describe to the others (engine/ranks.py)."""
+        return self.render(story, **self.make_current_args(story, index, key), **render_kwargs)
+
+    def make_current_args(self, story: Story, index: int, key: str) -> dict:
+        """The `render` arguments (regenerate, take, both_sides) that make take `key` shot `index`'s
+        current take, or a StoryError if it is not one of the shot's cached takes."""
         self.check(story)
         index = self._shot_index(story, index)
         known = [t.key for t in self.takes(story, index)]
@@ -374,7 +395,7 @@ class StoryEngine:
             raise StoryError(f"shots[{index}].take", f"{str(key)[:80]!r} is not a cached take of shot {index + 1}; "
                              f"its takes are {known} (list them with `takes`)")
         both = None if (self.cache.meta(key) or {}).get("both_sides") else False
-        return self.render(story, regenerate=index, take=key, both_sides=both, **render_kwargs)
+        return {"regenerate": index, "take": key, "both_sides": both}
 
     def take_video(self, key: str, path: str | Path, fps: int) -> Path | None:
         """Write a cached take's frames as an MP4 at `path`; None if the cache no longer holds it."""
@@ -421,13 +442,13 @@ class StoryEngine:
 
     def _render(self, story, regenerate, out_dir, emit, stop, both_sides=None, take=None) -> RenderResult:
         started = time.perf_counter()
-        # with several ranks, rank 0's cache decides (cache hits, random seeds) and the others follow
+        # with several ranks, rank 0's cache decides (cache hits, random seeds) and the others
+        # follow; rank 0 also does every file write inside `decide`, so the others write nothing
+        # and a write that fails there (a full disk) is raised on every rank at the same point
         decide = self.parallel.on_rank0 if self.parallel is not None else (lambda answer: answer())
         both, why_not = decide(lambda: self.both_sides(story, regenerate, both_sides))
         plans, runs = decide(lambda: self.plan(story, regenerate, both, take if regenerate is not None else None))
-        self.cache.record_misses(sum(p.status == "generate" for p in plans))  # shots no take could serve
-        out_dir = Path(out_dir) if out_dir is not None else self._new_render_dir()
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = decide(lambda: self._open_outputs(out_dir, plans))
         fps = story.settings.fps
         results: dict[int, ShotResult] = {}
         takes: dict[int, Take] = {}
@@ -441,12 +462,7 @@ class StoryEngine:
                 raise RuntimeError(f"take {p.key} of shot {p.index + 1} left the cache during the render; "
                                    "render again (it will be sampled)")
             takes[p.index] = take
-            if p.repoint or p.chosen:
-                self.cache.point(p.slot, p.key)
-            if p.chosen or p.index == regenerate:  # a reused take is a take of this shot too
-                self.cache.point(p.loose, p.key)
-                self.cache.remember(p.takes, p.key)
-            results[p.index] = self._finish_shot(p, take, p.status, 0.0, out_dir, fps)
+            results[p.index] = decide(lambda: self._keep(p, take, regenerate, out_dir, fps))
             emit(ShotDone(p.index, results[p.index]))
         # 2. sampling runs, in story order; earlier shots become context as needed
 
@@ -489,29 +505,30 @@ class StoryEngine:
                     seconds[s] = secs * story.shots[s].frames / total_frames + time.perf_counter() - t0
                     take = Take(key=p.key, frames=frames, latents=latents[s], tensors=routing.tensors(),
                                 meta=self._take_meta(story, p, routing, run, seconds[s], after and s == regenerate))
-                    self.cache.put(take)
-                    self.cache.point(p.slot, p.key)
-                    self.cache.point(p.loose, p.key)
-                    self.cache.remember(p.takes, p.key)
                     takes[s] = take
-                    results[s] = self._finish_shot(p, take, "generated", seconds[s], out_dir, fps)
+                    results[s] = decide(lambda: self._store(p, take, seconds[s], out_dir, fps))
                     emit(ShotDone(s, results[s]))
         except RenderStopped as err:
             raise RenderStopped(str(err), tuple(sorted(results))) from None
         # 3. the whole story, routing report and summary
         shots = [results[i] for i in range(len(plans))]
-        cache_saved = sum(float(takes[i].meta.get("seconds", 0.0)) for i in range(len(plans))
-                          if results[i].status != "generated")
-        story_video = write_mp4(out_dir / "story.mp4", torch.cat([takes[i].frames for i in range(len(plans))]), fps)
         routing = self._report(story, [takes[i] for i in range(len(plans))])
-        summary = self._summary(story, shots, regenerate, time.perf_counter() - started, routing, story_video)
-        summary["both_sides"] = both
-        if regenerate is not None and not both:
-            summary["both_sides_note"] = why_not
-        summary["cache_saved_s"] = round(cache_saved, 3)  # what the cached takes cost when they were made
-        summary["takes_gone"] = [p.index for p in plans if p.gone]  # remembered takes sampled anew
-        atomic_write_text(out_dir / "routing.json", json.dumps(routing))
-        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+
+        def write_story() -> tuple[Path, dict]:  # rank 0: story.mp4, routing.json, summary.json
+            cache_saved = sum(float(takes[i].meta.get("seconds", 0.0)) for i in range(len(plans))
+                              if results[i].status != "generated")
+            video = write_mp4(out_dir / "story.mp4", torch.cat([takes[i].frames for i in range(len(plans))]), fps)
+            summary = self._summary(story, shots, regenerate, time.perf_counter() - started, routing, video)
+            summary["both_sides"] = both
+            if regenerate is not None and not both:
+                summary["both_sides_note"] = why_not
+            summary["cache_saved_s"] = round(cache_saved, 3)  # what the cached takes cost when they were made
+            summary["takes_gone"] = [p.index for p in plans if p.gone]  # remembered takes sampled anew
+            atomic_write_text(out_dir / "routing.json", json.dumps(routing))
+            atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+            return video, summary
+
+        story_video, summary = decide(write_story)
         result = RenderResult(shots=shots, story_video=story_video, routing=routing, summary=summary)
         emit(Finished(result))
         return result
@@ -560,6 +577,33 @@ class StoryEngine:
         if "routing" not in take.meta or "routing.frame_selection" not in take.tensors:
             return None
         return ShotRouting.from_stored(take.tensors, take.meta["routing"])
+
+    # ---- the file work of a render: rank 0's alone (inside `decide`; see `writes`) ----------------
+
+    def _open_outputs(self, out_dir, plans: list[_Planned]) -> Path:
+        """Count the shots no take could serve; make the output folder (a new one under the cache
+        folder's renders/ when none is given)."""
+        self.cache.record_misses(sum(p.status == "generate" for p in plans))
+        folder = Path(out_dir) if out_dir is not None else self._new_render_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _keep(self, p: _Planned, take: Take, regenerate: int | None, out_dir: Path, fps: int) -> ShotResult:
+        """A cached or stale shot: its pointers where this render moves them, and its MP4."""
+        if p.repoint or p.chosen:
+            self.cache.point(p.slot, p.key)
+        if p.chosen or p.index == regenerate:  # a reused take is a take of this shot too
+            self.cache.point(p.loose, p.key)
+            self.cache.remember(p.takes, p.key)
+        return self._finish_shot(p, take, p.status, 0.0, out_dir, fps)
+
+    def _store(self, p: _Planned, take: Take, seconds: float, out_dir: Path, fps: int) -> ShotResult:
+        """A sampled take: into the shot cache (its slot, loose slot and history point at it), and its MP4."""
+        self.cache.put(take)
+        self.cache.point(p.slot, p.key)
+        self.cache.point(p.loose, p.key)
+        self.cache.remember(p.takes, p.key)
+        return self._finish_shot(p, take, "generated", seconds, out_dir, fps)
 
     def _finish_shot(self, p: _Planned, take: Take, status: str, seconds: float, out_dir: Path,
                      fps: int) -> ShotResult:

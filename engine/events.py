@@ -90,6 +90,9 @@ class RenderStopped(Exception):
         super().__init__(message)
         self.finished_shots = finished_shots
 
+    def __reduce__(self):  # pickled whole (a rank's outcome travels to rank 0: engine/ranks.py)
+        return RenderStopped, (str(self), self.finished_shots)
+
 
 __all__ = ["ShotStatus", "ShotResult", "RenderResult", "Progress", "Preview", "ShotDone",
            "Finished", "Stopped", "Event", "EventCallback", "RenderStopped"]

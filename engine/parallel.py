@@ -7,7 +7,8 @@ moves: `split_tokens` (each rank keeps a contiguous slice of the tokens), `to_he
 (`on_rank0`: rank 0 decides, the others receive its answer; `all_reduce_sum` for statistics).
 `start(device)` joins the group torchrun describes (NCCL on CUDA, gloo on the CPU).
 Not for: attention itself (engine/moc runs unchanged on the local heads), sampling (every rank runs
-the same sampler on the same, all-gathered, transformer output) or files (rank 0 writes them).
+the same sampler on the same, all-gathered, transformer output), files (rank 0 writes them) or
+the jobs of an app served across the ranks (engine/ranks.py).
 
 Why the all-to-all is our own and not diffusers' context parallelism: diffusers' hooks split the
 inputs of `WanTransformer3DModel.forward` and do the all-to-all inside `dispatch_attention_fn`.
@@ -119,7 +120,7 @@ class SequenceParallel:
             try:
                 answer[0] = (True, decide())
             except Exception as err:  # re-raised below, on every rank
-                answer[0] = (False, err)
+                answer[0] = (False, sendable(err))
         answer[0] = self._broadcast(answer[0])
         ok, value = answer[0]
         if not ok:
@@ -134,6 +135,16 @@ class SequenceParallel:
         except pickle.PicklingError as err:
             raise RuntimeError(f"rank 0's answer cannot be sent to the other ranks: {err}") from err
         return payload[0]
+
+
+def sendable(err: Exception) -> Exception:
+    """`err` if it survives pickling (what a broadcast does to it), else a RuntimeError with its text:
+    an error that arrived as another (an unpickling TypeError) would put the ranks out of step."""
+    try:
+        back = pickle.loads(pickle.dumps(err))
+    except Exception:  # any pickling failure: the text still travels
+        return RuntimeError(f"{type(err).__name__}: {err}")
+    return err if type(back) is type(err) and str(back) == str(err) else RuntimeError(f"{type(err).__name__}: {err}")
 
 
 def check_heads(num_heads: int, world: int) -> None:
@@ -162,4 +173,4 @@ def start(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[S
     return SequenceParallel(rank=dist.get_rank(), world=dist.get_world_size()), device
 
 
-__all__ = ["SequenceParallel", "check_heads", "start", "DEFAULT_TIMEOUT_S"]
+__all__ = ["SequenceParallel", "check_heads", "sendable", "start", "DEFAULT_TIMEOUT_S"]

@@ -121,7 +121,13 @@ class StorySampler:
         return self.kv
 
     def _check_stop(self, where: str) -> None:
-        if self.stop is not None and self.stop.is_set():
+        """Raise RenderStopped if the stop flag is set. With several ranks rank 0's flag decides and
+        every rank receives the answer, so all of them stop at the same step (a rank that stopped
+        alone would leave the others waiting in the next forward's collectives)."""
+        def asked() -> bool:
+            return self.stop is not None and self.stop.is_set()
+        stopped = self.parallel.on_rank0(asked) if self.parallel is not None else asked()
+        if stopped:
             raise RenderStopped(f"stopped by request {where}")
 
     # ---- one forward --------------------------------------------------------------------------

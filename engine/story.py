@@ -48,6 +48,10 @@ class StoryError(ValueError):
     def __init__(self, field_path: str, message: str):
         super().__init__(f"{field_path}: {message}")
         self.field = field_path
+        self.message = message
+
+    def __reduce__(self):  # pickled whole: rank 0's decisions reach the other ranks (engine/parallel.py)
+        return StoryError, (self.field, self.message)
 
 
 # ---- checks (each raises StoryError naming the field and the allowed range) ------------------

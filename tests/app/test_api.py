@@ -40,6 +40,7 @@ def test_endpoints_are_named(client):
             "/recall", "/takes", "/make_current"} <= names
     info = client.predict(api_name="/info")
     assert info["model"] and isinstance(info["backends"], list) and info["examples"] == ["tiny"]
+    assert info["processes"] == 1  # one process (torchrun launch.py: N)
 
 
 def test_the_editor_says_what_the_default_model_knows(app_url):

@@ -2,7 +2,8 @@
 
 Renders every case of `cases()` with the tiny model folder argv[1] through a StoryEngine spread
 over the torchrun group (gloo, CPU) and, on rank 0, saves each render's latents and routing
-report to argv[2]/<case>.pt; the test renders the same cases in one process and compares.
+report to argv[2]/<case>.pt; the test renders the same cases in one process and compares. Every
+rank is given its folder argv[2]/rank<r>; only rank 0 may write into it.
 """
 
 import datetime
@@ -40,9 +41,11 @@ def regenerate_case():
 
 
 def render(engine: StoryEngine, story, kwargs: dict, out: Path) -> dict:
+    """The render's latents (read back from the shot cache), statuses and routing report; a rank
+    other than 0 keeps no cache, so it has its statuses and report only."""
     result = engine.render(story, out_dir=out, **kwargs)
-    return {"latents": [engine.cache.get(s.key).latents for s in result.shots],
-            "status": [s.status for s in result.shots], "routing": result.routing}
+    latents = [engine.cache.get(s.key).latents for s in result.shots] if engine.cache is not None else None
+    return {"latents": latents, "status": [s.status for s in result.shots], "routing": result.routing}
 
 
 def main(model_dir: str, out: str) -> None:
@@ -51,7 +54,8 @@ def main(model_dir: str, out: str) -> None:
     model = StoryModel.load(model_dir, device=device)
     saved = {}
     for name, (story, kwargs, options) in cases().items():
-        engine = StoryEngine(model, ShotCache(rank_dir / name / "shots"), rank_dir / name, options, parallel)
+        cache = ShotCache(rank_dir / name / "shots") if parallel.rank == 0 else None  # the others keep none
+        engine = StoryEngine(model, cache, rank_dir / name, options, parallel)
         saved[name] = render(engine, story, kwargs, rank_dir / name / "out")
         if name == "shots-moc":
             story, kwargs = regenerate_case()

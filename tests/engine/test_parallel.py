@@ -6,7 +6,9 @@ statistics each rank records for its own head and merges) to 1e-6, the cache dec
 A hang fails: the launch has a timeout and the group's collectives one of their own.
 """
 
+import errno
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -17,8 +19,10 @@ import pytest
 import torch
 
 from engine.engine import StoryEngine
-from engine.parallel import SequenceParallel, check_heads
+from engine.events import RenderStopped
+from engine.parallel import SequenceParallel, check_heads, sendable
 from engine.shot_cache import ShotCache
+from engine.story import StoryError
 from tests.engine import parallel_worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,6 +50,11 @@ def parallel_renders(tiny_model_dir, tmp_path_factory) -> Path:
     proc = torchrun("tests/engine/parallel_worker.py", tiny_model_dir, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+def test_only_rank0_writes(parallel_renders):
+    assert list((parallel_renders / "rank0").rglob("story.mp4"))  # rank 0 wrote its outputs
+    assert not (parallel_renders / "rank1").exists()  # no MP4s, cache, reports or folders on rank 1
 
 
 def close_reports(a: dict, b: dict) -> None:
@@ -93,6 +102,25 @@ def test_heads_that_do_not_divide_are_a_clear_error(tiny_model, tmp_path):
     with pytest.raises(ValueError, match=r"2 attention heads over 3 processes.*--nproc-per-node in \[1, 2\]"):
         StoryEngine(tiny_model, ShotCache(tmp_path / "shots"), tmp_path, parallel=SequenceParallel(rank=0, world=3))
     check_heads(12, 4)  # 1.3B: 12 heads over 4 GPUs is fine
+
+
+def test_rank0_errors_reach_the_other_ranks_as_they_are():
+    """on_rank0 broadcasts rank 0's error: it must unpickle as the same error (a StoryError that
+    arrived as a TypeError would end the ranks differently), or travel as a RuntimeError with its text."""
+    for err in (StoryError("shots[1].frames", "too long"), RenderStopped("stopped", (0, 1)),
+                OSError(errno.ENOSPC, "No space left on device", "/cache/tmp")):
+        assert sendable(err) is err
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err)
+    assert pickle.loads(pickle.dumps(StoryError("a", "b"))).field == "a"
+    assert pickle.loads(pickle.dumps(RenderStopped("x", (2,)))).finished_shots == (2,)
+    sent = sendable(TwoArgumentError(1, 2))  # pickles, but unpickling calls it with one argument
+    assert type(sent) is RuntimeError and str(sent) == "TwoArgumentError: 1/2"
+
+
+class TwoArgumentError(Exception):
+    def __init__(self, a, b):
+        super().__init__(f"{a}/{b}")
 
 
 def test_token_slices_cover_every_token_once():
