@@ -89,11 +89,10 @@ class FrameVAECodec:
         there: channels-last on the CPU (oneDNN: decoding 8 frames 1.6 -> 1.0 s on the 2-core
         machine, the same numbers to float32 rounding), PyTorch's default elsewhere."""
         p = next(self.vae.parameters())
+        fmt = torch.channels_last if p.device.type == "cpu" else torch.contiguous_format
         if self._layout_on != p.device:
-            fmt = torch.channels_last if p.device.type == "cpu" else torch.contiguous_format
             self.vae.to(memory_format=fmt)
             self._layout_on = p.device
-        fmt = torch.channels_last if p.device.type == "cpu" else torch.contiguous_format
         return x.to(p.device, p.dtype).contiguous(memory_format=fmt)
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
