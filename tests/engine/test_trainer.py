@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.shapestory.world import HELDOUT_SEED_START, is_heldout_name
+from engine.shapestory.world import HELDOUT_SEED_START, is_heldout_name, sample_story
 from engine.trainer import TrainerConfig, codec_scores, export_model, story_batch_plan, train, training_config
 from engine.training import draw_shot_sigmas
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+import train_default  # noqa: E402
 from train_default import _frames_choices, tiny_config  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -47,6 +48,32 @@ def test_batches_use_training_seeds_and_names_only():
         assert not any(is_heldout_name(c.name) for s in specs for c in s.characters)
         assert len(specs) * shots * frames * 96 <= config.tokens_per_step or len(specs) == 1
     assert story_batch_plan(config, 5)[0] == story_batch_plan(config, 5)[0]  # a step's data is fixed
+
+
+def test_focus_stories_have_one_character_and_more_close_ups():
+    """--focus: that share of a step's stories has one character, framed close more often; the
+    default draws the same stories as before the option existed (focus 0 draws nothing extra)."""
+    def close_share(specs):
+        shots = [sh for s in specs for sh in s.shots if len(sh.appearances) <= 2]
+        return sum(sh.framing == "close" for sh in shots) / len(shots)
+    plain = [s for step in range(1, 40) for s in story_batch_plan(TrainerConfig(), step)[0]]
+    focused = [s for step in range(1, 40) for s in story_batch_plan(replace(TrainerConfig(), focus=1.0), step)[0]]
+    assert all(len(s.characters) == 1 for s in focused)
+    assert not all(len(s.characters) == 1 for s in plain)
+    assert close_share(focused) > close_share(plain) + 0.2
+    assert all(s.seed < HELDOUT_SEED_START for s in focused)
+    half = [s for step in range(1, 40) for s in story_batch_plan(replace(TrainerConfig(), focus=0.5), step)[0]]
+    lone = sum(len(s.characters) == 1 for s in half) / len(half)
+    assert 0.45 < lone < 0.85  # half focus stories, plus the plain ones that drew one character
+    # a story's framings follow close_up; everything else about it is the same draw
+    a = sample_story(123, num_shots=6, close_up=0.0)
+    b = sample_story(123, num_shots=6, close_up=1.0)
+    assert all(sh.framing == "wide" for sh in a.shots) and any(sh.framing == "close" for sh in b.shots)
+    assert a.characters == b.characters and a.world == b.world
+    with pytest.raises(ValueError, match="close_up"):
+        sample_story(1, close_up=1.5)
+    with pytest.raises(SystemExit):
+        train_default.main(["--work", "/tmp/unused", "--focus", "2"])
 
 
 def test_frames_per_shot_come_from_the_configured_choices():
