@@ -62,9 +62,16 @@ def swapped(spec, kind: str, turn: int = 1):
 
 
 def score_both(caption_spec, drawn_spec, frames: list[np.ndarray]) -> dict:
-    """Look-ladder counts of the frames against the caption's looks and against the drawn ones."""
+    """Look-ladder counts of the frames against the caption's looks and against the drawn ones,
+    and "not_circle": (appearances whose caption says a shape other than circle, of them those
+    with the caption's look). A soft blob is read as a circle, so only these show a caption's
+    outline being drawn."""
     from benchmarks.quality import score_frames
-    return {"caption": score_frames(caption_spec, frames)["counts"], "drawn": score_frames(drawn_spec, frames)["counts"]}
+    cap = score_frames(caption_spec, frames)
+    shape_of = {c.name: c.shape for c in caption_spec.characters}
+    apps = [a for shot in cap["shots"] for a in shot["appearances"] if shape_of[a["character"]] != "circle"]
+    return {"caption": cap["counts"], "drawn": score_frames(drawn_spec, frames)["counts"],
+            "not_circle": (len(apps), sum(a["look_ok"] for a in apps))}
 
 
 def denoise_from(model, spec, x0: torch.Tensor, start: float, seed: int, steps: int = 12,
@@ -97,6 +104,7 @@ def run(model, stories: int = 8, start: float = 0.86, kinds=KINDS, log=print) ->
     from engine.default_model import HEIGHT, WIDTH
     from engine.shapestory.render import story_frames
     counts = {k: {"caption": {}, "drawn": {}} for k in kinds}
+    not_circle = {k: [0, 0] for k in kinds}
     level, t0 = None, time.time()
     for i, spec in enumerate(probe_stories(stories)):
         for kind in kinds:
@@ -105,8 +113,11 @@ def run(model, stories: int = 8, start: float = 0.86, kinds=KINDS, log=print) ->
             x0 = torch.cat([model.codec.encode(truth[s]) for s in range(len(spec.shots))], dim=1)
             with torch.no_grad():
                 frames, level = denoise_from(model, spec, x0, start, seed=i)
-            for side, c in score_both(spec, drawn, frames).items():
-                for key, n in c.items():
+            scored = score_both(spec, drawn, frames)
+            not_circle[kind][0] += scored["not_circle"][0]
+            not_circle[kind][1] += scored["not_circle"][1]
+            for side in ("caption", "drawn"):
+                for key, n in scored[side].items():
                     counts[kind][side][key] = counts[kind][side].get(key, 0) + n
         log(f"story {i + 1}/{stories} ({time.time() - t0:.0f} s)")
     rows = {}
@@ -114,6 +125,9 @@ def run(model, stories: int = 8, start: float = 0.86, kinds=KINDS, log=print) ->
         cap, drw = look_ladder(counts[kind]["caption"]), look_ladder(counts[kind]["drawn"])
         rows[kind] = {"follows_caption": cap[RUNG[kind]], "keeps_drawing": drw[RUNG[kind]],
                       "appearances": counts[kind]["caption"]["appearances"],
+                      # the caption's look where the caption does not say circle (a blob passes for one)
+                      "follows_caption_not_circle": not_circle[kind][1] / max(not_circle[kind][0], 1),
+                      "appearances_not_circle": not_circle[kind][0],
                       "ladder_caption": cap, "ladder_drawn": drw}
     return {"level": level, "stories": stories, "seeds": [SEED_BASE + i for i in range(stories)],
             "seconds": round(time.time() - t0, 1), "kinds": rows}
@@ -142,9 +156,11 @@ def codec_noise(model, stories: int = 10, levels=(0.0, 0.1, 0.2, 0.35, 0.5), log
 
 def print_table(result: dict) -> None:
     print(f"caption swap: {result['stories']} held-out stories, denoised from noise level {result['level']:.3f}")
-    print(f"{'swapped':8} {'follows caption':>16} {'keeps drawing':>14} {'appearances':>12}")
+    print(f"{'swapped':8} {'follows caption':>16} {'keeps drawing':>14} {'appearances':>12} "
+          f"{'follows, not circle':>20} {'of':>4}")
     for kind, r in result["kinds"].items():
-        print(f"{kind:8} {r['follows_caption']:16.3f} {r['keeps_drawing']:14.3f} {r['appearances']:12d}")
+        print(f"{kind:8} {r['follows_caption']:16.3f} {r['keeps_drawing']:14.3f} {r['appearances']:12d} "
+              f"{r['follows_caption_not_circle']:20.3f} {r['appearances_not_circle']:4d}")
 
 
 def main(argv=None) -> dict:

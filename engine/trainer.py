@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from engine.default_model import DEFAULT_SCHEDULER, DEFAULT_TRANSFORMER, DEFAULT_VAE, HEIGHT, WIDTH
-from engine.shapestory.render import FrameParams, draw, frame_params
+from engine.shapestory.render import FrameParams, draw, frame_params, look_labels
 from engine.shapestory.world import HELDOUT_SEED_START, sample_story
 
 
@@ -75,6 +75,11 @@ class TrainerConfig:
     # the model's optimum for a given story and caption stays the same (unlike a pixel weight)
     focus: float = 0.0
     focus_close: float = 0.7
+    # the look probe (engine/training.LookProbe): a training-only head on block `look_layer` that
+    # predicts each token's character shape and colour; its loss, times look_weight, joins the flow
+    # loss (0: off). Not exported
+    look_weight: float = 0.0
+    look_layer: int = 4
     moc: bool = True  # MoC routing (False: dense attention, the baseline)
     backend: str = "triton"  # moc_attention backend on the GPU ("reference" on the CPU)
     moc_tile: int = 128  # query rows per kernel tile (MoCConfig.tile): speed only, the attention is the same
@@ -364,7 +369,29 @@ def training_config(config: TrainerConfig, device):
     from engine.training import TrainingConfig
     backend = config.backend if torch.device(device).type == "cuda" else "reference"
     return TrainingConfig(moc=MoCConfig(tile=config.moc_tile) if config.moc else None, backend=backend,
-                          shift=config.train_shift)
+                          shift=config.train_shift, look_weight=config.look_weight)
+
+
+def _token_cell(config: TrainerConfig) -> int:
+    """Pixels per token side (codec downsampling x patch)."""
+    down = 2 ** (len(config.vae["block_out_channels"]) - 1)
+    _, ph, pw = config.transformer["patch_size"]
+    if ph != pw:
+        raise ValueError(f"the look probe needs square patches, got {ph} x {pw}")
+    return down * ph
+
+
+def make_look_probe(config: TrainerConfig, device):
+    """The run's look probe (None when config.look_weight is 0)."""
+    from engine.training import LookProbe
+    if not config.look_weight:
+        return None
+    layers = config.transformer["num_layers"]
+    if not 0 <= config.look_layer < layers:
+        raise ValueError(f"look_layer {config.look_layer} is not a block of the {layers}-layer transformer")
+    _token_cell(config)
+    dim = config.transformer["num_attention_heads"] * config.transformer["attention_head_dim"]
+    return LookProbe(dim, config.look_layer).to(device)
 
 
 def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Path | None = None,
@@ -396,7 +423,10 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
     if (ckpt / "ema.safetensors").is_file():
         ema.load_state_dict(load_file(ckpt / "ema.safetensors"))
     tr = StoryTransformer(model.train())
-    params = [p for p in model.parameters() if p.requires_grad]
+    probe = make_look_probe(config, device)
+    if probe is not None and (ckpt / "look_probe.safetensors").is_file():
+        probe.load_state_dict(load_file(ckpt / "look_probe.safetensors"))
+    params = [p for p in model.parameters() if p.requires_grad] + ([] if probe is None else list(probe.parameters()))
     opt = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.01)
     if (ckpt / "optimizer.safetensors").is_file():
         _load_optimizer(opt, params, load_file(ckpt / "optimizer.safetensors"), device)
@@ -407,7 +437,7 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
     step = state["step"]
     pending = pool.submit(_prepare, config, step + 1)
     last_ckpt = last_sample = time.time()
-    window, window_t = [], time.time()
+    window, window_t, probe_window = [], time.time(), []
     amp = device.type == "cuda"
     while state["elapsed"] < config.minutes * 60 and not (config.max_steps and step >= config.max_steps):
         t0 = time.time()
@@ -426,13 +456,18 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
         if weighted:
             cover = F.adaptive_avg_pool2d(cover.float(), z.shape[-2:]).view(B, shots * frames, *z.shape[-2:])
             weights = 1 + config.character_weight * cover
-        batch = StoryBatch(z, (frames,) * shots, _text(text, captions), weights)
+        look = None
+        if probe is not None:
+            cell = _token_cell(config)
+            shape, colour = look_labels(fparams, cell, config.height, config.width, device)
+            look = (shape.view(B, shots * frames, *shape.shape[1:]), colour.view(B, shots * frames, *colour.shape[1:]))
+        batch = StoryBatch(z, (frames,) * shots, _text(text, captions), weights, look)
         gen = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + step)
         lr = _lr_at(config, step, state["elapsed"])
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = training_loss(tr, batch, tcfg, generator=gen)
+            loss = training_loss(tr, batch, tcfg, generator=gen, look_probe=probe)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -441,6 +476,8 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
             decay = min(config.ema, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema_params, model_params, 1 - decay)
         window.append(loss.item())
+        if probe is not None and probe.last is not None:
+            probe_window.append(torch.stack(probe.last).float())
         state["elapsed"] += time.time() - t0
         state["step"] = step
         if step % config.log_every == 0 or step == 1:
@@ -448,10 +485,11 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
             _log(work / "train_log.jsonl", {"stage": "transformer", "step": step, "loss": round(sum(window) / len(window), 5),
                                             "grad_norm": round(float(gnorm), 3), "lr": round(lr, 7),
                                             "stories": B, "shots": shots, "frames": frames,
-                                            "sec_per_step": round(dt, 4), "minutes": round(state["elapsed"] / 60, 2)})
-            window, window_t = [], time.time()
+                                            "sec_per_step": round(dt, 4), "minutes": round(state["elapsed"] / 60, 2),
+                                            **_probe_record(probe_window)})
+            window, window_t, probe_window = [], time.time(), []
         if time.time() - last_ckpt > config.checkpoint_minutes * 60:
-            save_checkpoint(ckpt, model, ema, opt, params, state)
+            save_checkpoint(ckpt, model, ema, opt, params, state, probe)
             # the EMA as a small fp16 model folder too: what a cut-off GPU session brings back and
             # what a later run warm-starts from (--init-from)
             export_model(config, work, work / "model_latest")
@@ -460,11 +498,21 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
             write_sample(config, work, ema, text, codec, device, step)
             last_sample = time.time()
     pool.shutdown(wait=False, cancel_futures=True)
-    save_checkpoint(ckpt, model, ema, opt, params, state)
+    save_checkpoint(ckpt, model, ema, opt, params, state, probe)
     write_sample(config, work, ema, text, codec, device, step)
 
 
-def save_checkpoint(ckpt: Path, model, ema, opt, params, state: dict) -> None:
+def _probe_record(window: list) -> dict:
+    """The look probe's mean losses over a log window (empty without a probe)."""
+    if not window:
+        return {}
+    ce, mse = torch.stack(window).mean(0).tolist()
+    return {"look_shape_ce": round(ce, 4), "look_colour_mse": round(mse, 5)}
+
+
+def save_checkpoint(ckpt: Path, model, ema, opt, params, state: dict, probe=None) -> None:
+    if probe is not None:  # before the optimizer state, which indexes its parameters too
+        _save_atomic(probe.state_dict(), ckpt / "look_probe.safetensors")
     _save_atomic(model.state_dict(), ckpt / "model.safetensors")
     _save_atomic(ema.state_dict(), ckpt / "ema.safetensors")
     _save_atomic(_optimizer_tensors(opt, params), ckpt / "optimizer.safetensors")

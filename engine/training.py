@@ -29,6 +29,7 @@ class TrainingConfig:
     num_train_timesteps: int = 1000  # the scheduler's timestep scale
     shift: float = 3.0  # noise levels drawn as the sampler's shifted schedule spends its steps
     shared_sigma: float = 0.5  # probability that all shots of a story share one level (joint sampling)
+    look_weight: float = 0.0  # weight of the look probe's loss (LookProbe; 0: no probe)
 
 
 @dataclass
@@ -37,6 +38,49 @@ class StoryBatch:
     shot_frames: tuple[int, ...]  # latent frames per shot, shared by the batch
     text: list[list[torch.Tensor]]  # per story: [global caption, caption of shot 0, ...] (L, text_dim)
     weights: torch.Tensor | None = None  # (B, F, h, w) >= 0 per latent cell: the loss's weights (None: uniform)
+    # per token, what the clean frame shows there (the look probe's targets; shapestory.render.look_labels):
+    # shape class (B, F, h/ph, w/pw) int64 (0 background) and the character's colour (..., 3) in [0, 1]
+    look: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+class LookProbe(torch.nn.Module):
+    """A training-only head on block `layer`'s hidden states: each token's character shape (class 0
+    background, 1 + a SHAPES index) and colour, from the noisy story and its captions.
+
+    Why: the flow loss barely pays for a character's outline (a few dozen pixels of a frame), and
+    the trained models took their colours from the captions but not their shapes (docs/training,
+    run 8). At high noise the frames no longer show the shape, so the probe can only answer from
+    the caption, or from the earlier shots where the character was described: its loss asks the
+    blocks below it to carry exactly that to the character's tokens. It reads the features and
+    leaves the flow's target as it is (unlike a pixel weight on the flow loss, which biased the
+    samples: runs 1 and 2). The exported model does not include it."""
+
+    def __init__(self, dim: int, layer: int, classes: int = 5, character_weight: float = 4.0):
+        super().__init__()
+        self.layer = layer
+        self.classes = classes
+        self.character_weight = character_weight  # extra weight of character tokens (about 1 in 15 of a frame)
+        self.norm = torch.nn.LayerNorm(dim, elementwise_affine=False)
+        self.head = torch.nn.Linear(dim, classes + 3)
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (shape CE, colour MSE), detached
+
+    def loss(self, hidden: torch.Tensor, look: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """hidden (B, N, dim); look as StoryBatch.look, N = its frames x token rows x columns."""
+        shape, colour = look
+        B, N = hidden.shape[:2]
+        shape = shape.reshape(B, -1).to(hidden.device)
+        colour = colour.reshape(B, -1, 3).to(hidden.device, torch.float32)
+        if shape.shape[1] != N:
+            raise ValueError(f"look labels cover {shape.shape[1]} tokens a story, the hidden states {N}")
+        out = self.head(self.norm(hidden.float()))
+        ce = torch.nn.functional.cross_entropy(out[..., :self.classes].flatten(0, 1), shape.flatten(), reduction="none")
+        character = (shape > 0).float()
+        w = 1 + self.character_weight * character.flatten()
+        ce = (ce * w).sum() / w.sum()
+        rgb = torch.sigmoid(out[..., self.classes:])
+        mse = (((rgb - colour) ** 2).sum(-1) * character).sum() / (3 * character.sum()).clamp_min(1)
+        self.last = (ce.detach(), mse.detach())
+        return ce + mse
 
 
 def draw_shot_sigmas(batch: int, shots: int, config: TrainingConfig,
@@ -52,10 +96,12 @@ def draw_shot_sigmas(batch: int, shots: int, config: TrainingConfig,
 
 
 def training_loss(model, batch: StoryBatch, config: TrainingConfig, generator: torch.Generator | None = None,
-                  shot_sigmas: torch.Tensor | None = None) -> torch.Tensor:
+                  shot_sigmas: torch.Tensor | None = None, look_probe: LookProbe | None = None) -> torch.Tensor:
     """Flow-matching loss over a batch of stories. shot_sigmas (B, S) in [0, 1]: noise level per
     story and shot (default: `draw_shot_sigmas`). The generator (CPU or on the model's device)
-    draws noise levels, noise and drop-off / drop-in. Returns a scalar with gradients."""
+    draws noise levels, noise and drop-off / drop-in. look_probe: with config.look_weight > 0,
+    its loss on batch.look is added (the flow loss's target is unchanged). Returns a scalar with
+    gradients."""
     tr = model.transformer if hasattr(model, "transformer") else model
     device = next(tr.model.parameters()).device
     x0 = batch.latents.to(device, torch.float32)  # (B, C, F, h, w)
@@ -83,14 +129,27 @@ def training_loss(model, batch: StoryBatch, config: TrainingConfig, generator: t
                                     training=True, generator=generator),
         cross_attn=cross, rotary=tr.rotary(0, F, h, w, device))
     dtype = next(tr.model.parameters()).dtype
-    flow = tr.forward(x_t.to(dtype), timestep, text.to(dtype), plan).float()
+    probing = look_probe is not None and config.look_weight > 0
+    hidden, hook = {}, None
+    if probing:
+        if batch.look is None:
+            raise ValueError("the look probe needs StoryBatch.look (shapestory.render.look_labels per token)")
+        if not 0 <= look_probe.layer < len(tr.model.blocks):
+            raise ValueError(f"look probe layer {look_probe.layer} is not one of the model's {len(tr.model.blocks)} blocks")
+        hook = tr.model.blocks[look_probe.layer].register_forward_hook(lambda _m, _i, out: hidden.__setitem__("x", out))
+    try:
+        flow = tr.forward(x_t.to(dtype), timestep, text.to(dtype), plan).float()
+    finally:
+        if hook is not None:
+            hook.remove()
+    probe = config.look_weight * look_probe.loss(hidden["x"], batch.look) if probing else 0.0
     err = (flow - target) ** 2
     if batch.weights is None:
-        return torch.mean(err)
+        return torch.mean(err) + probe
     if tuple(batch.weights.shape) != (B, F, h, w):
         raise ValueError(f"weights must be (B, F, h, w) = {(B, F, h, w)}, got {tuple(batch.weights.shape)}")
     cell = batch.weights.to(device, torch.float32)[:, None]  # (B, 1, F, h, w): a cell's channels share it
-    return (err * cell).mean() / cell.mean().clamp_min(1e-8)
+    return (err * cell).mean() / cell.mean().clamp_min(1e-8) + probe
 
 
-__all__ = ["TrainingConfig", "StoryBatch", "draw_shot_sigmas", "training_loss"]
+__all__ = ["TrainingConfig", "StoryBatch", "LookProbe", "draw_shot_sigmas", "training_loss"]

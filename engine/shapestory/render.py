@@ -105,6 +105,35 @@ def draw(p: FrameParams, height: int = 128, width: int = 192, device="cpu", with
     return img / 255.0
 
 
+def look_labels(p: FrameParams, cell: int, height: int = 128, width: int = 192, device="cpu",
+                min_cover: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
+    """What each `cell` x `cell` pixel block of every frame shows, for the trainer's look probe:
+    (shape (n, H/cell, W/cell) int64: 0 background, 1 + the SHAPES index of the character that
+    covers most of the block when it covers at least `min_cover` of it; colour (n, H/cell, W/cell, 3)
+    float in [0, 1]: that character's RGB, zeros on background blocks). Later slots are drawn on
+    top, so a block's character is the one whose visible coverage is largest."""
+    if height % cell or width % cell:
+        raise ValueError(f"cell {cell} must divide the frame size {height} x {width}")
+    dev = torch.device(device)
+    p = FrameParams(*(getattr(p, f).to(dev) for f in FrameParams.__dataclass_fields__))
+    ys = torch.arange(height, device=dev, dtype=torch.float32) + 0.5
+    xs = torch.arange(width, device=dev, dtype=torch.float32) + 0.5
+    Y, X = torch.meshgrid(ys, xs, indexing="ij")
+    px = X[None, None] - p.centre[..., 0, None, None]
+    py = Y[None, None] - p.centre[..., 1, None, None]
+    alpha = (0.5 - _shape_distance(px, py, p.radius, p.shape)).clamp(0, 1) * (p.radius > 0)[..., None, None]
+    visible, above = torch.empty_like(alpha), torch.zeros_like(alpha[:, 0])
+    for k in reversed(range(alpha.shape[1])):  # what later (upper) slots leave of slot k
+        visible[:, k] = alpha[:, k] * (1 - above)
+        above = above + visible[:, k]
+    cover = torch.nn.functional.avg_pool2d(visible, cell)  # (n, SLOTS, H/cell, W/cell)
+    best, slot = cover.max(dim=1)
+    present = best >= min_cover
+    shape = torch.where(present, p.shape.gather(1, slot.flatten(1)).view_as(slot) + 1, torch.zeros_like(slot))
+    colour = p.colour[torch.arange(slot.shape[0], device=dev)[:, None, None], slot] / 255.0
+    return shape, colour * present[..., None]
+
+
 def story_frames(spec: StorySpec, height: int = 128, width: int = 192, device="cpu") -> torch.Tensor:
     """Every frame of the story: (S, F, H, W, 3) uint8 on the CPU."""
     x = draw(frame_params(spec, height, width), height, width, device)  # (S*F, 3, H, W)
@@ -112,4 +141,4 @@ def story_frames(spec: StorySpec, height: int = 128, width: int = 192, device="c
     return x.reshape(len(spec.shots), spec.frames, height, width, 3)
 
 
-__all__ = ["FrameParams", "frame_params", "draw", "story_frames"]
+__all__ = ["FrameParams", "frame_params", "draw", "look_labels", "story_frames"]

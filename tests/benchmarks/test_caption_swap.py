@@ -44,6 +44,9 @@ def test_scoring_both_sides_tells_the_caption_from_the_drawing():
     cap, drw = look_ladder(got["caption"]), look_ladder(got["drawn"])
     assert drw["colour_size_shape"] > 0.8 and cap["colour_size_shape"] < 0.2
     assert cap["colour"] == drw["colour"]  # colours were not swapped
+    total, ok = got["not_circle"]
+    assert total == sum(sh.framing in ("wide", "close") for sh in spec.shots for a in sh.appearances
+                        if spec.characters[a.character].shape != "circle") and ok <= total
     faithful = score_both(spec, drawn, list(story_frames(spec).numpy()))
     assert look_ladder(faithful["caption"])["colour_size_shape"] > 0.8
     assert look_ladder(faithful["drawn"])["colour_size_shape"] < 0.2
@@ -58,6 +61,7 @@ def test_probe_runs_end_to_end_on_a_tiny_model(tmp_path):
         r = result["kinds"][kind]
         assert r["appearances"] > 0
         assert 0 <= r["follows_caption"] <= 1 and 0 <= r["keeps_drawing"] <= 1
+        assert 0 <= r["follows_caption_not_circle"] <= 1 and r["appearances_not_circle"] <= r["appearances"]
     out = main(["--model", str(folder), "--stories", "1", "--kinds", "shape", "--json", str(tmp_path / "p.json")])
     assert (tmp_path / "p.json").is_file() and list(out["kinds"]) == ["shape"]
     with pytest.raises(SystemExit):

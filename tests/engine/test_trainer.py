@@ -211,3 +211,28 @@ def test_the_command_trains_another_architecture_and_exports_it(tmp_path):
         _transformer_overrides('{"patch": 2}')
     with pytest.raises(argparse.ArgumentTypeError, match="JSON object"):
         _transformer_overrides("[1, 2, 2]")
+
+
+def test_the_look_probe_trains_beside_the_model_and_stays_out_of_the_export(tmp_path):
+    """--look-weight: the log records the probe's losses, the checkpoint keeps its head for a
+    resume, the exported model is the plain Wan transformer; a bad layer is refused."""
+    from engine.model import StoryModel
+    from engine.trainer import make_look_probe
+    work = tmp_path / "run"
+    train(_tiny(max_steps=6, look_weight=1.0, look_layer=1), work, "cpu")
+    assert (work / "ckpt" / "look_probe.safetensors").is_file()
+    train(_tiny(max_steps=10, look_weight=1.0, look_layer=1), work, "cpu")  # resumes with the probe
+    rows = [r for r in _log(work) if r["stage"] == "transformer"]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert all(r["look_shape_ce"] > 0 and r["look_colour_mse"] >= 0 for r in rows)
+    out = export_model(_tiny(), work, work / "model")
+    keys = [k for f in out.rglob("*.safetensors") for k in __import__("safetensors.torch", fromlist=["load_file"]).load_file(f)]
+    assert keys and not any("look" in k or k.startswith("head") for k in keys)
+    assert StoryModel.load(out, device="cpu").trained
+    with pytest.raises(ValueError, match="look_layer"):
+        make_look_probe(_tiny(look_weight=1.0, look_layer=2), "cpu")  # the tiny transformer has 2 blocks
+    assert make_look_probe(_tiny(), "cpu") is None
+    with pytest.raises(SystemExit, match="--look-layer"):
+        train_default.main(["--work", str(tmp_path / "x"), "--tiny", "--look-weight", "1", "--look-layer", "5"])
+    with pytest.raises(SystemExit, match="--look-weight"):
+        train_default.main(["--work", str(tmp_path / "x"), "--tiny", "--look-weight", "-1"])

@@ -71,3 +71,92 @@ def test_loss_weights_select_the_cells_that_count(tiny_model):
     assert torch.isfinite(one) and not torch.allclose(one, plain)
     with pytest.raises(ValueError, match="weights must be"):
         training_loss(tiny_model, StoryBatch(batch.latents, batch.shot_frames, batch.text, spot[:, :2]), cfg)
+
+
+def _look(B, frames, rows, cols, g):
+    shape = torch.randint(0, 5, (B, sum(frames), rows, cols), generator=g)
+    colour = torch.rand(B, sum(frames), rows, cols, 3, generator=g) * (shape > 0)[..., None]
+    return shape, colour
+
+
+def test_the_look_probe_adds_its_loss(tiny_model):
+    """With look_weight the loss is the flow loss (same draws) plus weight x the probe's loss, and
+    the probe's head learns from it; bad probe inputs are named."""
+    from engine.training import LookProbe
+    tr = tiny_model.transformer
+    dim = tr.num_heads * tr.head_dim
+    layers = tr.num_layers
+    probe = LookProbe(dim, layer=0)
+    base = _batch(tiny_model, torch.Generator().manual_seed(3))
+    batch = StoryBatch(base.latents, base.shot_frames, base.text, look=_look(2, (3, 2), 3, 5, torch.Generator().manual_seed(4)))
+    plain = training_loss(tiny_model, batch, TrainingConfig(), generator=torch.Generator().manual_seed(5))
+    tr.model.requires_grad_(True)
+    try:
+        both = training_loss(tiny_model, batch, TrainingConfig(look_weight=0.5), generator=torch.Generator().manual_seed(5),
+                             look_probe=probe)
+        ce, mse = probe.last
+        assert float(both.detach()) == pytest.approx(float(plain) + 0.5 * float(ce + mse), rel=1e-5)
+        assert float(ce) > 0 and float(mse) > 0
+        tr.model.zero_grad(set_to_none=True)
+        both.backward()
+        assert probe.head.weight.grad.abs().sum() > 0  # only the probe's loss reaches its head
+    finally:
+        tr.model.requires_grad_(False)
+        tr.model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="look"):
+        training_loss(tiny_model, base, TrainingConfig(look_weight=1.0), look_probe=probe)
+    with pytest.raises(ValueError, match="layer"):
+        training_loss(tiny_model, batch, TrainingConfig(look_weight=1.0), look_probe=LookProbe(dim, layer=layers))
+    wrong = StoryBatch(base.latents, base.shot_frames, base.text, look=_look(2, (3, 2), 2, 5, torch.Generator()))
+    with pytest.raises(ValueError, match="tokens"):
+        training_loss(tiny_model, wrong, TrainingConfig(look_weight=1.0), look_probe=probe)
+
+
+def test_the_probe_gradient_stops_at_its_layer(tiny_model):
+    """The probe's loss alone (the flow loss left out) moves nothing above the probed block."""
+    from engine.training import LookProbe
+    tr = tiny_model.transformer
+    if tr.num_layers < 2:
+        pytest.skip("needs two blocks")
+    probe = LookProbe(tr.num_heads * tr.head_dim, layer=0)
+    base = _batch(tiny_model, torch.Generator().manual_seed(6))
+    batch = StoryBatch(base.latents, base.shot_frames, base.text, look=_look(2, (3, 2), 3, 5, torch.Generator().manual_seed(7)))
+    tr.model.requires_grad_(True)
+    try:
+        training_loss(tiny_model, batch, TrainingConfig(look_weight=1.0), generator=torch.Generator().manual_seed(8),
+                      look_probe=probe)
+        hidden_loss = probe.loss  # recompute with gradients through a fresh forward's hidden states
+        grads = {}
+        hook = tr.model.blocks[0].register_forward_hook(lambda _m, _i, out: grads.__setitem__("x", out))
+        try:
+            training_loss(tiny_model, batch, TrainingConfig(), generator=torch.Generator().manual_seed(8))
+        finally:
+            hook.remove()
+        hidden_loss(grads["x"], batch.look).backward()
+        assert tr.model.blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
+        above = tr.model.blocks[1].attn1.to_q.weight.grad
+        assert above is None or float(above.abs().sum()) == 0.0
+    finally:
+        tr.model.requires_grad_(False)
+        tr.model.zero_grad(set_to_none=True)
+
+
+def test_look_labels_name_the_character_each_token_shows():
+    """A block mostly covered by a character gets its shape class and colour; an empty block is
+    background; where two characters overlap, the one drawn on top wins."""
+    from engine.shapestory.render import FrameParams, look_labels
+    from engine.shapestory.world import SHAPES
+    p = FrameParams(background=torch.zeros(1, 3), pattern_colour=torch.zeros(1, 3), pattern=torch.zeros(1, dtype=torch.long),
+                    pattern_scale=torch.ones(1),
+                    centre=torch.tensor([[[24.0, 24.0], [40.0, 24.0], [0.0, 0.0]]]),
+                    radius=torch.tensor([[20.0, 12.0, 0.0]]),
+                    shape=torch.tensor([[SHAPES.index("square"), SHAPES.index("circle"), 0]]),
+                    colour=torch.tensor([[[255.0, 0, 0], [0, 0, 255.0], [0, 0, 0]]]))
+    shape, colour = look_labels(p, 16, height=64, width=96)
+    assert shape.shape == (1, 4, 6) and colour.shape == (1, 4, 6, 3)
+    assert int(shape[0, 0, 0]) == 1 + SHAPES.index("square") and colour[0, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    assert int(shape[0, 1, 2]) == 1 + SHAPES.index("circle")  # the circle (slot 1) is drawn over the square
+    assert torch.allclose(colour[0, 1, 2], torch.tensor([0.0, 0.0, 1.0]))
+    assert int(shape[0, 3, 5]) == 0 and colour[0, 3, 5].abs().sum() == 0
+    with pytest.raises(ValueError, match="divide"):
+        look_labels(p, 10, height=64, width=96)
