@@ -99,7 +99,7 @@ def denoise_from(model, spec, x0: torch.Tensor, start: float, seed: int, steps: 
     return [np.asarray(model.codec.decode(p)) for p in parts], level
 
 
-def run(model, stories: int = 8, start: float = 0.86, kinds=KINDS, log=print) -> dict:
+def run(model, stories: int = 8, start: float = 0.86, kinds=KINDS, log=print, guidance: float = 4.0) -> dict:
     from benchmarks.quality import look_ladder
     from engine.default_model import HEIGHT, WIDTH
     from engine.shapestory.render import story_frames
@@ -112,7 +112,7 @@ def run(model, stories: int = 8, start: float = 0.86, kinds=KINDS, log=print) ->
             truth = story_frames(drawn, HEIGHT, WIDTH)
             x0 = torch.cat([model.codec.encode(truth[s]) for s in range(len(spec.shots))], dim=1)
             with torch.no_grad():
-                frames, level = denoise_from(model, spec, x0, start, seed=i)
+                frames, level = denoise_from(model, spec, x0, start, seed=i, guidance=guidance)
             scored = score_both(spec, drawn, frames)
             not_circle[kind][0] += scored["not_circle"][0]
             not_circle[kind][1] += scored["not_circle"][1]
@@ -129,7 +129,7 @@ def run(model, stories: int = 8, start: float = 0.86, kinds=KINDS, log=print) ->
                       "follows_caption_not_circle": not_circle[kind][1] / max(not_circle[kind][0], 1),
                       "appearances_not_circle": not_circle[kind][0],
                       "ladder_caption": cap, "ladder_drawn": drw}
-    return {"level": level, "stories": stories, "seeds": [SEED_BASE + i for i in range(stories)],
+    return {"level": level, "guidance": guidance, "stories": stories, "seeds": [SEED_BASE + i for i in range(stories)],
             "seconds": round(time.time() - t0, 1), "kinds": rows}
 
 
@@ -155,7 +155,8 @@ def codec_noise(model, stories: int = 10, levels=(0.0, 0.1, 0.2, 0.35, 0.5), log
 
 
 def print_table(result: dict) -> None:
-    print(f"caption swap: {result['stories']} held-out stories, denoised from noise level {result['level']:.3f}")
+    print(f"caption swap: {result['stories']} held-out stories, denoised from noise level {result['level']:.3f}, "
+          f"guidance {result.get('guidance', 4.0):g}")
     print(f"{'swapped':8} {'follows caption':>16} {'keeps drawing':>14} {'appearances':>12} "
           f"{'follows, not circle':>20} {'of':>4}")
     for kind, r in result["kinds"].items():
@@ -172,14 +173,15 @@ def main(argv=None) -> dict:
                    help="what to swap, comma-separated: shape, colour, none (the drawing as captioned)")
     p.add_argument("--codec-noise", default=None, metavar="LEVELS",
                    help="instead: the codec alone, latents with Gaussian noise of these levels (e.g. 0,0.1,0.5)")
+    p.add_argument("--guidance", type=float, default=4.0, help="guidance scale of the denoising (the app's default: 4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     if not kinds or any(k not in KINDS for k in kinds):
         p.error(f"--kinds takes {', '.join(KINDS)} separated by commas, got {args.kinds!r}")
-    if not 0.0 < args.start <= 1.0 or args.stories < 1:
-        p.error("--start must be in (0, 1] and --stories at least 1")
+    if not 0.0 < args.start <= 1.0 or args.stories < 1 or args.guidance < 1.0:
+        p.error("--start must be in (0, 1], --stories at least 1 and --guidance at least 1")
     from engine.model import StoryModel
     model = StoryModel.load(args.model, device=args.device, dtype=torch.float32)
     if args.codec_noise is not None:
@@ -199,7 +201,8 @@ def main(argv=None) -> dict:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=1) + "\n")
         return result
-    result = run(model, args.stories, args.start, kinds, log=lambda m: print(m, file=sys.stderr, flush=True))
+    result = run(model, args.stories, args.start, kinds, log=lambda m: print(m, file=sys.stderr, flush=True),
+                 guidance=args.guidance)
     result.update(model=str(args.model or "assets/default_model"), device=args.device, torch=torch.__version__,
                   date=datetime.date.today().isoformat())
     print_table(result)

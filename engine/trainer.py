@@ -486,7 +486,7 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
                                             "grad_norm": round(float(gnorm), 3), "lr": round(lr, 7),
                                             "stories": B, "shots": shots, "frames": frames,
                                             "sec_per_step": round(dt, 4), "minutes": round(state["elapsed"] / 60, 2),
-                                            **_probe_record(probe_window)})
+                                            **_probe_record(probe_window, config.look_weight, window)})
             window, window_t, probe_window = [], time.time(), []
         if time.time() - last_ckpt > config.checkpoint_minutes * 60:
             save_checkpoint(ckpt, model, ema, opt, params, state, probe)
@@ -502,12 +502,14 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
     write_sample(config, work, ema, text, codec, device, step)
 
 
-def _probe_record(window: list) -> dict:
-    """The look probe's mean losses over a log window (empty without a probe)."""
+def _probe_record(window: list, weight: float, losses: list[float]) -> dict:
+    """The look probe's mean losses over a log window, and the flow loss without the probe's part
+    (the record's "loss" is the sum the optimiser saw); empty without a probe."""
     if not window:
         return {}
     ce, mse = torch.stack(window).mean(0).tolist()
-    return {"look_shape_ce": round(ce, 4), "look_colour_mse": round(mse, 5)}
+    flow = sum(losses) / max(len(losses), 1) - weight * (ce + mse)
+    return {"flow_loss": round(flow, 5), "look_shape_ce": round(ce, 4), "look_colour_mse": round(mse, 5)}
 
 
 def save_checkpoint(ckpt: Path, model, ema, opt, params, state: dict, probe=None) -> None:

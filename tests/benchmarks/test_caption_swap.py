@@ -62,8 +62,11 @@ def test_probe_runs_end_to_end_on_a_tiny_model(tmp_path):
         assert r["appearances"] > 0
         assert 0 <= r["follows_caption"] <= 1 and 0 <= r["keeps_drawing"] <= 1
         assert 0 <= r["follows_caption_not_circle"] <= 1 and r["appearances_not_circle"] <= r["appearances"]
-    out = main(["--model", str(folder), "--stories", "1", "--kinds", "shape", "--json", str(tmp_path / "p.json")])
-    assert (tmp_path / "p.json").is_file() and list(out["kinds"]) == ["shape"]
+    out = main(["--model", str(folder), "--stories", "1", "--kinds", "shape", "--guidance", "1",
+                "--json", str(tmp_path / "p.json")])
+    assert (tmp_path / "p.json").is_file() and list(out["kinds"]) == ["shape"] and out["guidance"] == 1.0
+    with pytest.raises(SystemExit):
+        main(["--model", str(folder), "--guidance", "0.5"])
     with pytest.raises(SystemExit):
         main(["--model", str(folder), "--kinds", "size"])
     with pytest.raises(SystemExit):

@@ -225,6 +225,9 @@ def test_the_look_probe_trains_beside_the_model_and_stays_out_of_the_export(tmp_
     rows = [r for r in _log(work) if r["stage"] == "transformer"]
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert all(r["look_shape_ce"] > 0 and r["look_colour_mse"] >= 0 for r in rows)
+    for r in rows:  # the logged loss is the flow loss plus the probe's (weight 1)
+        assert r["loss"] == pytest.approx(r["flow_loss"] + r["look_shape_ce"] + r["look_colour_mse"], abs=2e-4)
+        assert 0 < r["flow_loss"] < r["loss"]
     out = export_model(_tiny(), work, work / "model")
     keys = [k for f in out.rglob("*.safetensors") for k in __import__("safetensors.torch", fromlist=["load_file"]).load_file(f)]
     assert keys and not any("look" in k or k.startswith("head") for k in keys)
