@@ -126,7 +126,8 @@ def run(model, stories: int = 8, start: float = 0.86, kinds=KINDS, log=print, gu
         rows[kind] = {"follows_caption": cap[RUNG[kind]], "keeps_drawing": drw[RUNG[kind]],
                       "appearances": counts[kind]["caption"]["appearances"],
                       # the caption's look where the caption does not say circle (a blob passes for one)
-                      "follows_caption_not_circle": not_circle[kind][1] / max(not_circle[kind][0], 1),
+                      # (for a colour swap the full look is not what is asked: None)
+                      "follows_caption_not_circle": None if kind == "colour" else not_circle[kind][1] / max(not_circle[kind][0], 1),
                       "appearances_not_circle": not_circle[kind][0],
                       "ladder_caption": cap, "ladder_drawn": drw}
     return {"level": level, "guidance": guidance, "stories": stories, "seeds": [SEED_BASE + i for i in range(stories)],
@@ -160,8 +161,9 @@ def print_table(result: dict) -> None:
     print(f"{'swapped':8} {'follows caption':>16} {'keeps drawing':>14} {'appearances':>12} "
           f"{'follows, not circle':>20} {'of':>4}")
     for kind, r in result["kinds"].items():
+        nc = r["follows_caption_not_circle"]
         print(f"{kind:8} {r['follows_caption']:16.3f} {r['keeps_drawing']:14.3f} {r['appearances']:12d} "
-              f"{r['follows_caption_not_circle']:20.3f} {r['appearances_not_circle']:4d}")
+              f"{'-' if nc is None else format(nc, '.3f'):>20} {r['appearances_not_circle']:4d}")
 
 
 def main(argv=None) -> dict:
