@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
@@ -100,7 +99,7 @@ def denoise_from(model, spec, x0: torch.Tensor, start: float, seed: int, steps: 
 
 
 def run(model, stories: int = 8, start: float = 0.86, kinds=KINDS, log=print, guidance: float = 4.0) -> dict:
-    from benchmarks.quality import look_ladder
+    from benchmarks.quality import _merged, look_ladder
     from engine.default_model import HEIGHT, WIDTH
     from engine.shapestory.render import story_frames
     counts = {k: {"caption": {}, "drawn": {}} for k in kinds}
@@ -117,8 +116,7 @@ def run(model, stories: int = 8, start: float = 0.86, kinds=KINDS, log=print, gu
             not_circle[kind][0] += scored["not_circle"][0]
             not_circle[kind][1] += scored["not_circle"][1]
             for side in ("caption", "drawn"):
-                for key, n in scored[side].items():
-                    counts[kind][side][key] = counts[kind][side].get(key, 0) + n
+                counts[kind][side] = _merged([counts[kind][side], scored[side]])
         log(f"story {i + 1}/{stories} ({time.time() - t0:.0f} s)")
     rows = {}
     for kind in kinds:
@@ -137,20 +135,17 @@ def run(model, stories: int = 8, start: float = 0.86, kinds=KINDS, log=print, gu
 def codec_noise(model, stories: int = 10, levels=(0.0, 0.1, 0.2, 0.35, 0.5), log=print) -> dict:
     """The codec alone: the probe stories' drawn frames encoded, Gaussian noise of each level added
     to the (unit-scale) latents, decoded and scored. {level: look ladder}."""
-    from benchmarks.quality import look_ladder, score_frames
+    from benchmarks.quality import _merged, look_ladder, score_frames
     from engine.default_model import HEIGHT, WIDTH
     from engine.shapestory.render import story_frames
     counts = {lv: {} for lv in levels}
     for i, spec in enumerate(probe_stories(stories)):
         truth = story_frames(spec, HEIGHT, WIDTH)
+        latents = [model.codec.encode(truth[s]) for s in range(len(spec.shots))]  # once, for every level
         gen = torch.Generator().manual_seed(i)
         for lv in levels:
-            frames = []
-            for s in range(len(spec.shots)):
-                z = model.codec.encode(truth[s])
-                frames.append(np.asarray(model.codec.decode(z + lv * torch.randn(z.shape, generator=gen))))
-            for key, n in score_frames(spec, frames)["counts"].items():
-                counts[lv][key] = counts[lv].get(key, 0) + n
+            frames = [np.asarray(model.codec.decode(z + lv * torch.randn(z.shape, generator=gen))) for z in latents]
+            counts[lv] = _merged([counts[lv], score_frames(spec, frames)["counts"]])
         log(f"story {i + 1}/{stories}")
     return {str(lv): {"ladder": look_ladder(c), "appearances": c["appearances"]} for lv, c in counts.items()}
 
@@ -184,6 +179,7 @@ def main(argv=None) -> dict:
         p.error(f"--kinds takes {', '.join(KINDS)} separated by commas, got {args.kinds!r}")
     if not 0.0 < args.start <= 1.0 or args.stories < 1 or args.guidance < 1.0:
         p.error("--start must be in (0, 1], --stories at least 1 and --guidance at least 1")
+    from benchmarks.quality import _write_atomic
     from engine.model import StoryModel
     model = StoryModel.load(args.model, device=args.device, dtype=torch.float32)
     if args.codec_noise is not None:
@@ -200,8 +196,7 @@ def main(argv=None) -> dict:
             print(f"latent noise {lv}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["ladder"].items())
                   + f" ({r['appearances']} appearances)")
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=1) + "\n")
+            _write_atomic(result, args.json)
         return result
     result = run(model, args.stories, args.start, kinds, log=lambda m: print(m, file=sys.stderr, flush=True),
                  guidance=args.guidance)
@@ -209,8 +204,7 @@ def main(argv=None) -> dict:
                   date=datetime.date.today().isoformat())
     print_table(result)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        _write_atomic(result, args.json)
     return result
 
 

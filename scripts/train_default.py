@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny smoke-test configuration")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from engine.trainer import TrainerConfig, train
+    from engine.trainer import TrainerConfig, make_look_probe, train
     config = TrainerConfig(minutes=args.minutes, max_steps=args.max_steps, codec_steps=args.codec_steps, codec_gate=args.codec_gate,
                            codec_lr=args.codec_lr,
                            tokens_per_step=args.tokens_per_step, moc=not args.dense, lr=args.lr,
@@ -71,9 +71,10 @@ def main(argv=None) -> int:
         config = replace(config, transformer={**config.transformer, **args.transformer})
     if args.look_weight < 0:
         raise SystemExit(f"--look-weight must be >= 0, got {args.look_weight}")
-    if args.look_weight and not 0 <= args.look_layer < config.transformer["num_layers"]:
-        raise SystemExit(f"--look-layer must name one of the transformer's {config.transformer['num_layers']} "
-                         f"blocks (0 to {config.transformer['num_layers'] - 1}), got {args.look_layer}")
+    try:
+        make_look_probe(config, "cpu")  # checked here, before minutes of codec training
+    except ValueError as err:
+        raise SystemExit(f"--look-layer: {err}") from None
     train(config, args.work, args.device, args.text_encoder, args.export, args.init_from, args.codec_from)
     return 0
 

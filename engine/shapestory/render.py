@@ -72,14 +72,27 @@ def _shape_distance(px: torch.Tensor, py: torch.Tensor, radius: torch.Tensor, sh
     return d.gather(-1, shape[..., None, None, None].expand(*px.shape, 1)).squeeze(-1)
 
 
-def draw(p: FrameParams, height: int = 128, width: int = 192, device="cpu", with_mask: bool = False):
-    """Frames (n, 3, H, W) float in [0, 1] on `device`; with_mask: also the characters' coverage
-    (n, 1, H, W) in [0, 1] (the trainer weights its loss with it)."""
+def _on(p: FrameParams, height: int, width: int, device) -> tuple[FrameParams, torch.Tensor, torch.Tensor]:
+    """p on `device` and the pixel centres' (Y, X) grids (H, W)."""
     dev = torch.device(device)
     p = FrameParams(*(getattr(p, f).to(dev) for f in FrameParams.__dataclass_fields__))
     ys = torch.arange(height, device=dev, dtype=torch.float32) + 0.5
     xs = torch.arange(width, device=dev, dtype=torch.float32) + 0.5
-    Y, X = torch.meshgrid(ys, xs, indexing="ij")  # (H, W)
+    Y, X = torch.meshgrid(ys, xs, indexing="ij")
+    return p, Y, X
+
+
+def _character_alpha(p: FrameParams, Y: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """Each slot's antialiased coverage (n, SLOTS, H, W) in [0, 1], before slots cover each other."""
+    px = X[None, None] - p.centre[..., 0, None, None]
+    py = Y[None, None] - p.centre[..., 1, None, None]
+    return (0.5 - _shape_distance(px, py, p.radius, p.shape)).clamp(0, 1) * (p.radius > 0)[..., None, None]
+
+
+def draw(p: FrameParams, height: int = 128, width: int = 192, device="cpu", with_mask: bool = False):
+    """Frames (n, 3, H, W) float in [0, 1] on `device`; with_mask: also the characters' coverage
+    (n, 1, H, W) in [0, 1] (the trainer weights its loss with it)."""
+    p, Y, X = _on(p, height, width, device)
     s = (p.pattern_scale * height / 128.0)[:, None, None]  # (n, 1, 1)
     # background pattern: a coverage in [0, 1] of the pattern colour
     u = (X + Y)[None] / (STRIPE_PERIOD * s)
@@ -93,10 +106,7 @@ def draw(p: FrameParams, height: int = 128, width: int = 192, device="cpu", with
     cover = torch.stack([zero, stripes, dots], 0).gather(0, p.pattern[None, :, None, None].expand(1, *dots.shape))[0]
     img = p.background[:, :, None, None] * (1 - cover[:, None]) + p.pattern_colour[:, :, None, None] * cover[:, None]
     # characters in slot order (later slots drawn on top)
-    px = X[None, None] - p.centre[..., 0, None, None]  # (n, SLOTS, H, W)
-    py = Y[None, None] - p.centre[..., 1, None, None]
-    alpha = (0.5 - _shape_distance(px, py, p.radius, p.shape)).clamp(0, 1)
-    alpha = alpha * (p.radius > 0)[..., None, None]
+    alpha = _character_alpha(p, Y, X)
     for k in range(p.radius.shape[1]):
         a = alpha[:, k, None]
         img = img * (1 - a) + p.colour[:, k, :, None, None] * a
@@ -114,14 +124,8 @@ def look_labels(p: FrameParams, cell: int, height: int = 128, width: int = 192, 
     top, so a block's character is the one whose visible coverage is largest."""
     if height % cell or width % cell:
         raise ValueError(f"cell {cell} must divide the frame size {height} x {width}")
-    dev = torch.device(device)
-    p = FrameParams(*(getattr(p, f).to(dev) for f in FrameParams.__dataclass_fields__))
-    ys = torch.arange(height, device=dev, dtype=torch.float32) + 0.5
-    xs = torch.arange(width, device=dev, dtype=torch.float32) + 0.5
-    Y, X = torch.meshgrid(ys, xs, indexing="ij")
-    px = X[None, None] - p.centre[..., 0, None, None]
-    py = Y[None, None] - p.centre[..., 1, None, None]
-    alpha = (0.5 - _shape_distance(px, py, p.radius, p.shape)).clamp(0, 1) * (p.radius > 0)[..., None, None]
+    p, Y, X = _on(p, height, width, device)
+    alpha = _character_alpha(p, Y, X)
     visible, above = torch.empty_like(alpha), torch.zeros_like(alpha[:, 0])
     for k in reversed(range(alpha.shape[1])):  # what later (upper) slots leave of slot k
         visible[:, k] = alpha[:, k] * (1 - above)
@@ -130,7 +134,7 @@ def look_labels(p: FrameParams, cell: int, height: int = 128, width: int = 192, 
     best, slot = cover.max(dim=1)
     present = best >= min_cover
     shape = torch.where(present, p.shape.gather(1, slot.flatten(1)).view_as(slot) + 1, torch.zeros_like(slot))
-    colour = p.colour[torch.arange(slot.shape[0], device=dev)[:, None, None], slot] / 255.0
+    colour = p.colour[torch.arange(slot.shape[0], device=slot.device)[:, None, None], slot] / 255.0
     return shape, colour * present[..., None]
 
 
