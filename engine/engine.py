@@ -4,6 +4,9 @@ For: `StoryEngine.load(...)` and `render(story, regenerate=..., out_dir=..., on_
 plan which shots come from the shot cache and which are sampled (in which runs), run the
 sampler, store every finished take at once, write per-shot and whole-story MP4s, the routing
 report and the summary; a shot's takes (`takes`, `make_current`, `current_takes`, `take_video`).
+A take's MP4 is encoded once and kept in the shot cache: a cached shot's is copied from there, and
+story.mp4 joins the shots' MP4s without encoding them again (it is encoded from the frames only
+where they cannot be joined; the summary's "story_video_from" says which).
 Also `available_backends()`, the cache statistics, and the current takes read without rendering
 (`current_routing`, `take_pictures`: the recall pictures). With several ranks (engine/parallel.py)
 rank 0 plans, serves cached takes and does all the file work; the other ranks compute in step,
@@ -71,7 +74,7 @@ from engine.routing_report import ShotRouting, build_report, recorded_steps
 from engine.sampler import Run, SamplerOptions, StepInfo, StorySampler
 from engine.shot_cache import MAX_HISTORY, ShotCache, Take
 from engine.story import MAX_SEED, Story, StoryError, atomic_write_text
-from engine.video import write_mp4
+from engine.video import concat_mp4, copy_mp4, write_mp4
 
 DECODE_RANGE = "storyboard.decode"  # profiler range of a shot's latents -> frames (benchmarks/cpu_profile.py)
 
@@ -398,7 +401,11 @@ class StoryEngine:
         return {"regenerate": index, "take": key, "both_sides": both}
 
     def take_video(self, key: str, path: str | Path, fps: int) -> Path | None:
-        """Write a cached take's frames as an MP4 at `path`; None if the cache no longer holds it."""
+        """Write a cached take's MP4 at `path` (a copy of the one the cache keeps, else encoded from
+        its frames); None if the cache no longer holds it."""
+        copied = self._copy_cached_video(key, Path(path), fps)
+        if copied is not None:
+            return copied
         take = self.cache.read(key)  # looking at a take is not reusing it: no hit, no LRU touch
         return None if take is None else write_mp4(Path(path), take.frames, fps)
 
@@ -517,8 +524,11 @@ class StoryEngine:
         def write_story() -> tuple[Path, dict]:  # rank 0: story.mp4, routing.json, summary.json
             cache_saved = sum(float(takes[i].meta.get("seconds", 0.0)) for i in range(len(plans))
                               if results[i].status != "generated")
-            video = write_mp4(out_dir / "story.mp4", torch.cat([takes[i].frames for i in range(len(plans))]), fps)
+            video, encoded_because = self._story_video(out_dir / "story.mp4", shots, takes, fps)
             summary = self._summary(story, shots, regenerate, time.perf_counter() - started, routing, video)
+            summary["story_video_from"] = "frames" if encoded_because else "shots"  # encoded, or shot MP4s joined
+            if encoded_because:
+                summary["story_video_note"] = encoded_because
             summary["both_sides"] = both
             if regenerate is not None and not both:
                 summary["both_sides_note"] = why_not
@@ -607,12 +617,42 @@ class StoryEngine:
 
     def _finish_shot(self, p: _Planned, take: Take, status: str, seconds: float, out_dir: Path,
                      fps: int) -> ShotResult:
-        path = write_mp4(out_dir / f"shot_{p.index:02d}.mp4", take.frames, fps)
+        path = self._shot_video(take, out_dir / f"shot_{p.index:02d}.mp4", fps)
         routing = self._routing_of(take)
         return ShotResult(index=p.index, status=status, video_path=path, seconds=round(seconds, 3),
                           density=round(routing.mean_density, 4) if routing else 1.0,
                           seed=int(take.meta.get("seed", p.seed)), key=take.key, frames=int(take.frames.shape[0]),
                           generated_with=str(take.meta.get("generated_with", "")))
+
+    def _shot_video(self, take: Take, path: Path, fps: int) -> Path:
+        """A take's MP4 at `path`: a copy of the one the cache keeps at this fps, else encoded from
+        its frames and then kept in the cache too (takes cached before the cache kept MP4s have none)."""
+        copied = self._copy_cached_video(take.key, path, fps)
+        if copied is not None:
+            return copied
+        write_mp4(path, take.frames, fps)
+        self.cache.put_video(take.key, path, fps)
+        return path
+
+    def _copy_cached_video(self, key: str, path: Path, fps: int) -> Path | None:
+        cached = self.cache.video(key, fps)
+        if cached is None:
+            return None
+        try:
+            return copy_mp4(cached, path)  # a copy: the cache's file is never handed out to be changed
+        except FileNotFoundError:  # evicted by another process since `video` found it
+            return None
+
+    @staticmethod
+    def _story_video(path: Path, shots: list[ShotResult], takes: dict[int, Take], fps: int) -> tuple[Path, str]:
+        """story.mp4 and, if it had to be encoded from the frames, why. The shots' MP4s (all written
+        by write_mp4 with one size and fps) are joined without encoding them again; where that fails
+        (streams that differ, an unreadable part) the frames are encoded, so the story is always written."""
+        try:
+            return concat_mp4([s.video_path for s in shots], path), ""
+        except Exception as err:  # any failure: encoding from the frames is the reference and always works
+            because = f"the shot videos could not be joined ({type(err).__name__}: {err}); encoded from the frames"
+        return write_mp4(path, torch.cat([takes[i].frames for i in range(len(shots))]), fps), because
 
     def _summary(self, story: Story, shots: list[ShotResult], regenerate, seconds: float, routing: dict,
                  story_video: Path) -> dict:

@@ -2,23 +2,27 @@
 
 For: `ShotCache(root, max_bytes)` with `get(key) -> Take | None` (`read(key)`: the same, neither
 counted nor touching the LRU clock; `read_frames(key, indices)`: a few decoded frames alone;
-`meta(key)`: the meta alone), `put(take)`, `contains`, `invalidate(key)`, `stats()`, a small pointer
-index (`point(name, key)`, `pointer(name)`) that the engine uses to find the current take of a shot
-slot, and a bounded history per name (`remember(name, key)`, `history(name)`) that lists a shot's
-takes. Safe across restarts and for two processes sharing one folder.
+`meta(key)`: the meta alone), `put(take)`, `contains`, `invalidate(key)`, `stats()`; a take's MP4
+kept beside it (`put_video(key, path, fps)`, `video(key, fps)`), so that a cached shot is copied,
+not encoded again; a small pointer index (`point(name, key)`, `pointer(name)`) that the engine uses
+to find the current take of a shot slot, and a bounded history per name (`remember(name, key)`,
+`history(name)`) that lists a shot's takes. Safe across restarts and for two processes sharing one
+folder.
 Not for: deciding keys (engine.py computes them from everything that changes a take's output).
 
 On disk:
   entries/<k[:2]>/<key>/take.safetensors   frames (T,H,W,3) uint8, latents (C,f,h,w) fp32, routing
   entries/<k[:2]>/<key>/meta.json          seed, shot, caption, routing meta, ... (written last)
   entries/<k[:2]>/<key>/used               its mtime is the LRU clock
+  entries/<k[:2]>/<key>/video_<fps>fps.mp4 its MP4 (optional: added after the take; older takes have none)
   pointers/<name>.json                     {"key": ...}, atomically replaced
   histories/<name>.json                    {"keys": [oldest, ..., newest]}, atomically replaced under the lock
   tmp/                                     staging; a write is a rename of a complete folder
-  lock                                     flock for put/evict (readers never lock)
+  lock                                     flock for put/put_video/evict (readers never lock)
 Atomicity: a take is staged in tmp/ (files fsynced), then renamed into entries/ in one step; a
-killed writer leaves only a tmp/ folder, removed by the next ShotCache after an hour. Eviction
-renames an entry into tmp/ before deleting it, so a reader sees a whole entry or none.
+killed writer leaves only a tmp/ folder, removed by the next ShotCache after an hour. A take's MP4
+is staged there too, then renamed into its entry (a whole one) under the lock. Eviction renames an
+entry into tmp/ before deleting it (its MP4 with it), so a reader sees a whole entry or none.
 """
 
 from __future__ import annotations
@@ -206,6 +210,37 @@ class ShotCache:
             if stage.exists():
                 shutil.rmtree(stage, ignore_errors=True)
 
+    def put_video(self, key: str, path: str | Path, fps: int) -> bool:
+        """Keep a copy of take `key`'s MP4 at `fps` (written by engine.video.write_mp4) in its entry,
+        where the entry still exists; True if it was kept. A video already there is replaced."""
+        dest = self._entry(key)
+        if not _is_whole_entry(dest):
+            return False
+        stage = self.root / "tmp" / f"video-{uuid.uuid4().hex}"
+        stage.mkdir()
+        try:
+            staged = stage / _video_name(fps)
+            shutil.copyfile(path, staged)
+            _fsync_file(staged)
+            with self._locked():
+                if not _is_whole_entry(dest):  # evicted by another process meanwhile
+                    return False
+                os.replace(staged, dest / staged.name)  # atomic: the video appears whole (a link there goes)
+                _fsync_dir(dest)
+                self._evict_locked(keep=key)  # the entry grew
+            return True
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def video(self, key: str, fps: int) -> Path | None:
+        """The MP4 kept with take `key` at `fps` (a plain file in a whole entry), or None. Uncounted.
+        Read it at once: another process may evict the take (copy it; never change it in place)."""
+        folder = self._entry(key)
+        p = folder / _video_name(fps)
+        if not _is_whole_entry(folder) or p.is_symlink() or not p.is_file():
+            return None
+        return p
+
     def invalidate(self, key: str) -> bool:
         """Remove one take; True if it was there."""
         with self._locked():
@@ -310,6 +345,11 @@ def _is_whole_entry(folder: Path) -> bool:
         if p.is_symlink() or not p.is_file():
             return False
     return True
+
+
+def _video_name(fps: int) -> str:
+    """fps is not part of a take's key (it does not change the frames), so it names the file."""
+    return f"video_{int(fps)}fps.mp4"
 
 
 def _fsync_file(path: Path) -> None:

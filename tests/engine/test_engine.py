@@ -2,6 +2,7 @@
 
 import threading
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -99,6 +100,66 @@ def test_regenerate_keeps_other_shots_byte_identical(make_engine, tmp_path, mode
     # a plain render now samples the stale shot against the new shot 1
     final = engine.render(story)
     assert [s.status for s in final.shots] == ["cached", "cached", "generated"]
+
+
+def count_encodes(monkeypatch) -> list:
+    """The frame counts of every MP4 the engine encodes from frames (copies and joins are not encodes)."""
+    import engine.engine as engine_module
+    calls, real = [], engine_module.write_mp4
+
+    def counted(path, frames, fps):
+        calls.append(int(frames.shape[0]))
+        return real(path, frames, fps)
+    monkeypatch.setattr(engine_module, "write_mp4", counted)
+    return calls
+
+
+def test_regenerate_copies_the_cached_shots_videos_and_joins_the_story(make_engine, tmp_path, monkeypatch):
+    """Only the regenerated shot is encoded: the other shots' MP4s are byte copies of the ones the
+    cache keeps, and story.mp4 joins the shot MP4s (its frames are theirs, exactly)."""
+    engine = make_engine()
+    story = tiny_story("shot_by_shot", seeds=(3, -1, 7))
+    fps = story.settings.fps
+    before = engine.render(story, out_dir=tmp_path / "before")
+    for shot in before.shots:  # a sampled take keeps its MP4 in the cache, byte for byte the one written
+        assert engine.cache.video(shot.key, fps).read_bytes() == shot.video_path.read_bytes()
+    assert before.summary["story_video_from"] == "shots"
+    encodes = count_encodes(monkeypatch)
+    after = engine.render(story, regenerate=1, out_dir=tmp_path / "after", both_sides=False)
+    assert [s.status for s in after.shots] == ["cached", "generated", "stale"]
+    assert encodes == [story.shots[1].frames]  # the regenerated shot alone; not the story
+    for i in (0, 2):
+        assert after.shots[i].video_path.read_bytes() == engine.cache.video(after.shots[i].key, fps).read_bytes()
+    story_frames = read_mp4(after.story_video)
+    assert story_frames.shape == (sum(s.frames for s in story.shots), 48, 80, 3)
+    assert np.array_equal(story_frames, np.concatenate([read_mp4(s.video_path) for s in after.shots]))
+    assert after.summary["story_video_from"] == "shots" and "story_video_note" not in after.summary
+
+
+def test_takes_cached_without_a_video_still_render(make_engine, tmp_path, monkeypatch):
+    """Takes cached before the cache kept MP4s (or at another fps) are encoded once, then kept."""
+    engine = make_engine()
+    story = tiny_story("joint")
+    engine.render(story, out_dir=tmp_path / "first")
+    for video in (engine.cache.root / "entries").glob("*/*/video_*fps.mp4"):
+        video.unlink()  # as a take cached by an older version has it
+    encodes = count_encodes(monkeypatch)
+    again = engine.render(story, out_dir=tmp_path / "again")
+    assert [s.status for s in again.shots] == ["cached"] * 3 and encodes == [3, 2, 3]
+    for shot in again.shots:
+        assert read_mp4(shot.video_path).shape == (shot.frames, 48, 80, 3)
+        assert engine.cache.video(shot.key, story.settings.fps).read_bytes() == shot.video_path.read_bytes()
+    assert read_mp4(again.story_video).shape[0] == 8
+    faster = story.with_settings(fps=8)  # fps is not in a take's key: the same takes, new MP4s
+    encodes.clear()
+    result = engine.render(faster, out_dir=tmp_path / "faster")
+    assert [s.status for s in result.shots] == ["cached"] * 3 and encodes == [3, 2, 3]
+    with av.open(str(result.story_video)) as container:
+        assert container.streams.video[0].average_rate == 8 and container.streams.video[0].frames == 8
+    encodes.clear()
+    engine.render(story, out_dir=tmp_path / "third")  # both fps are kept now
+    engine.render(faster, out_dir=tmp_path / "fourth")
+    assert encodes == []
 
 
 def test_locked_shot_is_kept(make_engine):

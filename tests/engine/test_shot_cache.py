@@ -40,6 +40,31 @@ def test_put_is_idempotent_and_invalidate(tmp_path):
     assert cache.invalidate("cd34") and not cache.contains("cd34") and not cache.invalidate("cd34")
 
 
+def test_a_take_keeps_its_video_and_loses_it_with_the_take(tmp_path):
+    """put_video copies an MP4 into the take's entry (one per fps), counted in the cache's bytes and
+    removed with the entry; a take without one still loads, and a missing take keeps none."""
+    cache = ShotCache(tmp_path / "cache")
+    cache.put(take("ab12"))
+    assert cache.video("ab12", 8) is None and cache.get("ab12") is not None  # a take without a video
+    size = cache.stats().bytes
+    mp4 = tmp_path / "shot.mp4"
+    mp4.write_bytes(b"an mp4's bytes" * 10)
+    assert cache.put_video("ab12", mp4, 8)
+    kept = cache.video("ab12", 8)
+    assert kept.read_bytes() == mp4.read_bytes() and kept.parent == cache._entry("ab12")
+    assert cache.video("ab12", 4) is None  # another fps is another video
+    assert cache.stats().bytes == size + 140
+    mp4.write_bytes(b"changed")  # the cache keeps a copy, not the file handed to it
+    assert cache.video("ab12", 8).read_bytes() == b"an mp4's bytes" * 10
+    assert not cache.put_video("cd34", mp4, 8) and cache.video("cd34", 8) is None  # no take: no video
+    assert not list((cache.root / "tmp").iterdir())
+    assert cache.invalidate("ab12") and not kept.exists() and cache.video("ab12", 8) is None
+    cache.put(take("ab12"))
+    assert cache.video("ab12", 8) is None
+    (cache._entry("ab12") / "video_8fps.mp4").symlink_to(mp4)  # planted: never served
+    assert cache.video("ab12", 8) is None
+
+
 def test_bad_keys_are_rejected(tmp_path):
     cache = ShotCache(tmp_path)
     for key in ("../x", "", "AB", "a/b"):
@@ -78,6 +103,27 @@ def test_killed_writer_leaves_no_entry(tmp_path):
     assert not list((tmp_path / "tmp").iterdir())
     cache.put(take("ee55"))
     assert cache.get("ee55") is not None
+
+
+def _killed_video_writer(root: str, mp4: str) -> None:
+    """Stage a take's video, then die before the rename that puts it in the entry."""
+    cache = ShotCache(root)
+    os.replace = lambda src, dst: os._exit(9)
+    cache.put_video("ee55", mp4, 8)
+
+
+def test_killed_video_writer_leaves_the_take_whole(tmp_path):
+    ShotCache(tmp_path).put(take("ee55"))
+    mp4 = tmp_path / "shot.mp4"
+    mp4.write_bytes(b"an mp4's bytes")
+    proc = mp.get_context("fork").Process(target=_killed_video_writer, args=(str(tmp_path), str(mp4)))
+    proc.start()
+    proc.join(30)
+    assert proc.exitcode == 9
+    cache = ShotCache(tmp_path)
+    assert cache.get("ee55") is not None and cache.video("ee55", 8) is None
+    assert [p.name[:6] for p in (tmp_path / "tmp").iterdir()] == ["video-"]  # staged, cleaned after an hour
+    assert cache.put_video("ee55", mp4, 8) and cache.video("ee55", 8).read_bytes() == b"an mp4's bytes"
 
 
 def test_lru_eviction_under_the_cap(tmp_path):
