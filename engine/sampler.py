@@ -231,7 +231,10 @@ class StorySampler:
         noise = [torch.randn(self.shot_latent_shape(s), generator=torch.Generator().manual_seed(seed))
                  for s, seed in zip(run.shots, run.seeds)]
         x = torch.cat(noise, dim=1).to(self.device)  # (C, F_live, h, w), frames in story order
-        use_cache = self.options.context_cache
+        # a run with no context before or after it (joint mode, or the first run) attends only its
+        # own live tokens: the K/V buffers would hold nothing but a copy of them (at MoC-180k with
+        # guidance, 62 GiB beside a 20 GiB forward), and later runs re-encode it as context anyway
+        use_cache = self.options.context_cache and (q_offset > 0 or context_after)
         recorder = RoutingRecorder(layout, list(run.shots), q_offset if use_cache else 0,
                                    self.transformer.num_layers, self.transformer.num_heads, steps,
                                    head_range=self.heads)
@@ -260,6 +263,8 @@ class StorySampler:
             recorder.begin_step(i)
             if use_cache:
                 flow = self._forward(x, t.float().reshape(()), end, q_offset, list(run.shots), kv, recorder, moc)
+            elif q_offset == 0:  # no context: the live tokens are the whole layout
+                flow = self._forward(x, t.float().reshape(()), end, 0, list(run.shots), None, recorder, moc)
             else:
                 # baseline: context tokens ride along every step at their own noise level t_c
                 ctx = [self.context_latents[s] for s in range(run.start)]
