@@ -17,6 +17,10 @@ like any checkpoint. Parts (--parts, all by default):
             Then regenerate one middle shot with the others as cached context (both sides),
             against rendering all 8.
 
+Every part runs with this process's GPU memory capped at what an 80 GB H100 offers (--memory-gib,
+79 GiB), so the lent H200 shows whether the story fits an H100; a render that does not fit records
+the engine's out-of-memory message instead of a time. Renders take the app's default steps (12).
+
 Random weights give near-random routing: the attention figures of benchmarks/attention.py bound
 what a trained model's routing gives. The JSON has the top-level keys forward_speedup_vs_cudnn,
 forward_speedup_vs_flash and regenerate_speedup beside the detailed rows; `--plot JSON` draws the
@@ -105,6 +109,23 @@ def make_story(size: dict, steps: int, mode: str, moc: bool, seed0: int = 100):
 
 # ---- timing helpers ---------------------------------------------------------------------------
 
+# GiB torch can allocate on an 80 GB H100: 79.65 GiB on the card, less the CUDA context's share
+H100_USABLE_GIB = 79.0
+
+
+def memory_cap(device, gib: float) -> float | None:
+    """Cap this process's GPU memory at `gib` GiB (torch.cuda.set_per_process_memory_fraction): on a
+    larger GPU an allocation beyond it fails as it would on the smaller one. Returns the cap, or None
+    (no GPU, no cap asked, or a GPU no larger than the cap)."""
+    if device.type != "cuda" or gib <= 0:
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    if total <= gib:
+        return None
+    torch.cuda.set_per_process_memory_fraction(gib / total, device)
+    return gib
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -149,9 +170,26 @@ class dense_backend:
         moc_attention_module.DENSE_PRIORITY = self.saved
 
 
+def busy_ms(events) -> float:
+    """The time a device was busy, in ms: the union of the intervals of `events` (kernels, copies)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.time_range.end > e.time_range.start)
+    busy, end = 0.0, float("-inf")
+    for s, t in spans:
+        if t > end:
+            busy += t - max(s, end)
+            end = t
+    return busy / 1e3
+
+
 def time_split(fn, device) -> dict:
     """One call of fn under torch.profiler: device time in ms in all, in self-attention (routing
-    included), in routing, and the rest. On a CPU the CPU's op times stand in (a check of this code)."""
+    excluded), in routing, and the rest. On a CPU the CPU's op times stand in (a check of this code).
+
+    On the GPU "device_ms" is the time the GPU was busy (the union of the kernel and copy intervals
+    on its timeline) and attention and routing are the device-side spans of the engine's named ranges
+    (moc.ATTENTION_RANGE, moc.ROUTING_RANGE; the routing range sits inside the attention range). The
+    first two GPU runs summed the profiler's per-kernel totals instead, which missed kernels: 3.3 s
+    of the MoC forward's 5.2 s that benchmarks/forward_gaps.py found the GPU busy for."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
@@ -159,32 +197,36 @@ def time_split(fn, device) -> dict:
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         fn()
         _sync(device)
+    if cuda:
+        on_device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        kernels = [e for e in on_device if not is_range(e.name)]
+
+        def span(name: str) -> float:
+            return sum(e.time_range.end - e.time_range.start for e in on_device if e.name == name) / 1e3
+
+        all_ms, attention, routing = busy_ms(kernels), span(ATTENTION_RANGE), span(ROUTING_RANGE)
+        per_kernel: dict[str, list] = {}
+        for e in kernels:
+            row = per_kernel.setdefault(e.name[:80], [0.0, 0])
+            row[0] += (e.time_range.end - e.time_range.start) / 1e3
+            row[1] += 1
+        top = [{"name": k, "ms": round(ms, 1), "calls": n}
+               for k, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:8]]
+        out = {"device_ms": round(all_ms, 1), "attention_ms": round(attention - routing, 1),
+               "routing_ms": round(routing, 1), "rest_ms": round(all_ms - attention, 1), "top_kernels": top}
+        if attention == 0.0 and any(e.name == ATTENTION_RANGE for e in prof.events()):
+            out["split_note"] = "the named ranges have no device-side spans in this profiler: attention unknown"
+        return out
     events = prof.key_averages()
 
-    def total(name: str) -> float:  # device time of the kernels launched inside the named range
-        rows = [e for e in events if e.key == name and getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
-        if not rows:
-            return 0.0
-        e = rows[0]
-        us = (getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0)) if cuda else e.cpu_time_total
-        return float(us) / 1e3
+    def total(name: str) -> float:  # CPU time inside the named range
+        rows = [e for e in events if e.key == name]
+        return float(rows[0].cpu_time_total) / 1e3 if rows else 0.0
 
-    def self_ms(e) -> float:
-        return float(getattr(e, "self_device_time_total", 0.0) or getattr(e, "self_cuda_time_total", 0.0)) / 1e3
-
-    top = []
-    if cuda:
-        # kernels only: a named range (record_function) is listed on the device too, spanning kernels
-        # that are also listed on their own; summing it in counted them twice (the first GPU run)
-        kernels = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA and not is_range(e.key)]
-        all_ms = sum(map(self_ms, kernels))
-        top = [{"name": e.key[:80], "ms": round(self_ms(e), 1), "calls": e.count}
-               for e in sorted(kernels, key=self_ms, reverse=True)[:8]]
-    else:
-        all_ms = sum(float(e.self_cpu_time_total) for e in events if not is_range(e.key)) / 1e3
+    all_ms = sum(float(e.self_cpu_time_total) for e in events if not is_range(e.key)) / 1e3
     attention, routing = total(ATTENTION_RANGE), total(ROUTING_RANGE)
     return {"device_ms": round(all_ms, 1), "attention_ms": round(attention - routing, 1),
-            "routing_ms": round(routing, 1), "rest_ms": round(all_ms - attention, 1), "top_kernels": top}
+            "routing_ms": round(routing, 1), "rest_ms": round(all_ms - attention, 1), "top_kernels": []}
 
 
 class auto_choices:
@@ -279,9 +321,15 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log) -
             log(f"  shot {s.index + 1}: {s.status}, {s.seconds:.1f} s, {s.frames} frames -> {s.video_path}")
 
     def render(story, name, **kw):
+        from engine.engine import ResourceError
         _reset_peak(device)
         t0 = time.perf_counter()
-        result = engine.render(story, out_dir=out / name, on_event=on_event, **kw)
+        try:
+            result = engine.render(story, out_dir=out / name, on_event=on_event, **kw)
+        except ResourceError as err:  # out of memory under the cap: the engine's message, recorded
+            log(f"render {name}: {err}")
+            return {"render": name, "seconds": None, "peak_gib": _peak_gib(device), "error": str(err),
+                    "videos_ok": False}
         seconds = time.perf_counter() - t0
         videos = [probe(s.video_path) for s in result.shots] + [probe(result.story_video)]
         row = {"render": name, "seconds": round(seconds, 2), "peak_gib": _peak_gib(device),
@@ -305,7 +353,8 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log) -
         with dense_backend("flash"):
             rows.append(render(make_story(size, steps, "joint", False, seed0=400), "dense_flash_joint"))
     by = {r["render"]: r for r in rows}
-    return {"rows": rows, "regenerate_speedup": round(by["moc_joint"]["seconds"] / by["moc_joint_regenerate"]["seconds"], 3)}
+    joint, again = by["moc_joint"]["seconds"], by["moc_joint_regenerate"]["seconds"]
+    return {"rows": rows, "regenerate_speedup": round(joint / again, 3) if joint and again else None}
 
 
 def probe(path) -> dict:
@@ -360,7 +409,12 @@ def plot_scaling(rows: list[dict], png: Path, title: str) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", default="forward,scaling,render", help="comma-separated: forward, scaling, render")
-    p.add_argument("--steps", type=int, default=4, help="denoising steps of each render (guidance doubles the forwards)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps of each render (default: the app's, GenerationSettings.steps; guidance "
+                        "doubles the forwards)")
+    p.add_argument("--memory-gib", type=float, default=H100_USABLE_GIB,
+                   help="cap this process's GPU memory at this many GiB (default: what torch can allocate on an "
+                        "80 GB H100), so a larger GPU shows whether the story fits one H100; 0: no cap")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (median)")
     p.add_argument("--render-dense", action="store_true", help="also render the story with dense cuDNN and flash")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (default: 30; tiny: 2)")
@@ -379,6 +433,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks/e2e.py needs a CUDA GPU (or --tiny --device cpu for a check)")
+    if args.steps is None:
+        from engine.story import GenerationSettings
+        args.steps = GenerationSettings().steps
+    cap = memory_cap(device, args.memory_gib)
     size = dict(TINY if args.tiny else FULL)
     size["layers"] = args.layers or size["layers"]
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
@@ -408,7 +466,7 @@ def main(argv=None) -> int:
                     "torch": torch.__version__,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "model": "Wan2.1-1.3B architecture, random weights" + (" (tiny check)" if args.tiny else ", bf16"),
-                    "story": size, "top_k": 5, "steps": args.steps, "guidance": 4.0}
+                    "story": size, "top_k": 5, "steps": args.steps, "guidance": 4.0, "memory_cap_gib": cap}
     def write_json() -> None:  # after every part: a call cut short still brings back what was measured
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)

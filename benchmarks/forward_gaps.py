@@ -1,0 +1,203 @@
+"""Where a whole-model forward leaves the GPU idle: host synchronisations and launch gaps.
+
+benchmarks/e2e.py measured the Wan2.1-1.3B-architecture forward at MoC-180k with a wall time well
+above the sum of its kernels (MoC "auto": 5.1 s wall, 3.3 s of kernels; dense cuDNN: 12.5 s and
+11.5 s). This finds out why, per variant:
+
+- the wall time of one forward (CUDA events) against the time the GPU was busy (the union of the
+  profiler's kernel and copy intervals), and the idle time between them;
+- the longest idle gaps, each with the kernels either side and the host operations running when
+  the GPU went idle (what the host was waiting on or doing instead of launching);
+- every call site that synchronised the host with the GPU (torch.cuda.set_sync_debug_mode), as
+  the innermost project frames of its stack, counted.
+
+    python benchmarks/forward_gaps.py --shots 8 --json OUT/forward_gaps.json   (GPU)
+    python benchmarks/forward_gaps.py --tiny --device cpu                      (a CPU check)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.wan_forward import WAN_1_3B, forward, story_inputs  # noqa: E402
+from engine.moc import MoCConfig  # noqa: E402
+import engine.moc.attention as moc_attention_module  # noqa: E402
+
+VARIANTS = {  # name: (MoC config or None for dense, backend, dense SDPA kernel first)
+    "moc-auto": (True, "auto", None), "moc-gather": (True, "gather", None), "moc-triton": (True, "triton", None),
+    "dense-cudnn": (False, "auto", "cudnn"), "dense-flash": (False, "auto", "flash")}
+
+
+def project_frames(stack, keep: int = 3) -> str:
+    """The innermost `keep` frames of a stack that are this project's code, as file:line function."""
+    ours = [f for f in stack if str(ROOT) in f.filename and "forward_gaps" not in f.filename]
+    return " <- ".join(f"{Path(f.filename).relative_to(ROOT)}:{f.lineno} {f.name}" for f in reversed(ours[-keep:]))
+
+
+class sync_sites:
+    """Counts the call sites of synchronising CUDA calls inside (set_sync_debug_mode "warn")."""
+
+    def __enter__(self):
+        self.counts: collections.Counter = collections.Counter()
+        self.saved = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message):
+                self.counts[project_frames(traceback.extract_stack()[:-1]) or "(outside the project)"] += 1
+            else:
+                self.saved(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        warnings.simplefilter("always")
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("warn")
+        return self.counts
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = self.saved
+        warnings.resetwarnings()
+
+
+def gaps(events, cuda: bool, top: int) -> dict:
+    """Busy time (the union of device intervals), idle time and the longest idle gaps of a trace."""
+    from torch.autograd import DeviceType
+    device = [e for e in events if (e.device_type == DeviceType.CUDA) == cuda and e.time_range.end > e.time_range.start]
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    device.sort(key=lambda e: e.time_range.start)
+    if not device:
+        return {"busy_ms": 0.0, "idle_ms": 0.0, "gaps": []}
+    busy, found, end, last = 0.0, [], device[0].time_range.start, None
+    span0 = device[0].time_range.start
+    for e in device:
+        s, t = e.time_range.start, e.time_range.end
+        if s > end and last is not None:
+            found.append((s - end, end, last.name, e.name))
+        if t > end:
+            busy += t - max(s, end)
+            end, last = t, e
+        elif last is None:
+            last = e
+    out = []
+    for length, start, before, after in sorted(found, reverse=True)[:top]:
+        running = [h for h in host if h.time_range.start <= start <= h.time_range.end]
+        running.sort(key=lambda h: h.time_range.end - h.time_range.start)  # innermost first
+        out.append({"ms": round(length / 1e3, 3), "after_kernel": before[:70], "before_kernel": after[:70],
+                    "host_ops": [h.name[:60] for h in running[:4]]})
+    total_idle = sum(g[0] for g in found)
+    small = sum(g[0] for g in found if g[0] < 50)  # gaps under 50 us: launch spacing
+    return {"span_ms": round((end - span0) / 1e3, 1), "busy_ms": round(busy / 1e3, 1),
+            "idle_ms": round(total_idle / 1e3, 1), "idle_in_gaps_under_50us_ms": round(small / 1e3, 1),
+            "gaps_over_1ms": sum(1 for g in found if g[0] >= 1000), "gaps": out}
+
+
+def measure(st, inputs, name: str, device, top: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    is_moc, backend, dense = VARIANTS[name]
+    moc = MoCConfig(top_k=5) if is_moc else None
+    saved = moc_attention_module.DENSE_PRIORITY
+    if dense:
+        from torch.nn.attention import SDPBackend
+        first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[dense]
+        moc_attention_module.DENSE_PRIORITY = [first] + [b for b in saved if b != first]
+    cuda = device.type == "cuda"
+    try:
+        def run():
+            return forward(st, *inputs, moc, backend)
+        run()  # warm-up: autotuning, cuDNN plans, allocator
+        if cuda:
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            run()
+            b.record()
+            torch.cuda.synchronize()
+            wall = a.elapsed_time(b)
+        else:
+            t0 = time.perf_counter()
+            run()
+            wall = (time.perf_counter() - t0) * 1e3
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            run()
+            if cuda:
+                torch.cuda.synchronize()
+        trace = gaps(prof.events(), cuda, top)
+        with sync_sites() as counts:
+            run()
+            if cuda:
+                torch.cuda.synchronize()
+    finally:
+        moc_attention_module.DENSE_PRIORITY = saved
+    return {"variant": name, "wall_ms": round(wall, 1), **trace,
+            "sync_sites": [{"site": s, "calls": n} for s, n in counts.most_common(12)]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shots", type=int, default=8)
+    p.add_argument("--frames", type=int, default=15, help="latent frames a shot")
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--variants", default="moc-auto,dense-cudnn", help=f"comma-separated, of {sorted(VARIANTS)}")
+    p.add_argument("--top", type=int, default=8, help="gaps listed per variant")
+    p.add_argument("--tiny", action="store_true", help="a tiny model and story (a CPU check of this script)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"--variants takes {sorted(VARIANTS)}; got {sorted(unknown)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/forward_gaps.py needs a CUDA GPU (or --tiny --device cpu for a check)")
+    from diffusers import WanTransformer3DModel
+    from engine.backbone import StoryTransformer
+    torch.manual_seed(0)
+    config = dict(WAN_1_3B, num_layers=args.layers)
+    h, w = 60, 100  # MoC-180k: 480 x 800 pixels, 30 x 50 tokens a frame
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.tiny:
+        config.update(num_attention_heads=2, attention_head_dim=64, ffn_dim=64, text_dim=32, num_layers=2)
+        h, w = 8, 12
+    with torch.device(device):
+        model = WanTransformer3DModel(**config).to(dtype).eval()
+    st = StoryTransformer(model)
+    inputs = story_inputs(st, args.shots, args.frames, h, w, device, dtype)
+    if args.tiny:  # the reference backends on the CPU
+        for name in names:
+            VARIANTS[name] = (VARIANTS[name][0], "reference" if VARIANTS[name][0] else "auto", None)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "story": {"shots": args.shots, "frames": args.frames, "tokens": inputs[0].num_tokens,
+                        "layers": config["num_layers"]}, "rows": []}
+    print(f"{'variant':<12} {'wall ms':>9} {'busy ms':>9} {'idle ms':>9} {'gaps>1ms':>8}  top sync site")
+    for name in names:
+        row = measure(st, inputs, name, device, args.top)
+        result["rows"].append(row)
+        site = row["sync_sites"][0] if row["sync_sites"] else {"site": "-", "calls": 0}
+        print(f"{name:<12} {row['wall_ms']:>9.1f} {row['busy_ms']:>9.1f} {row['idle_ms']:>9.1f} "
+              f"{row['gaps_over_1ms']:>8}  {site['calls']}x {site['site'][:90]}")
+        for g in row["gaps"][:4]:
+            print(f"    gap {g['ms']:.2f} ms after {g['after_kernel'][:40]} | host: {', '.join(g['host_ops'][:3])}")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
