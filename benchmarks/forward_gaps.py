@@ -1,8 +1,9 @@
 """Where a whole-model forward leaves the GPU idle: host synchronisations and launch gaps.
 
-benchmarks/e2e.py measured the Wan2.1-1.3B-architecture forward at MoC-180k with a wall time well
-above the sum of its kernels (MoC "auto": 5.1 s wall, 3.3 s of kernels; dense cuDNN: 12.5 s and
-11.5 s). This finds out why, per variant:
+benchmarks/e2e.py's profiler split of the Wan2.1-1.3B-architecture forward at MoC-180k added its
+kernels up to far less than the wall time (MoC "auto": 3.3 s of 5.1 s; dense cuDNN: 11.5 of 12.5
+s): host stalls, or kernels the split missed? (Missed kernels: the first run of this script, see
+BENCHMARKS.md.) Per variant it measures:
 
 - the wall time of one forward (CUDA events) against the time the GPU was busy (the union of the
   profiler's kernel and copy intervals), and the idle time between them;
@@ -75,7 +76,11 @@ class sync_sites:
 def gaps(events, cuda: bool, top: int) -> dict:
     """Busy time (the union of device intervals), idle time and the longest idle gaps of a trace."""
     from torch.autograd import DeviceType
-    device = [e for e in events if (e.device_type == DeviceType.CUDA) == cuda and e.time_range.end > e.time_range.start]
+    from benchmarks.train_step import is_range
+    # kernels and copies only: a named range (record_function) also has a device-side span, from its
+    # first kernel to its last, which would hide the idle gaps inside it (the first GPU run counted them)
+    device = [e for e in events if (e.device_type == DeviceType.CUDA) == cuda and not is_range(e.name)
+              and e.time_range.end > e.time_range.start]
     host = [e for e in events if e.device_type == DeviceType.CPU]
     device.sort(key=lambda e: e.time_range.start)
     if not device:

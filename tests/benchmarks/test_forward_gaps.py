@@ -21,6 +21,7 @@ def test_busy_time_is_the_union_of_overlapping_intervals():
 def test_gaps_are_found_between_kernels_with_the_host_op_that_was_running():
     ms = 1000  # the profiler's clock is in microseconds
     trace = [event("k1", 0, 100 * ms), event("k2", 90 * ms, 200 * ms), event("k3", 2200 * ms, 2300 * ms),
+             event("storyboard.attention", 0, 2400 * ms),  # a range's device span: not busy time
              event("k4", 2300 * ms + 20, 2400 * ms), event("aten::item", 150 * ms, 2250 * ms, DeviceType.CPU),
              event("outer", 0, 3000 * ms, DeviceType.CPU)]
     out = forward_gaps.gaps(trace, cuda=True, top=5)
