@@ -33,11 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.e2e import _sync, busy_ms, dense_backend  # noqa: E402
+from benchmarks.train_step import is_range  # noqa: E402
 from benchmarks.wan_forward import WAN_1_3B, forward, story_inputs  # noqa: E402
 from engine.moc import MoCConfig  # noqa: E402
-import engine.moc.attention as moc_attention_module  # noqa: E402
 
-VARIANTS = {  # name: (MoC config or None for dense, backend, dense SDPA kernel first)
+VARIANTS = {  # name: (MoC or dense, backend, dense SDPA kernel first)
     "moc-auto": (True, "auto", None), "moc-gather": (True, "gather", None), "moc-triton": (True, "triton", None),
     "dense-cudnn": (False, "auto", "cudnn"), "dense-flash": (False, "auto", "flash")}
 
@@ -76,7 +77,6 @@ class sync_sites:
 def gaps(events, cuda: bool, top: int) -> dict:
     """Busy time (the union of device intervals), idle time and the longest idle gaps of a trace."""
     from torch.autograd import DeviceType
-    from benchmarks.train_step import is_range
     # kernels and copies only: a named range (record_function) also has a device-side span, from its
     # first kernel to its last, which would hide the idle gaps inside it (the first GPU run counted them)
     device = [e for e in events if (e.device_type == DeviceType.CUDA) == cuda and not is_range(e.name)
@@ -85,17 +85,14 @@ def gaps(events, cuda: bool, top: int) -> dict:
     device.sort(key=lambda e: e.time_range.start)
     if not device:
         return {"busy_ms": 0.0, "idle_ms": 0.0, "gaps": []}
-    busy, found, end, last = 0.0, [], device[0].time_range.start, None
+    found, end, last = [], device[0].time_range.start, device[0]
     span0 = device[0].time_range.start
-    for e in device:
+    for e in device:  # the idle stretches between the union's intervals
         s, t = e.time_range.start, e.time_range.end
-        if s > end and last is not None:
+        if s > end:
             found.append((s - end, end, last.name, e.name))
         if t > end:
-            busy += t - max(s, end)
             end, last = t, e
-        elif last is None:
-            last = e
     out = []
     for length, start, before, after in sorted(found, reverse=True)[:top]:
         running = [h for h in host if h.time_range.start <= start <= h.time_range.end]
@@ -104,48 +101,33 @@ def gaps(events, cuda: bool, top: int) -> dict:
                     "host_ops": [h.name[:60] for h in running[:4]]})
     total_idle = sum(g[0] for g in found)
     small = sum(g[0] for g in found if g[0] < 50)  # gaps under 50 us: launch spacing
-    return {"span_ms": round((end - span0) / 1e3, 1), "busy_ms": round(busy / 1e3, 1),
+    return {"span_ms": round((end - span0) / 1e3, 1), "busy_ms": round(busy_ms(device), 1),
             "idle_ms": round(total_idle / 1e3, 1), "idle_in_gaps_under_50us_ms": round(small / 1e3, 1),
             "gaps_over_1ms": sum(1 for g in found if g[0] >= 1000), "gaps": out}
 
 
-def measure(st, inputs, name: str, device, top: int) -> dict:
+def measure(st, inputs, name: str, device, top: int, tiny: bool = False) -> dict:
+    """One variant: wall time of a warm forward, its GPU trace's gaps, its synchronisation sites.
+    tiny: the CPU check, where MoC runs on the reference backend."""
     from torch.profiler import ProfilerActivity, profile
     is_moc, backend, dense = VARIANTS[name]
     moc = MoCConfig(top_k=5) if is_moc else None
-    saved = moc_attention_module.DENSE_PRIORITY
-    if dense:
-        from torch.nn.attention import SDPBackend
-        first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[dense]
-        moc_attention_module.DENSE_PRIORITY = [first] + [b for b in saved if b != first]
+    backend = "reference" if tiny and is_moc else backend
     cuda = device.type == "cuda"
-    try:
-        def run():
-            return forward(st, *inputs, moc, backend)
+
+    def run():
+        forward(st, *inputs, moc, backend)
+        _sync(device)
+    with dense_backend(dense or "cudnn"):  # MoC makes no dense call at these sizes
         run()  # warm-up: autotuning, cuDNN plans, allocator
-        if cuda:
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            run()
-            b.record()
-            torch.cuda.synchronize()
-            wall = a.elapsed_time(b)
-        else:
-            t0 = time.perf_counter()
-            run()
-            wall = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        run()
+        wall = (time.perf_counter() - t0) * 1e3
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             run()
-            if cuda:
-                torch.cuda.synchronize()
         trace = gaps(prof.events(), cuda, top)
         with sync_sites() as counts:
             run()
-            if cuda:
-                torch.cuda.synchronize()
-    finally:
-        moc_attention_module.DENSE_PRIORITY = saved
     return {"variant": name, "wall_ms": round(wall, 1), **trace,
             "sync_sites": [{"site": s, "calls": n} for s, n in counts.most_common(12)]}
 
@@ -181,9 +163,6 @@ def main(argv=None) -> int:
         model = WanTransformer3DModel(**config).to(dtype).eval()
     st = StoryTransformer(model)
     inputs = story_inputs(st, args.shots, args.frames, h, w, device, dtype)
-    if args.tiny:  # the reference backends on the CPU
-        for name in names:
-            VARIANTS[name] = (VARIANTS[name][0], "reference" if VARIANTS[name][0] else "auto", None)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -191,7 +170,7 @@ def main(argv=None) -> int:
                         "layers": config["num_layers"]}, "rows": []}
     print(f"{'variant':<12} {'wall ms':>9} {'busy ms':>9} {'idle ms':>9} {'gaps>1ms':>8}  top sync site")
     for name in names:
-        row = measure(st, inputs, name, device, args.top)
+        row = measure(st, inputs, name, device, args.top, args.tiny)
         result["rows"].append(row)
         site = row["sync_sites"][0] if row["sync_sites"] else {"site": "-", "calls": 0}
         print(f"{name:<12} {row['wall_ms']:>9.1f} {row['busy_ms']:>9.1f} {row['idle_ms']:>9.1f} "
