@@ -34,6 +34,7 @@ scaling table as a PNG (here, where Pillow is; the GPU image may lack it).
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import json
 import sys
@@ -119,10 +120,11 @@ def memory_cap(device, gib: float) -> float | None:
     (no GPU, no cap asked, or a GPU no larger than the cap)."""
     if device.type != "cuda" or gib <= 0:
         return None
-    total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory / 2 ** 30
     if total <= gib:
         return None
-    torch.cuda.set_per_process_memory_fraction(gib / total, device)
+    torch.cuda.set_per_process_memory_fraction(gib / total, index)
     return gib
 
 
@@ -170,51 +172,96 @@ class dense_backend:
         moc_attention_module.DENSE_PRIORITY = self.saved
 
 
-def busy_ms(events) -> float:
-    """The time a device was busy, in ms: the union of the intervals of `events` (kernels, copies)."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.time_range.end > e.time_range.start)
+def _union(spans) -> float:
+    """The length of the union of (start, end) intervals."""
     busy, end = 0.0, float("-inf")
-    for s, t in spans:
+    for s, t in sorted(spans):
         if t > end:
             busy += t - max(s, end)
             end = t
-    return busy / 1e3
+    return busy
+
+
+def busy_ms(events) -> float:
+    """The time a device was busy, in ms: the union of the intervals of `events` (kernels, copies)."""
+    return _union((e.time_range.start, e.time_range.end) for e in events if e.time_range.end > e.time_range.start) / 1e3
+
+
+def classify_busy(kernels, attention_spans, routing_spans) -> dict:
+    """Busy time (the union of intervals, in the intervals' unit) of the kernels `kernels` (start, end)
+    by the named range each starts in: a routing span, else an attention span (attention excludes
+    routing), else the rest. A range's device-side span runs from its first kernel to its last and
+    so also covers any idle time inside it: the kernels, not the spans, are summed."""
+    def inside(spans):
+        spans = sorted(spans)
+        starts = [a for a, _ in spans]
+
+        def test(t) -> bool:
+            i = bisect.bisect_right(starts, t) - 1
+            return i >= 0 and t < spans[i][1]
+        return test
+
+    in_routing, in_attention = inside(routing_spans), inside(attention_spans)
+    parts: dict[str, list] = {"attention": [], "routing": [], "rest": []}
+    for a, b in kernels:
+        parts["routing" if in_routing(a) else "attention" if in_attention(a) else "rest"].append((a, b))
+    return {"busy": _union(kernels), **{k: _union(v) for k, v in parts.items()}}
+
+
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cudaFree", "cudaMalloc")  # host calls that can leave the GPU idle (cudaFree waits for the device)
 
 
 def time_split(fn, device) -> dict:
-    """One call of fn under torch.profiler: device time in ms in all, in self-attention (routing
-    excluded), in routing, and the rest. On a CPU the CPU's op times stand in (a check of this code).
+    """One call of fn under torch.profiler, in ms: the time the device was busy ("device_ms") and
+    its split into self-attention (routing excluded), routing and the rest; on the GPU also the
+    host calls that wait for it (HOST_WAITS: count and ms) and the caching allocator's device
+    allocations and frees during the call. On a CPU the CPU's op times stand in (a check of this code).
 
-    On the GPU "device_ms" is the time the GPU was busy (the union of the kernel and copy intervals
-    on its timeline) and attention and routing are the device-side spans of the engine's named ranges
-    (moc.ATTENTION_RANGE, moc.ROUTING_RANGE; the routing range sits inside the attention range). The
-    first two GPU runs summed the profiler's per-kernel totals instead, which missed kernels: 3.3 s
-    of the MoC forward's 5.2 s that benchmarks/forward_gaps.py found the GPU busy for."""
+    On the GPU the busy time is the union of the kernel and copy intervals on its timeline, and a
+    kernel counts for attention or routing when it starts inside the device-side span of the
+    engine's named range (moc.ATTENTION_RANGE, moc.ROUTING_RANGE; routing sits inside attention;
+    `classify_busy`). The wall time less "device_ms" is the time the GPU sat idle. (The first two GPU
+    runs summed the profiler's per-kernel totals; the third took the ranges' spans for attention,
+    which include idle time inside them, so its "rest" came out far too small.)"""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
     _sync(device)
+    if cuda:
+        before = torch.cuda.memory_stats(device)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         fn()
         _sync(device)
     if cuda:
+        after = torch.cuda.memory_stats(device)
         on_device = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-        kernels = [e for e in on_device if not is_range(e.name)]
+        kernels = [e for e in on_device if not is_range(e.name) and e.time_range.end > e.time_range.start]
 
-        def span(name: str) -> float:
-            return sum(e.time_range.end - e.time_range.start for e in on_device if e.name == name) / 1e3
+        def spans(name: str) -> list:
+            return [(e.time_range.start, e.time_range.end) for e in on_device if e.name == name]
 
-        all_ms, attention, routing = busy_ms(kernels), span(ATTENTION_RANGE), span(ROUTING_RANGE)
+        ms = {k: v / 1e3 for k, v in classify_busy([(e.time_range.start, e.time_range.end) for e in kernels],
+                                                     spans(ATTENTION_RANGE), spans(ROUTING_RANGE)).items()}
         per_kernel: dict[str, list] = {}
         for e in kernels:
             row = per_kernel.setdefault(e.name[:80], [0.0, 0])
             row[0] += (e.time_range.end - e.time_range.start) / 1e3
             row[1] += 1
-        top = [{"name": k, "ms": round(ms, 1), "calls": n}
-               for k, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:8]]
-        out = {"device_ms": round(all_ms, 1), "attention_ms": round(attention - routing, 1),
-               "routing_ms": round(routing, 1), "rest_ms": round(all_ms - attention, 1), "top_kernels": top}
-        if attention == 0.0 and any(e.name == ATTENTION_RANGE for e in prof.events()):
+        top = [{"name": k, "ms": round(t, 1), "calls": n}
+               for k, (t, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:8]]
+        waits: dict[str, list] = {}
+        for e in prof.events():
+            if e.device_type == DeviceType.CPU and e.name in HOST_WAITS:
+                row = waits.setdefault(e.name, [0, 0.0])
+                row[0] += 1
+                row[1] += (e.time_range.end - e.time_range.start) / 1e3
+        out = {"device_ms": round(ms["busy"], 1), "attention_ms": round(ms["attention"], 1),
+               "routing_ms": round(ms["routing"], 1), "rest_ms": round(ms["rest"], 1), "top_kernels": top,
+               "host_waits": {k: {"calls": n, "ms": round(t, 1)} for k, (n, t) in sorted(waits.items())},
+               "allocator": {k: after.get(k, 0) - before.get(k, 0)
+                             for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}}
+        if not spans(ATTENTION_RANGE) and any(e.name == ATTENTION_RANGE for e in prof.events()):
             out["split_note"] = "the named ranges have no device-side spans in this profiler: attention unknown"
         return out
     events = prof.key_averages()
@@ -275,10 +322,12 @@ def part_forward(st, size, device, dtype, repeats: int, log) -> list[dict]:
             split = time_split(run, device)
         row = {"variant": name, "tokens": layout.num_tokens, "layers": len(st.model.blocks), "forward_ms": round(ms, 1),
                "peak_gib": _peak_gib(device), **split}
+        if gpu:
+            row["idle_ms"] = round(ms - split["device_ms"], 1)  # the GPU waiting for the host
         if name == "moc-auto":
             row["auto_chose"] = chose  # sparse_choice per self-attention call, warm-up and timed runs
         rows.append(row)
-        log(f"forward {name}: {ms:.1f} ms, split { {k: v for k, v in split.items() if k != 'top_kernels'} }, "
+        log(f"forward {name}: {ms:.1f} ms, split { {k: v for k, v in split.items() if k not in ('top_kernels', 'host_waits')} }, "
             f"peak {row['peak_gib']} GiB" + (f", auto chose {chose}" if name == "moc-auto" else ""))
     by = {r["variant"]: r for r in rows}
     for r in rows:

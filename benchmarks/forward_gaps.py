@@ -123,9 +123,14 @@ def measure(st, inputs, name: str, device, top: int, tiny: bool = False) -> dict
         t0 = time.perf_counter()
         run()
         wall = (time.perf_counter() - t0) * 1e3
+        before = torch.cuda.memory_stats(device) if cuda else {}
         with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
             run()
+        after = torch.cuda.memory_stats(device) if cuda else {}
         trace = gaps(prof.events(), cuda, top)
+        # cudaMalloc / cudaFree by the caching allocator in the warm forward (a cudaFree waits for the GPU)
+        trace["allocator"] = {k: after.get(k, 0) - before.get(k, 0)
+                              for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
         with sync_sites() as counts:
             run()
     return {"variant": name, "wall_ms": round(wall, 1), **trace,

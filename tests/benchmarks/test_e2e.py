@@ -61,3 +61,11 @@ def test_the_scaling_plot_is_drawn_from_the_json(run, tmp_path):
     img = Image.open(tmp_path / "s.png").convert("RGB")
     colours = set(img.getdata())
     assert (40, 90, 200) in colours and (200, 60, 50) in colours  # both lines are drawn
+
+
+def test_classify_busy_counts_kernels_by_the_range_they_start_in_and_leaves_idle_out():
+    # one attention range from 10 to 60 with a routing range inside (12..20); the GPU idles 30..50
+    kernels = [(0, 5), (3, 8), (12, 18), (21, 30), (50, 58), (62, 70), (65, 66)]
+    got = e2e.classify_busy(kernels, attention_spans=[(10, 60)], routing_spans=[(12, 20)])
+    assert got == {"busy": 8 + 6 + 9 + 8 + 8, "routing": 6, "attention": 9 + 8, "rest": 8 + 8}
+    assert e2e.classify_busy(kernels, [], [])["rest"] == got["busy"]  # no ranges: everything is the rest
