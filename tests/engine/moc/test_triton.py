@@ -18,6 +18,8 @@ import torch
 from engine.moc import MoCConfig, TokenLayout, moc_attention, route
 from engine.moc.attention import reference_attention
 
+from .conftest import interpreter_numpy_shim
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and not INTERPRET
 DEVICE = "cuda" if CUDA else "cpu"
@@ -53,21 +55,12 @@ DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float16, torch.floa
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_numpy_shim():
-    """Triton 3.6's interpreter turns a loaded scalar into a one-element array and calls int() on it
-    for range(); numpy >= 2.3 refuses that. Read the element instead, for this module only."""
+    """The interpreter's numpy patch (conftest.interpreter_numpy_shim), for this module only."""
     if not INTERPRET:
         yield
         return
-    import triton.runtime.interpreter as interpreter
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    yield
-    interpreter._patch_lang_tensor = original
+    with interpreter_numpy_shim():
+        yield
 
 
 def random_qkv(layout, B, H, D, dtype, seed, structured=False):
