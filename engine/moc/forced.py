@@ -119,8 +119,9 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q (B, H, n, D) and k, v (B, H, m, D) with any strides whose last dim is contiguous."""
     B, H, n, _ = q.shape
     if q.is_cuda:
+        # (q, k, v, attn_bias, compute_log_sumexp, dropout_p, is_causal, return_debug_mask, *, scale)
         out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, k, v, None, True, 0.0, False, False, scale=scale)  # attn_bias, compute_log_sumexp, dropout, causal, debug
+            q, k, v, None, True, 0.0, False, False, scale=scale)
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
     return out, lse.reshape(B, H, n)  # cuDNN versions differ: (B, H, n) or (B, H, n, 1)

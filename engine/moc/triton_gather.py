@@ -342,10 +342,9 @@ def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sele
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     sm_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     groups, why = sdpa_forced_plan(q, selection) if forced == "sdpa" else (None, "requested")
-    if groups is None:
-        selection.info["forced"], selection.info["forced_reason"] = "triton", FALLBACK_REASONS[why]
-    else:
-        selection.info["forced"], selection.info["forced_reason"] = "sdpa", f"one SDPA call per forced group ({len(groups)})"
+    selection.info["forced"] = "triton" if groups is None else "sdpa"
+    selection.info["forced_reason"] = (FALLBACK_REASONS[why] if groups is None
+                                       else f"one SDPA call per forced group ({len(groups)})")
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     H = q.shape[1]
     group = heads_per_group(q, k, selection.routed.shape[-1], grad)
