@@ -7,6 +7,12 @@ Inputs: "structured" (benchmarks/workload.py: per frame and head a shared frame 
 per-token noise, frame vectors repeating every 2 shots) and "random" (i.i.d. normal, the worst
 case: per-token top-k is near random, so a tile's union approaches every earlier chunk).
 
+Step 1 of "gather" (the forced links: own shot, captions) runs per forced group through cuDNN
+("moc-gather", forced="sdpa", the default) or through the tile kernel ("moc-gather-triton-forced");
+"forced-sdpa" and "forced-triton" time that step alone (no routing, forward), to set against
+"dense-cudnn" (its block-diagonal share is the ideal); their rel_err / lse_err compare the two
+ways of computing it (lse in log2 units: the cuDNN convention converted).
+
 Columns: fwd_ms is routing + attention forward (for dense: attention); fwd_bwd_ms adds the
 backward (dq, dk, dv); routing_ms is the fused routing alone (descriptors, top-k, Selection);
 attn_ms is the attention given the selection (plan or BlockMask build included); density is the
@@ -17,6 +23,11 @@ same for the Triton kernel's tiles, whose rows are sorted by routed set); peak_m
 torch's allocator over one forward + backward, inputs and gradients included.
 
     python benchmarks/attention.py --json benchmarks/results/attention_h100.json
+    python benchmarks/attention.py --sizes 180k --backends moc-gather moc-gather-triton-forced \
+        forced-triton forced-sdpa dense-cudnn --json benchmarks/results/attention_forced_180k_h200.json
+    python benchmarks/attention.py --device cpu   # a tiny story on the CPU: does it run
+With TRITON_INTERPRET=1 the CPU run adds the Triton rows (Triton 3.6's interpreter needs numpy < 2.3
+or the tests' patch: tests/benchmarks/test_attention_bench.py runs them so).
 """
 
 from __future__ import annotations
@@ -24,7 +35,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,20 +51,32 @@ from engine.moc import MoCConfig, route  # noqa: E402
 from engine.moc import attend as model_attention  # noqa: E402  (the model's entry point)
 from engine.moc.flex import build_block_mask, flex_moc_attention  # noqa: E402
 from engine.moc.triton_attention import kernel_plan, triton_moc_attention  # noqa: E402
-from engine.moc.triton_gather import gather_moc_attention  # noqa: E402
+from engine.moc.forced import sdpa_forced_attention, sdpa_forced_plan  # noqa: E402
+from engine.moc.triton_gather import forced_attention, forced_only, gather_moc_attention  # noqa: E402
 
 FRAME_TOKENS = {"16k": 136, "64k": 544, "180k": 1500}
 HEADS, HEAD_DIM, TOP_K = 12, 128, 5
-BACKENDS = ("moc-triton", "moc-gather", "moc-flex", "moc-auto", "dense-cudnn", "dense-flash")
-FORWARD_ONLY = ()  # backends without a backward (their fwd_bwd columns stay empty)
+# --device cpu: a tiny story of the same structure (3 shots x 3 frames x 19 tokens, 2 heads x 64,
+# float32: the interpreter miscomputes bf16 dots), to check that the script runs, not to time it
+TINY = {"shots": 3, "frames_per_shot": 3, "frame_tokens": 19, "heads": 2, "head_dim": 64}
+BACKENDS = ("moc-triton", "moc-gather", "moc-gather-triton-forced", "moc-flex", "moc-auto", "forced-triton",
+            "forced-sdpa", "dense-cudnn", "dense-flash")
+FORWARD_ONLY = ("forced-triton", "forced-sdpa")  # backends without a backward (their fwd_bwd columns stay empty)
+CPU_BACKENDS = ("forced-sdpa",)  # what --device cpu runs without Triton; the rest need TRITON_INTERPRET=1
+CPU_INTERPRETED = ("moc-triton", "moc-gather", "moc-gather-triton-forced", "forced-triton")
 
 
 def time_ms(fn, repeats: int, warmup: int = 2) -> float:
-    """Median of `repeats` runs, timed with CUDA events, after `warmup` runs."""
+    """Median of `repeats` runs, timed with CUDA events (wall clock without a GPU), after `warmup` runs."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        if not torch.cuda.is_available():
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+            continue
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -62,6 +87,8 @@ def time_ms(fn, repeats: int, warmup: int = 2) -> float:
 
 
 def peak_gib(fn) -> float:
+    if not torch.cuda.is_available():
+        return float("nan")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     fn()
@@ -77,33 +104,58 @@ def dense_fn(backend: SDPBackend):
 
 
 def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) -> list[dict]:
-    layout = moc_layout(frame_tokens=FRAME_TOKENS[size])
-    config = MoCConfig(top_k=TOP_K)
+    """One row per backend at `size` ("tiny": the CPU story of TINY)."""
+    if size == "tiny":
+        layout = moc_layout(TINY["shots"], TINY["frames_per_shot"], TINY["frame_tokens"])
+        heads, head_dim, device, dtype, impl = TINY["heads"], TINY["head_dim"], "cpu", torch.float32, "reference"
+        config = MoCConfig(top_k=2, tile=16)  # the interpreter's tiles (write_json records top_k=2 for "cpu")
+    else:
+        layout = moc_layout(frame_tokens=FRAME_TOKENS[size])
+        heads, head_dim, device, dtype, impl = HEADS, HEAD_DIM, "cuda", torch.bfloat16, "triton"
+        config = MoCConfig(top_k=TOP_K)
     make = structured_qkv if inputs == "structured" else random_qkv
-    q, k, v = make(layout, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, seed=0)
+    q, k, v = make(layout, heads, head_dim, device=device, dtype=dtype, seed=0)
     q, k, v = [t.requires_grad_() for t in (q, k, v)]
     do = torch.randn_like(q)
     N = layout.num_tokens
 
     def routing():
-        return route(q.detach(), k.detach(), layout, config, impl="triton")
+        return route(q.detach(), k.detach(), layout, config, impl=impl)
 
     sel = routing()
     stats = sel.stats()
-    plan = kernel_plan(sel)
-    work = float(plan.ranges.keys_per_tile().sum() * sel.tile / (HEADS * N * N))  # tile rows x keys walked
-    kernel_union = float(plan.tiles.tile_count.float().mean())
+    work = kernel_union = float("nan")
+    if "moc-triton" in backends:
+        plan = kernel_plan(sel)
+        work = float(plan.ranges.keys_per_tile().sum() * sel.tile / (heads * N * N))  # tile rows x keys walked
+        kernel_union = float(plan.tiles.tile_count.float().mean())
     routing_ms = time_ms(routing, repeats)
     moc_attend = {
         "moc-triton": lambda s: triton_moc_attention(q, k, v, s),
         "moc-flex": lambda s: flex_moc_attention(q, k, v, s, block_mask=build_block_mask(s)),
-        "moc-gather": lambda s: gather_moc_attention(q, k, v, s),
+        "moc-gather": lambda s: gather_moc_attention(q, k, v, s, forced="sdpa"),
+        "moc-gather-triton-forced": lambda s: gather_moc_attention(q, k, v, s, forced="triton"),
     }
-    reference_out = None
+    # step 1 of "gather" alone: the forced links (no routing), (out, lse in log2 units) either way
+    scale = head_dim ** -0.5
+    groups, why = sdpa_forced_plan(q, sel)
+    forced_steps = {
+        "forced-triton": lambda: forced_attention(q, k, v, sel, scale, None)[:2],
+        "forced-sdpa": lambda: sdpa_forced_attention(q, k, v, groups, scale),
+    }
+    forced_density = forced_only(sel).density()
+    reference_out, forced_out = None, None
     rows = []
     for backend in backends:
         dispatch = None
-        if backend == "moc-auto":
+        if backend == "forced-sdpa" and groups is None:
+            print(f"forced-sdpa skipped: the forced groups do not fit SDPA here ({why})", flush=True)
+            continue
+        if backend in forced_steps:
+            step = forced_steps[backend]
+            fwd = attn = lambda step=step: step()[0]  # noqa: E731
+            density, union, routed_union = forced_density, float("nan"), float("nan")
+        elif backend == "moc-auto":
             # the model's entry point: dense SDPA when the cost model says it is faster, else MoC
             fwd = attn = lambda: model_attention(q, k, v, layout, config, backend="auto")[0]  # noqa: E731
             with torch.no_grad():
@@ -127,12 +179,18 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) 
 
         with torch.no_grad():
             out = attn()  # also compiles / autotunes
-        if backend in ("moc-flex", "moc-gather") and reference_out is not None:
+        err, lse_err = float("nan"), float("nan")
+        if backend in ("moc-flex", "moc-gather", "moc-gather-triton-forced") and reference_out is not None:
             err = float((out.float() - reference_out).norm() / reference_out.norm())
-        else:
-            err = float("nan")
         if backend == "moc-triton":
             reference_out = out.float()
+        if backend in forced_steps:
+            with torch.no_grad():
+                o_f, lse_f = forced_steps[backend]()
+            if forced_out is not None:  # forced-sdpa against forced-triton: out, and lse in log2 units
+                err = float((o_f.float() - forced_out[0]).norm() / forced_out[0].norm())
+                lse_err = float((lse_f - forced_out[1]).abs().max())
+            forced_out = (o_f.float(), lse_f)
         backward = backend not in FORWARD_ONLY
         if backward:
             fwd_bwd()
@@ -143,27 +201,36 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) 
         peak = peak_gib(fwd_bwd) if backward else float("nan")
         with torch.no_grad():
             fwd_peak = peak_gib(fwd)
-        moc_flops, dense_flops = sel.attention_flops(HEAD_DIM)
+        moc_flops, dense_flops = sel.attention_flops(head_dim)
         flops = dense_flops if backend.startswith("dense") or dispatch == "dense" else moc_flops
+        if backend in forced_steps:
+            flops = forced_only(sel).attention_flops(head_dim)[0]
         rows.append({
             "tokens": N, "size": size, "backend": backend, "inputs": inputs,
             "fwd_ms": round(fwd_ms, 3), "fwd_bwd_ms": round(fwd_bwd_ms, 3) if backward else None,
             "routing_ms": round(routing_ms, 3) if backend.startswith("moc") and dispatch != "dense" else 0.0,
             "attn_ms": round(attn_ms, 3), "attn_tflops": round(flops / attn_ms / 1e9, 1),
-            "density": round(density, 4), "work": round(work, 4) if backend == "moc-triton" else None,
-            "union_chunks_per_tile": round(union, 2), "routed_chunks_per_tile": round(routed_union, 2),
-            "kernel_union_chunks_per_tile": round(kernel_union, 2) if backend == "moc-triton" else None,
-            "peak_mem_gib": round(peak, 3) if backward else None, "fwd_peak_mem_gib": round(fwd_peak, 3),
-            "rel_err_vs_triton": None if err != err else round(err, 5),
+            "density": round(density, 4), "work": rounded(work, 4) if backend == "moc-triton" else None,
+            "union_chunks_per_tile": rounded(union, 2), "routed_chunks_per_tile": rounded(routed_union, 2),
+            "kernel_union_chunks_per_tile": rounded(kernel_union, 2) if backend == "moc-triton" else None,
+            "peak_mem_gib": rounded(peak, 3), "fwd_peak_mem_gib": rounded(fwd_peak, 3),
+            "rel_err_vs_triton": rounded(err, 5), "lse_err_vs_triton": rounded(lse_err, 5),
+            "forced": sel.info.get("forced") if backend.startswith("moc-gather") else None,
             "dispatch": dispatch,
         })
         print(format_row(rows[-1]), flush=True)
         del out
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return rows
 
 
-COLUMNS = [("tokens", 7), ("inputs", 10), ("backend", 11), ("fwd_ms", 9), ("fwd_bwd_ms", 10),
+def rounded(x: float, digits: int) -> float | None:
+    """x rounded, or None for NaN (a figure this row does not have): JSON has no NaN."""
+    return None if x != x else round(x, digits)
+
+
+COLUMNS = [("tokens", 7), ("inputs", 10), ("backend", 24), ("fwd_ms", 9), ("fwd_bwd_ms", 10),
            ("routing_ms", 10), ("attn_ms", 9), ("attn_tflops", 11), ("density", 7), ("work", 6),
            ("union_chunks_per_tile", 6), ("peak_mem_gib", 8), ("dispatch", 8)]
 
@@ -176,8 +243,9 @@ def summary(rows: list[dict]) -> list[str]:
     """The issue's targets, as ratios from this one run."""
     out = []
     by = {(r["size"], r["inputs"], r["backend"]): r for r in rows}
-    for size in FRAME_TOKENS:
+    for size in ("tiny", *FRAME_TOKENS):
         for inputs in ("structured", "random"):
+            out += forced_summary(by, size, inputs)
             t, c, f = (by.get((size, inputs, b)) for b in ("moc-triton", "dense-cudnn", "moc-flex"))
             if not (t and c):
                 continue
@@ -200,26 +268,54 @@ def summary(rows: list[dict]) -> list[str]:
     return out
 
 
+def forced_summary(by: dict, size: str, inputs: str) -> list[str]:
+    """Step 1 of "gather" both ways, and the whole of "gather" both ways, where the rows exist."""
+    out = []
+    fs, ft, c = (by.get((size, inputs, b)) for b in ("forced-sdpa", "forced-triton", "dense-cudnn"))
+    if fs and ft:
+        line = (f"{size} {inputs}: forced links alone: sdpa {fs['attn_ms']} ms vs tile kernel {ft['attn_ms']} ms "
+                f"({ft['attn_ms'] / fs['attn_ms']:.2f}x), density {fs['density']}")
+        if c:
+            line += (f"; dense cuDNN {c['attn_ms']} ms, so sdpa runs at {fs['attn_tflops']} TFLOP/s against "
+                     f"dense's {c['attn_tflops']}")
+        out.append(line)
+    gs, gt = by.get((size, inputs, "moc-gather")), by.get((size, inputs, "moc-gather-triton-forced"))
+    if gs and gt:
+        out.append(f"{size} {inputs}: gather attention with forced={gs['forced']} {gs['attn_ms']} ms vs "
+                   f"forced={gt['forced']} {gt['attn_ms']} ms; fwd incl. routing {gs['fwd_ms']} vs {gt['fwd_ms']} ms; "
+                   f"fwd+bwd {gs['fwd_bwd_ms']} vs {gt['fwd_bwd_ms']} ms")
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: the tiny story only, to check that the script runs (Triton rows need "
+                             "TRITON_INTERPRET=1)")
     parser.add_argument("--sizes", nargs="+", default=list(FRAME_TOKENS), choices=list(FRAME_TOKENS))
     parser.add_argument("--inputs", nargs="+", default=["structured", "random"], choices=["structured", "random"])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per figure (median)")
     parser.add_argument("--json", type=Path, help="write the rows and the run's metadata here")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/attention.py needs a CUDA GPU")
+    if args.device == "cpu":
+        args.sizes = ["tiny"]
+        runnable = CPU_BACKENDS + (CPU_INTERPRETED if os.environ.get("TRITON_INTERPRET") == "1" else ())
+        args.backends = [b for b in args.backends if b in runnable]
+        args.repeats = min(args.repeats, 2)
+    elif not torch.cuda.is_available():
+        raise SystemExit("benchmarks/attention.py needs a CUDA GPU (or --device cpu for a tiny check)")
     # flex_attention recompiles for every size and BlockMask shape; the default limit of 8 would
     # drop it to its unfused eager path (a full score matrix) halfway through the table
     torch._dynamo.config.recompile_limit = 64
-    device = torch.cuda.get_device_name()
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(" ".join(c.rjust(w) for c, w in COLUMNS))
     rows = []
     for size in args.sizes:
         for inputs in args.inputs:
             repeats = max(3, args.repeats // 2) if size == "180k" else args.repeats
+            repeats = args.repeats if size == "tiny" else repeats
             for row in bench_size(size, inputs, tuple(args.backends), repeats):
                 rows.append({**row, "device": device, "date": date})
             if args.json:  # after every size, so that a cut-off run still leaves its rows
@@ -229,8 +325,10 @@ def main():
 
 def write_json(path: Path, rows: list[dict], device: str, date: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    tiny = device == "cpu"
     meta = {"device": device, "date": date, "torch": torch.__version__, "triton": __import__("triton").__version__,
-            "heads": HEADS, "head_dim": HEAD_DIM, "top_k": TOP_K, "dtype": "bfloat16",
+            "heads": TINY["heads"] if tiny else HEADS, "head_dim": TINY["head_dim"] if tiny else HEAD_DIM,
+            "top_k": 2 if tiny else TOP_K, "dtype": "float32" if tiny else "bfloat16",
             "workload": "8 shots x 15 frames x frame_tokens (136 / 544 / 1500), chunk = frame, shot anchor, causal "
                         "across shots; structured inputs per benchmarks/workload.py, random = i.i.d. normal",
             "summary": summary(rows), "rows": rows}

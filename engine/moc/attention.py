@@ -10,7 +10,9 @@ Backends:
   "triton":    fused block-sparse flash attention over the selection, per query tile's union of
                chunks (GPU only).
   "gather":    the routed pairs per key chunk, merged with the forced part by log-sum-exp
-               (triton_gather.py): work that follows the density whatever the routing (GPU only).
+               (triton_gather.py): work that follows the density whatever the routing (GPU only);
+               its forced part one cuDNN call per forced group (a shot with its captions:
+               forced.py), or the tile kernel where that does not fit (selection.info["forced"]).
   "dense":     the selection as a boolean mask through SDPA (exact; for debugging and as a floor).
   "chunked":   forced blocks dense plus routed chunks gathered, merged by log-sum-exp (chunked.py):
                exact, its work follows the density; the CPU path at story sizes.

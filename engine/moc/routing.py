@@ -194,7 +194,8 @@ def route(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: MoCConf
             idx = torch.cat([idx, extra], dim=-1)
         routed[:, :, t0:t1, :idx.shape[-1]] = idx.to(torch.int32)
 
-    selection = Selection.build(layout, config.tile, forced, routed, q_offset)
+    selection = Selection.build(layout, config.tile, forced, routed, q_offset,
+                                forced_host=links_on(layout, config, "cpu")[0])
     selection.info["routing"] = "reference"
     return selection
 

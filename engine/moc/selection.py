@@ -47,10 +47,16 @@ class Selection:
     tile_chunks: torch.Tensor  # (B, H, T, C) int32 union chunk ids ascending, then -1
     tile_full: torch.Tensor  # (B, H, T, C) bool, aligned with tile_chunks: no per-token mask needed
     info: dict = field(default_factory=dict)  # what ran on it (backend, dispatch reason)
+    forced_host: torch.Tensor | None = None  # (C, C) bool: `forced` on the host, when known there
 
     @staticmethod
     def build(layout: TokenLayout, tile: int, forced: torch.Tensor, routed: torch.Tensor,
-              q_offset: int) -> "Selection":
+              q_offset: int, forced_host: torch.Tensor | None = None) -> "Selection":
+        """`forced` may sit on any device (it is copied to routed's); `forced_host`, its copy on
+        the host when the caller has one (routing does), lets backends plan per forced group without
+        reading the GPU back. A host `forced` is its own host copy."""
+        if forced_host is None and forced.device.type == "cpu":
+            forced_host = forced
         B, H, Nq, R = routed.shape
         C = layout.num_chunks
         device = routed.device
@@ -76,7 +82,7 @@ class Selection:
         tile_chunks = torch.where(union.gather(-1, order), order, -1).to(torch.int32)
         tile_full = full.gather(-1, order) & (tile_chunks >= 0)
         return Selection(layout, tile, q_offset, forced.to(device), routed, union.sum(-1, dtype=torch.int32),
-                         tile_chunks, tile_full)
+                         tile_chunks, tile_full, forced_host=forced_host)
 
     # ---- sizes -------------------------------------------------------------------------------
 
@@ -101,7 +107,7 @@ class Selection:
         """The selection of heads [h0, h1) alone (what a backend running heads in groups takes)."""
         return Selection(self.layout, self.tile, self.q_offset, self.forced, self.routed[:, h0:h1].contiguous(),
                          self.tile_count[:, h0:h1].contiguous(), self.tile_chunks[:, h0:h1].contiguous(),
-                         self.tile_full[:, h0:h1].contiguous())
+                         self.tile_full[:, h0:h1].contiguous(), forced_host=self.forced_host)
 
     def token_mask(self) -> torch.Tensor:
         """(B, H, Nq, C) bool: token attends chunk (forced or routed)."""

@@ -173,7 +173,8 @@ def ordered_tiles(selection: Selection) -> tuple[torch.Tensor, Selection]:
     B, H, Nq, R = selection.routed.shape
     perm = row_order(selection)
     routed = selection.routed.gather(2, perm.long()[..., None].expand(B, H, Nq, R))
-    return perm, Selection.build(selection.layout, selection.tile, selection.forced, routed, selection.q_offset)
+    return perm, Selection.build(selection.layout, selection.tile, selection.forced, routed, selection.q_offset,
+                                 selection.forced_host)
 
 
 def kernel_plan(selection: Selection) -> KernelPlan:

@@ -8,15 +8,20 @@ Not for: choosing a backend (attention.py).
 
 Forward, all on the GPU, no host synchronisation:
 1. Forced links (the own shot, the captions: contiguous and shared by whole query chunks, so
-   coherent) through the tile-union kernel on a selection without routed chunks, which walks
-   exactly them: out O_f and log-sum-exp L_f per query.
+   coherent): out O_f and log-sum-exp L_f per query, computed one of two ways (`forced`):
+   "sdpa" (the default): one dense SDPA call (cuDNN) per group of query rows that share one forced
+       key set (forced.py: planned on the host from the layout), which runs dense blocks faster
+       than the tile kernel; it falls back to "triton" where that is not exact or not worth it,
+       and says why in selection.info["forced_reason"];
+   "triton": the tile-union kernel on a selection without routed chunks, which walks exactly them.
 2. Routed pairs: every (query, slot) with a routed chunk, sorted by chunk (`routed_pairs`); one
    program per BLOCK_M pairs of one chunk gathers those query rows, walks the chunk's keys once
    and writes the pair's partial out and log-sum-exp into the query's slot.
 3. Merge per query: the R + 1 partial results weighted by their log-sum-exp (routed and forced
    chunks are disjoint, so nothing is counted twice); the merged log-sum-exp is kept.
-Backward: with the merged statistics, the tile kernels' backward on the forced selection gives
-the forced links' gradients; dQ of the routed pairs per pair slot (summed over the slots), and dK,
+Backward: with the merged statistics (the merged out and log-sum-exp: how step 1 computed O_f
+and L_f does not enter), the tile kernels' backward on the forced selection gives the forced
+links' gradients; dQ of the routed pairs per pair slot (summed over the slots), and dK,
 dV per key block over the queries that chose its chunk (each key block is one program's: no
 atomics). The grids are sized without knowing how many tiles the chunks need (that would need the
 host to read GPU counts): ceil(pairs / BLOCK_M) + C programs per (batch, head) bound them, and the
@@ -31,9 +36,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .forced import FALLBACK_REASONS, ForcedGroup, sdpa_forced_attention, sdpa_forced_plan
 from .selection import Selection
 from .triton_attention import (_attn_bwd_dq_range, check_inputs, _attn_fwd_range, _backward, _key_block,
-                               _delta, _forward, _last_dim_contiguous, key_blocks)
+                               _delta, _forward, _last_dim_contiguous, kernel_plan, key_blocks)
 
 GATHER_BLOCK = {"cuda": (64, 64, 4), "cpu": (16, 16, 1)}  # BLOCK_M, BLOCK_N, warps (CPU: the interpreter)
 MERGE_ROWS = 16384  # query rows merged at once (bounds the float32 buffers)
@@ -42,6 +48,7 @@ MERGE_ROWS = 16384  # query rows merged at once (bounds the float32 buffers)
 # 15.3 GiB at MoC-180k forward + backward on the H200, against dense cuDNN's 6.9 (12 heads x 128,
 # benchmarks/results/attention_gather_180k_h200.json); one head there needs about 0.9 GB.
 GATHER_BUFFER_BYTES = 1 << 30
+FORCED_IMPLS = ("sdpa", "triton")  # how step 1 computes the forced links (see the module docstring)
 
 
 @dataclass
@@ -223,16 +230,27 @@ def _blocks(q: torch.Tensor) -> tuple[int, int, int]:
     return GATHER_BLOCK["cuda" if q.is_cuda else "cpu"]
 
 
-def _gather_forward(q, k, v, selection: Selection, sm_scale: float):
-    """(out, lse of the whole attention in row order (log2 units), the pairs, the forced part's
-    selection and plan)."""
-    B, H, Nq, D = q.shape
-    R = selection.routed.shape[-1]
-    C = selection.layout.num_chunks
-    # 1. forced links through the tile-union kernel
+def forced_attention(q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None):
+    """Step 1: (O_f (B, H, Nq, D), L_f (B, H, Nq) float32 in row order and log2 units, the forced
+    selection and its kernel plan, or None, None where SDPA ran: the backward builds them). With
+    `groups` (forced.sdpa_forced_plan), one SDPA call per group; without, the tile-union kernel."""
+    if groups is not None:
+        o_f, lse_f = sdpa_forced_attention(q, k, v, groups, sm_scale)
+        return o_f, lse_f, None, None
     forced = forced_only(selection)
     o_f, lse_kernel, plan = _forward(q, k, v, forced, sm_scale)
     lse_f = torch.empty_like(lse_kernel).scatter_(-1, plan.perm.long(), lse_kernel)  # kernel order -> rows
+    return o_f, lse_f, forced, plan
+
+
+def _gather_forward(q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None):
+    """(out, lse of the whole attention in row order (log2 units), the pairs, the forced part's
+    selection and plan (None where SDPA computed it))."""
+    B, H, Nq, D = q.shape
+    R = selection.routed.shape[-1]
+    C = selection.layout.num_chunks
+    # 1. forced links: SDPA per forced group, or the tile-union kernel
+    o_f, lse_f, forced, plan = forced_attention(q, k, v, selection, sm_scale, groups)
     # 2. routed pairs, per key chunk
     block_m, block_n, warps = _blocks(q)
     pairs = routed_pairs(selection.routed, C, block_m)
@@ -267,8 +285,8 @@ def _gather_forward(q, k, v, selection: Selection, sm_scale: float):
 class _GatherAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, selection: Selection, sm_scale: float):
-        out, lse, pairs, forced, plan = _gather_forward(q, k, v, selection, sm_scale)
+    def forward(ctx, q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None):
+        out, lse, pairs, forced, plan = _gather_forward(q, k, v, selection, sm_scale, groups)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.selection, ctx.pairs, ctx.forced, ctx.plan, ctx.sm_scale = selection, pairs, forced, plan, sm_scale
         return out
@@ -283,9 +301,14 @@ class _GatherAttention(torch.autograd.Function):
         C = selection.layout.num_chunks
         P = Nq * R
         delta = _delta(out, do)
-        # forced links: the tile kernels' backward with the whole attention's statistics
-        dq, dk, dv = _backward(q, k, v, do, lse.gather(-1, ctx.plan.perm.long()), delta, ctx.forced, ctx.plan,
-                               sm_scale)
+        # forced links: the tile kernels' backward with the whole attention's statistics (out, lse
+        # and delta are the merged ones, so it needs only the forced selection's plan, built here
+        # when SDPA ran the forward's step 1)
+        forced, plan = ctx.forced, ctx.plan
+        if plan is None:
+            forced = forced_only(selection)
+            plan = kernel_plan(forced)
+        dq, dk, dv = _backward(q, k, v, do, lse.gather(-1, plan.perm.long()), delta, forced, plan, sm_scale)
         # routed pairs: dQ per pair slot, dK / dV per key block over the queries that chose its chunk
         block_m, block_n, warps = _blocks(q)
         lt = selection.layout.tensors_on(q.device)
@@ -303,31 +326,40 @@ class _GatherAttention(torch.autograd.Function):
             sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk_r.stride()[:3],
             *dv_r.stride()[:3], H, Nq, C, P, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
         dq = (dq.float() + dq_r.view(B, H, Nq, R, D).sum(-2)).to(q.dtype)
-        return dq, (dk.float() + dk_r).to(k.dtype), (dv.float() + dv_r).to(v.dtype), None, None
+        return dq, (dk.float() + dk_r).to(k.dtype), (dv.float() + dv_r).to(v.dtype), None, None, None
 
 
 def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection,
-                         scale: float | None = None) -> torch.Tensor:
+                         scale: float | None = None, forced: str = "sdpa") -> torch.Tensor:
     """Block-sparse attention of q (B, H, Nq, D) over k, v (B, H, N, D) restricted to `selection`,
     its routed part computed per key chunk over the queries that chose it; differentiable.
-    Returns (B, H, Nq, D) in q's dtype."""
+    `forced`: how the forced links are computed, "sdpa" (dense calls per forced group, where exact
+    and available, else "triton") or "triton" (the tile kernel); what ran and why is recorded in
+    selection.info["forced"] / ["forced_reason"]. Returns (B, H, Nq, D) in q's dtype."""
+    if forced not in FORCED_IMPLS:
+        raise ValueError(f"forced must be one of {FORCED_IMPLS}, got {forced!r}")
     check_inputs(q, k, v, selection, "gather")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     sm_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    groups, why = sdpa_forced_plan(q, selection) if forced == "sdpa" else (None, "requested")
+    selection.info["forced"] = "triton" if groups is None else "sdpa"
+    selection.info["forced_reason"] = (FALLBACK_REASONS[why] if groups is None
+                                       else f"one SDPA call per forced group ({len(groups)})")
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     H = q.shape[1]
     group = heads_per_group(q, k, selection.routed.shape[-1], grad)
     if group < H:  # heads in groups, each with its own buffers (views of q, k, v: no copies in)
         return torch.cat([_gather(q[:, h0:h0 + group], k[:, h0:h0 + group], v[:, h0:h0 + group],
-                                  selection.heads(h0, min(h0 + group, H)), sm_scale, grad)
+                                  selection.heads(h0, min(h0 + group, H)), sm_scale, grad, groups)
                           for h0 in range(0, H, group)], dim=1)
-    return _gather(q, k, v, selection, sm_scale, grad)
+    return _gather(q, k, v, selection, sm_scale, grad, groups)
 
 
-def _gather(q, k, v, selection: Selection, sm_scale: float, grad: bool) -> torch.Tensor:
+def _gather(q, k, v, selection: Selection, sm_scale: float, grad: bool,
+            groups: tuple[ForcedGroup, ...] | None) -> torch.Tensor:
     if grad:
-        return _GatherAttention.apply(q, k, v, selection, sm_scale)
-    return _gather_forward(q, k, v, selection, sm_scale)[0]
+        return _GatherAttention.apply(q, k, v, selection, sm_scale, groups)
+    return _gather_forward(q, k, v, selection, sm_scale, groups)[0]
 
 
 def head_buffer_bytes(q: torch.Tensor, k: torch.Tensor, slots: int, grad: bool) -> int:
@@ -346,5 +378,6 @@ def heads_per_group(q: torch.Tensor, k: torch.Tensor, slots: int, grad: bool) ->
     return max(1, min(q.shape[1], GATHER_BUFFER_BYTES // head_buffer_bytes(q, k, slots, grad)))
 
 
-__all__ = ["GATHER_BUFFER_BYTES", "RoutedPairs", "routed_pairs", "forced_only", "gather_moc_attention",
+__all__ = ["FORCED_IMPLS", "GATHER_BUFFER_BYTES", "RoutedPairs", "routed_pairs", "forced_attention", "forced_only",
+           "gather_moc_attention",
            "head_buffer_bytes", "heads_per_group"]

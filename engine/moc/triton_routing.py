@@ -173,7 +173,8 @@ def route_triton(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: 
             extra = _drop_in(idx, allowed_all[qchunk[t0:t1].long()], config, generator)
             idx = torch.cat([idx, extra], dim=-1)
             routed[:, :, t0:t1, :idx.shape[-1]] = idx.to(torch.int32)
-    return Selection.build(layout, config.tile, forced, routed, q_offset)
+    return Selection.build(layout, config.tile, forced, routed, q_offset,
+                           forced_host=links_on(layout, config, "cpu")[0])
 
 
 __all__ = ["route_triton", "triton_chunk_descriptors"]

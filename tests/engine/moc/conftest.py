@@ -1,4 +1,6 @@
-"""Shared helpers for the MoC tests: random layouts and naive specifications."""
+"""Shared helpers for the MoC tests: random layouts, naive specifications, the interpreter patch."""
+
+import contextlib
 
 import torch
 
@@ -40,3 +42,21 @@ def naive_routing_mask(q, k, layout: TokenLayout, config: MoCConfig, q_offset: i
                 for j in range(C):
                     out[b, h, t, j] = bool(forced[i, j]) or j in best
     return out
+
+
+@contextlib.contextmanager
+def interpreter_numpy_shim():
+    """Triton 3.6's interpreter turns a loaded scalar into a one-element array and calls int() on it
+    for range(); numpy >= 2.3 refuses that. Read the element instead, inside this block only."""
+    import triton.runtime.interpreter as interpreter
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interpreter._patch_lang_tensor = patched
+    try:
+        yield
+    finally:
+        interpreter._patch_lang_tensor = original

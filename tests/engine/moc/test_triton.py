@@ -18,6 +18,8 @@ import torch
 from engine.moc import MoCConfig, TokenLayout, moc_attention, route
 from engine.moc.attention import reference_attention
 
+from .conftest import interpreter_numpy_shim
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CUDA = torch.cuda.is_available() and not INTERPRET
 DEVICE = "cuda" if CUDA else "cpu"
@@ -53,21 +55,12 @@ DTYPES = [torch.bfloat16, torch.float16] if CUDA else [torch.float16, torch.floa
 
 @pytest.fixture(autouse=True, scope="module")
 def _interpreter_numpy_shim():
-    """Triton 3.6's interpreter turns a loaded scalar into a one-element array and calls int() on it
-    for range(); numpy >= 2.3 refuses that. Read the element instead, for this module only."""
+    """The interpreter's numpy patch (conftest.interpreter_numpy_shim), for this module only."""
     if not INTERPRET:
         yield
         return
-    import triton.runtime.interpreter as interpreter
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    yield
-    interpreter._patch_lang_tensor = original
+    with interpreter_numpy_shim():
+        yield
 
 
 def random_qkv(layout, B, H, D, dtype, seed, structured=False):
@@ -94,10 +87,11 @@ def tolerance(dtype):
     return {torch.bfloat16: 1e-2, torch.float16: 4e-3, torch.float32: 1e-4 if INTERPRET else 2e-3}[dtype]
 
 
-def check_against_reference(q, k, v, sel, scale=None, grad_tol_factor=2.0, backend="triton"):
-    """Triton output and gradients vs the float32 reference on the same selection."""
+def check_against_reference(q, k, v, sel, scale=None, grad_tol_factor=2.0, backend="triton", attend=None):
+    """Triton output and gradients vs the float32 reference on the same selection; `attend`
+    (q, k, v) -> out, when given, runs instead of moc_attention with `backend`."""
     q, k, v = [t.detach().requires_grad_() for t in (q, k, v)]
-    out = moc_attention(q, k, v, sel, backend=backend, scale=scale)
+    out = attend(q, k, v) if attend else moc_attention(q, k, v, sel, backend=backend, scale=scale)
     assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
     qr, kr, vr = [t.detach().float().requires_grad_() for t in (q, k, v)]
     ref = reference_attention(qr, kr, vr, sel, scale)
@@ -319,23 +313,76 @@ def test_fused_routing_keeps_pins_and_blocks():
 
 # ---- backend "gather": the routed part per key chunk -------------------------------------------
 
-def check_gather(q, k, v, sel, scale=None):
-    """Values and gradients against the reference, and the no-grad path's values."""
-    out = check_against_reference(q, k, v, sel, scale=scale, backend="gather")
-    assert sel.info["backend"] == "gather"
-    with torch.no_grad():
-        plain = moc_attention(q, k, v, sel, backend="gather", scale=scale)
+def check_gather(q, k, v, sel, scale=None, forced=None):
+    """Values and gradients against the reference, and the no-grad path's values. forced=None:
+    through moc_attention (the default, "sdpa": cuDNN on the GPU for fp16/bf16, PyTorch's CPU flash
+    kernel here); else gather_moc_attention with that step 1, which must be the one that ran."""
+    from engine.moc.triton_gather import gather_moc_attention
+    if forced is None:
+        out = check_against_reference(q, k, v, sel, scale=scale, backend="gather")
+        assert sel.info["backend"] == "gather"
+        with torch.no_grad():
+            plain = moc_attention(q, k, v, sel, backend="gather", scale=scale)
+        expect = "sdpa" if q.dtype != torch.float32 or not CUDA else "triton"  # cuDNN takes no fp32
+    else:
+        out = check_against_reference(q, k, v, sel, attend=lambda q, k, v: gather_moc_attention(
+            q, k, v, sel, scale=scale, forced=forced))
+        with torch.no_grad():
+            plain = gather_moc_attention(q, k, v, sel, scale=scale, forced=forced)
+        expect = forced
+    assert sel.info["forced"] == expect, sel.info["forced_reason"]
     assert rel(plain, out) < 1e-6  # the forward is one code path with and without autograd
     return out
 
 
+@pytest.mark.parametrize("forced", [None, "triton"], ids=["forced_sdpa", "forced_triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name,layout,q_offset", LAYOUTS, ids=LAYOUT_IDS)
-def test_gather_matches_reference(name, layout, q_offset, dtype):
+def test_gather_matches_reference(name, layout, q_offset, dtype, forced):
     H, D = (3, 64) if CUDA else (2, 64)
     q, k, v = random_qkv(layout, 2, H, D, dtype, seed=100 + 10 * LAYOUT_IDS.index(name) + DTYPES.index(dtype))
     q = q[:, :, q_offset:]
-    check_gather(q, k, v, route(q, k, layout, MoCConfig(top_k=2, tile=TILE), q_offset=q_offset, impl="reference"))
+    sel = route(q, k, layout, MoCConfig(top_k=2, tile=TILE), q_offset=q_offset, impl="reference")
+    check_gather(q, k, v, sel, forced=forced)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gather_forced_sdpa_with_captions_and_pins(dtype):
+    """forced="sdpa" where the forced groups are not one contiguous block: a shot's caption and
+    its frames are two query ranges over three key ranges (global caption, caption, frames), and a
+    pinned shot adds another shot's frames; odd sizes, three heads. Values and gradients against
+    the reference, and the same attention as forced="triton"."""
+    from engine.moc.forced import forced_groups
+    layout = (TokenLayout(frame_tokens=101, shot_frames=(2, 3, 1), text_tokens=(13, 7, 9, 5),
+                          text_shots=(-1, 0, 1, 2)) if CUDA else
+              TokenLayout(frame_tokens=17, shot_frames=(2, 1, 2), text_tokens=(5, 3, 4, 2), text_shots=(-1, 0, 1, 2)))
+    q, k, v = random_qkv(layout, 1, 3, 64, dtype, seed=171 + DTYPES.index(dtype))
+    sel = route(q, k, layout, MoCConfig(top_k=2, tile=TILE, pins=((2, 0),)), impl="reference")
+    groups = forced_groups(sel)
+    assert len(groups) == layout.num_shots + 1 and max(len(g.keys) for g in groups) >= 3
+    out = check_gather(q, k, v, sel, forced="sdpa")
+    assert rel(out, check_gather(q, k, v, sel, forced="triton")) < tolerance(dtype)
+
+
+def test_gather_forced_falls_back_to_the_tile_kernel_and_says_why(monkeypatch):
+    """Where the forced links make more groups than FORCED_SDPA_MAX_GROUPS (here: a per-chunk
+    anchor), forced="sdpa" runs the tile kernel, records why, and stays exact."""
+    from engine.moc import forced as forced_module
+    name, layout, q_offset = LAYOUTS[1]
+    q, k, v = random_qkv(layout, 1, 2, 64, DTYPES[-1], seed=181)
+    sel = route(q, k, layout, MoCConfig(top_k=2, tile=TILE, anchor="chunk"), impl="reference")
+    monkeypatch.setattr(forced_module, "FORCED_SDPA_MAX_GROUPS", layout.num_chunks - 1)
+    from engine.moc.triton_gather import gather_moc_attention
+    out = check_against_reference(q, k, v, sel, attend=lambda q, k, v: gather_moc_attention(q, k, v, sel))
+    assert sel.info["forced"] == "triton"
+    assert sel.info["forced_reason"] == forced_module.FALLBACK_REASONS["groups"]
+    monkeypatch.setattr(forced_module, "FORCED_SDPA_MAX_GROUPS", layout.num_chunks)  # now it fits
+    with torch.no_grad():
+        grouped = gather_moc_attention(q, k, v, sel)
+    assert sel.info["forced"] == ("triton" if CUDA and q.dtype == torch.float32 else "sdpa")
+    assert rel(grouped, out) < tolerance(q.dtype)
+    with pytest.raises(ValueError, match="forced must be one of"):
+        gather_moc_attention(q, k, v, sel, forced="cudnn")
 
 
 @pytest.mark.parametrize("structured", [True, False], ids=["structured", "random"])

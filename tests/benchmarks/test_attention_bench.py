@@ -1,0 +1,39 @@
+"""benchmarks/attention.py on the CPU at its tiny size: the gather rows with either step 1, the
+forced links alone both ways, and their JSON (the timings themselves are GPU figures, never asserted).
+Under the Triton interpreter, in its own process (scripts/test.sh's `interpret` marker)."""
+
+import json
+import os
+
+import pytest
+
+from tests.engine.moc.conftest import interpreter_numpy_shim
+
+pytestmark = [pytest.mark.interpret,
+              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="needs TRITON_INTERPRET=1 in its own pytest process")]
+
+
+def reject(constant):
+    raise ValueError(f"not JSON: {constant}")
+
+
+def test_tiny_run_times_gather_both_ways_and_the_forced_links_alone(tmp_path):
+    from benchmarks import attention
+    backends = ("moc-gather", "moc-gather-triton-forced", "forced-triton", "forced-sdpa")
+    with interpreter_numpy_shim():
+        rows = attention.bench_size("tiny", "structured", backends, repeats=1)
+    by = {r["backend"]: r for r in rows}
+    assert set(by) == set(backends)
+    assert by["moc-gather"]["forced"] == "sdpa" and by["moc-gather-triton-forced"]["forced"] == "triton"
+    assert by["forced-sdpa"]["rel_err_vs_triton"] < 1e-4  # the two ways of step 1 agree: out and lse
+    assert by["forced-sdpa"]["lse_err_vs_triton"] < 1e-4
+    assert by["forced-sdpa"]["fwd_bwd_ms"] is None and by["moc-gather"]["fwd_bwd_ms"] > 0
+    assert by["forced-sdpa"]["density"] < by["moc-gather"]["density"]  # the forced links are part of it
+    lines = attention.summary([{**r, "device": "cpu", "date": ""} for r in rows])
+    assert any("forced links alone" in line for line in lines)
+    assert any("gather attention with forced=sdpa" in line for line in lines)
+    path = tmp_path / "attention.json"
+    attention.write_json(path, rows, "cpu", "")
+    meta = json.loads(path.read_text(), parse_constant=reject)  # strict JSON: no NaN
+    assert meta["heads"] == attention.TINY["heads"] and len(meta["rows"]) == len(backends)
