@@ -8,7 +8,8 @@ per-token noise, frame vectors repeating every 2 shots) and "random" (i.i.d. nor
 case: per-token top-k is near random, so a tile's union approaches every earlier chunk).
 
 Step 1 of "gather" (the forced links: own shot, captions) runs per forced group through cuDNN
-("moc-gather", forced="sdpa", the default) or through the tile kernel ("moc-gather-triton-forced");
+("moc-gather-sdpa-forced", forced="sdpa") or through the tile kernel ("moc-gather", forced="triton",
+the engine's default on the GPU until one run has measured both: triton_gather.FORCED_DEFAULT);
 "forced-sdpa" and "forced-triton" time that step alone (no routing, forward), to set against
 "dense-cudnn" (its block-diagonal share is the ideal); their rel_err / lse_err compare the two
 ways of computing it (lse in log2 units: the cuDNN convention converted).
@@ -23,7 +24,7 @@ same for the Triton kernel's tiles, whose rows are sorted by routed set); peak_m
 torch's allocator over one forward + backward, inputs and gradients included.
 
     python benchmarks/attention.py --json benchmarks/results/attention_h100.json
-    python benchmarks/attention.py --sizes 180k --backends moc-gather moc-gather-triton-forced \
+    python benchmarks/attention.py --sizes 180k --backends moc-gather moc-gather-sdpa-forced \
         forced-triton forced-sdpa dense-cudnn --json benchmarks/results/attention_forced_180k_h200.json
     python benchmarks/attention.py --device cpu   # a tiny story on the CPU: does it run
 With TRITON_INTERPRET=1 the CPU run adds the Triton rows (Triton 3.6's interpreter needs numpy < 2.3
@@ -59,11 +60,11 @@ HEADS, HEAD_DIM, TOP_K = 12, 128, 5
 # --device cpu: a tiny story of the same structure (3 shots x 3 frames x 19 tokens, 2 heads x 64,
 # float32: the interpreter miscomputes bf16 dots), to check that the script runs, not to time it
 TINY = {"shots": 3, "frames_per_shot": 3, "frame_tokens": 19, "heads": 2, "head_dim": 64}
-BACKENDS = ("moc-triton", "moc-gather", "moc-gather-triton-forced", "moc-flex", "moc-auto", "forced-triton",
+BACKENDS = ("moc-triton", "moc-gather", "moc-gather-sdpa-forced", "moc-flex", "moc-auto", "forced-triton",
             "forced-sdpa", "dense-cudnn", "dense-flash")
 FORWARD_ONLY = ("forced-triton", "forced-sdpa")  # backends without a backward (their fwd_bwd columns stay empty)
 CPU_BACKENDS = ("forced-sdpa",)  # what --device cpu runs without Triton; the rest need TRITON_INTERPRET=1
-CPU_INTERPRETED = ("moc-triton", "moc-gather", "moc-gather-triton-forced", "forced-triton")
+CPU_INTERPRETED = ("moc-triton", "moc-gather", "moc-gather-sdpa-forced", "forced-triton")
 
 
 def time_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -133,8 +134,8 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) 
     moc_attend = {
         "moc-triton": lambda s: triton_moc_attention(q, k, v, s),
         "moc-flex": lambda s: flex_moc_attention(q, k, v, s, block_mask=build_block_mask(s)),
-        "moc-gather": lambda s: gather_moc_attention(q, k, v, s, forced="sdpa"),
-        "moc-gather-triton-forced": lambda s: gather_moc_attention(q, k, v, s, forced="triton"),
+        "moc-gather": lambda s: gather_moc_attention(q, k, v, s, forced="triton"),  # the GPU default now
+        "moc-gather-sdpa-forced": lambda s: gather_moc_attention(q, k, v, s, forced="sdpa"),
     }
     # step 1 of "gather" alone: the forced links (no routing), (out, lse in log2 units) either way
     scale = head_dim ** -0.5
@@ -180,7 +181,7 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) 
         with torch.no_grad():
             out = attn()  # also compiles / autotunes
         err, lse_err = float("nan"), float("nan")
-        if backend in ("moc-flex", "moc-gather", "moc-gather-triton-forced") and reference_out is not None:
+        if backend in ("moc-flex", "moc-gather", "moc-gather-sdpa-forced") and reference_out is not None:
             err = float((out.float() - reference_out).norm() / reference_out.norm())
         if backend == "moc-triton":
             reference_out = out.float()
@@ -279,7 +280,7 @@ def forced_summary(by: dict, size: str, inputs: str) -> list[str]:
             line += (f"; dense cuDNN {c['attn_ms']} ms, so sdpa runs at {fs['attn_tflops']} TFLOP/s against "
                      f"dense's {c['attn_tflops']}")
         out.append(line)
-    gs, gt = by.get((size, inputs, "moc-gather")), by.get((size, inputs, "moc-gather-triton-forced"))
+    gs, gt = by.get((size, inputs, "moc-gather-sdpa-forced")), by.get((size, inputs, "moc-gather"))
     if gs and gt:
         out.append(f"{size} {inputs}: gather attention with forced={gs['forced']} {gs['attn_ms']} ms vs "
                    f"forced={gt['forced']} {gt['attn_ms']} ms; fwd incl. routing {gs['fwd_ms']} vs {gt['fwd_ms']} ms; "

@@ -49,6 +49,11 @@ MERGE_ROWS = 16384  # query rows merged at once (bounds the float32 buffers)
 # benchmarks/results/attention_gather_180k_h200.json); one head there needs about 0.9 GB.
 GATHER_BUFFER_BYTES = 1 << 30
 FORCED_IMPLS = ("sdpa", "triton")  # how step 1 computes the forced links (see the module docstring)
+# Step 1 by default, per device type. On the GPU the tile kernel until one GPU run has checked the
+# cuDNN path against the reference and timed both (benchmarks/attention.py: moc-gather against
+# moc-gather-sdpa-forced): cuDNN's log-sum-exp convention is read from PyTorch's source, not yet
+# seen on a GPU. On the CPU (the interpreter) "sdpa" runs PyTorch's CPU flash kernel.
+FORCED_DEFAULT = {"cuda": "triton", "cpu": "sdpa"}
 
 
 @dataclass
@@ -330,12 +335,14 @@ class _GatherAttention(torch.autograd.Function):
 
 
 def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection,
-                         scale: float | None = None, forced: str = "sdpa") -> torch.Tensor:
+                         scale: float | None = None, forced: str | None = None) -> torch.Tensor:
     """Block-sparse attention of q (B, H, Nq, D) over k, v (B, H, N, D) restricted to `selection`,
     its routed part computed per key chunk over the queries that chose it; differentiable.
     `forced`: how the forced links are computed, "sdpa" (dense calls per forced group, where exact
     and available, else "triton") or "triton" (the tile kernel); what ran and why is recorded in
-    selection.info["forced"] / ["forced_reason"]. Returns (B, H, Nq, D) in q's dtype."""
+    selection.info["forced"] / ["forced_reason"]; None: FORCED_DEFAULT for q's device. Returns
+    (B, H, Nq, D) in q's dtype."""
+    forced = FORCED_DEFAULT.get(q.device.type, "triton") if forced is None else forced
     if forced not in FORCED_IMPLS:
         raise ValueError(f"forced must be one of {FORCED_IMPLS}, got {forced!r}")
     check_inputs(q, k, v, selection, "gather")

@@ -20,12 +20,12 @@ def reject(constant):
 
 def test_tiny_run_times_gather_both_ways_and_the_forced_links_alone(tmp_path):
     from benchmarks import attention
-    backends = ("moc-gather", "moc-gather-triton-forced", "forced-triton", "forced-sdpa")
+    backends = ("moc-gather", "moc-gather-sdpa-forced", "forced-triton", "forced-sdpa")
     with interpreter_numpy_shim():
         rows = attention.bench_size("tiny", "structured", backends, repeats=1)
     by = {r["backend"]: r for r in rows}
     assert set(by) == set(backends)
-    assert by["moc-gather"]["forced"] == "sdpa" and by["moc-gather-triton-forced"]["forced"] == "triton"
+    assert by["moc-gather-sdpa-forced"]["forced"] == "sdpa" and by["moc-gather"]["forced"] == "triton"
     assert by["forced-sdpa"]["rel_err_vs_triton"] < 1e-4  # the two ways of step 1 agree: out and lse
     assert by["forced-sdpa"]["lse_err_vs_triton"] < 1e-4
     assert by["forced-sdpa"]["fwd_bwd_ms"] is None and by["moc-gather"]["fwd_bwd_ms"] > 0

@@ -315,27 +315,30 @@ def test_fused_routing_keeps_pins_and_blocks():
 
 def check_gather(q, k, v, sel, scale=None, forced=None):
     """Values and gradients against the reference, and the no-grad path's values. forced=None:
-    through moc_attention (the default, "sdpa": cuDNN on the GPU for fp16/bf16, PyTorch's CPU flash
-    kernel here); else gather_moc_attention with that step 1, which must be the one that ran."""
-    from engine.moc.triton_gather import gather_moc_attention
+    through moc_attention (step 1 as FORCED_DEFAULT says for the device: the tile kernel on the GPU
+    until cuDNN's is measured, "sdpa" with PyTorch's CPU flash kernel here); else
+    gather_moc_attention with that step 1, which must be the one that ran ("sdpa" on the GPU: cuDNN
+    for fp16/bf16, the tile kernel for fp32)."""
+    from engine.moc.triton_gather import FORCED_DEFAULT, gather_moc_attention
     if forced is None:
         out = check_against_reference(q, k, v, sel, scale=scale, backend="gather")
         assert sel.info["backend"] == "gather"
         with torch.no_grad():
             plain = moc_attention(q, k, v, sel, backend="gather", scale=scale)
-        expect = "sdpa" if q.dtype != torch.float32 or not CUDA else "triton"  # cuDNN takes no fp32
+        expect = FORCED_DEFAULT[q.device.type]
     else:
         out = check_against_reference(q, k, v, sel, attend=lambda q, k, v: gather_moc_attention(
             q, k, v, sel, scale=scale, forced=forced))
         with torch.no_grad():
             plain = gather_moc_attention(q, k, v, sel, scale=scale, forced=forced)
-        expect = forced
+        expect = "triton" if forced == "sdpa" and CUDA and q.dtype == torch.float32 else forced  # no fp32 cuDNN
     assert sel.info["forced"] == expect, sel.info["forced_reason"]
     assert rel(plain, out) < 1e-6  # the forward is one code path with and without autograd
     return out
 
 
-@pytest.mark.parametrize("forced", [None, "triton"], ids=["forced_sdpa", "forced_triton"])
+@pytest.mark.parametrize("forced", [None, "sdpa", "triton"] if CUDA else [None, "triton"],  # CPU: None is "sdpa"
+                         ids=["forced_default", "forced_sdpa", "forced_triton"] if CUDA else ["forced_sdpa", "forced_triton"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name,layout,q_offset", LAYOUTS, ids=LAYOUT_IDS)
 def test_gather_matches_reference(name, layout, q_offset, dtype, forced):
@@ -373,12 +376,12 @@ def test_gather_forced_falls_back_to_the_tile_kernel_and_says_why(monkeypatch):
     sel = route(q, k, layout, MoCConfig(top_k=2, tile=TILE, anchor="chunk"), impl="reference")
     monkeypatch.setattr(forced_module, "FORCED_SDPA_MAX_GROUPS", layout.num_chunks - 1)
     from engine.moc.triton_gather import gather_moc_attention
-    out = check_against_reference(q, k, v, sel, attend=lambda q, k, v: gather_moc_attention(q, k, v, sel))
+    out = check_against_reference(q, k, v, sel, attend=lambda q, k, v: gather_moc_attention(q, k, v, sel, forced="sdpa"))
     assert sel.info["forced"] == "triton"
     assert sel.info["forced_reason"] == forced_module.FALLBACK_REASONS["groups"]
     monkeypatch.setattr(forced_module, "FORCED_SDPA_MAX_GROUPS", layout.num_chunks)  # now it fits
     with torch.no_grad():
-        grouped = gather_moc_attention(q, k, v, sel)
+        grouped = gather_moc_attention(q, k, v, sel, forced="sdpa")
     assert sel.info["forced"] == ("triton" if CUDA and q.dtype == torch.float32 else "sdpa")
     assert rel(grouped, out) < tolerance(q.dtype)
     with pytest.raises(ValueError, match="forced must be one of"):
