@@ -11,8 +11,8 @@ Backends:
                chunks (GPU only).
   "gather":    the routed pairs per key chunk, merged with the forced part by log-sum-exp
                (triton_gather.py): work that follows the density whatever the routing (GPU only);
-               its forced part one cuDNN call per forced group (a shot with its captions:
-               forced.py), or the tile kernel where that does not fit (selection.info["forced"]).
+               its forced part through the tile kernel, or (forced="sdpa"; triton_gather.FORCED_DEFAULT)
+               one cuDNN call per forced group (forced.py) where that fits (selection.info["forced"]).
   "dense":     the selection as a boolean mask through SDPA (exact; for debugging and as a floor).
   "chunked":   forced blocks dense plus routed chunks gathered, merged by log-sum-exp (chunked.py):
                exact, its work follows the density; the CPU path at story sizes.

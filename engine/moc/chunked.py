@@ -4,7 +4,8 @@ For: `chunked_moc_attention(q, k, v, selection)`, exact MoC attention whose work
 selection instead of the whole (query, key) matrix, for CPUs (where "auto" picks it at story
 sizes). Two parts, merged by their log-sum-exp:
   1. forced links: query tokens whose chunks share one forced row (with the "shot" anchor, every
-     frame of a shot: its own shot and captions) attend those keys as one dense block;
+     frame of a shot: its own shot and captions) attend those keys as one dense block (the groups
+     of forced.py, which gather's step 1 also uses);
   2. routed links: per key chunk, the (batch x head) rows of the queries that routed to it are
      gathered (padded to the longest row) and attend the chunk's keys in one batched call; the
      query lists of all chunks come from one sort, and each (query, routed slot) keeps its own
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .forced import forced_groups
 from .selection import Selection
 
 FORCED_BLOCK = 1024  # query rows per forced-block call (bounds its (rows x keys) score buffer)
@@ -46,23 +48,20 @@ def chunked_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sel
     BH = B * H
     qf, kf, vf = q.reshape(BH, Nq, D).float(), k.reshape(BH, N, D).float(), v.reshape(BH, N, D).float()
     lt = selection.layout.tensors_on(q.device)
-    qchunk = selection.query_chunks.long()  # (Nq,)
 
-    # 1. forced: one dense block per distinct forced row (found among the chunks, not the tokens)
-    present = torch.unique(qchunk)
-    rows, inverse = torch.unique(selection.forced[present], dim=0, return_inverse=True)  # (G, C)
-    group_of = torch.full((selection.layout.num_chunks,), -1, dtype=torch.long, device=q.device)
-    group_of[present] = inverse
-    group = group_of[qchunk]  # (Nq,)
+    # 1. forced: one dense block per group of query chunks sharing a forced row (forced.py)
+    blocks = forced_groups(selection)
+    if blocks is None:
+        raise ValueError("chunked MoC attention needs the forced links on the host (Selection.forced_host)")
     lse_f = torch.empty(BH, Nq, device=q.device)
     o_f = torch.empty(BH, Nq, D, device=q.device)
-    for g in range(rows.shape[0]):
-        tokens = (group == g).nonzero().squeeze(1)
-        keys = rows[g][lt.token_chunk].nonzero().squeeze(1)
-        kk, vv = kf[:, keys], vf[:, keys]
-        for a in range(0, tokens.numel(), FORCED_BLOCK):
-            t = tokens[a:a + FORCED_BLOCK]
-            o_f[:, t], lse_f[:, t] = _attend(qf[:, t], kk, vv, scale)
+    for g in blocks:
+        kk = torch.cat([kf[:, a:b] for a, b in g.keys], 1)
+        vv = torch.cat([vf[:, a:b] for a, b in g.keys], 1)
+        for start, end in g.queries:
+            for a in range(start, end, FORCED_BLOCK):
+                t = slice(a, min(a + FORCED_BLOCK, end))
+                o_f[:, t], lse_f[:, t] = _attend(qf[:, t], kk, vv, scale)
 
     # 2. routed: per key chunk, the (batch x head) rows of the queries that chose it, padded into
     # one batched call. The query lists of every chunk come from one sort of all routed entries,
