@@ -251,21 +251,23 @@ def serve_across(args, auth) -> int:
     """The app under torchrun: rank 0 serves it; every other rank renders each of its jobs in step
     (engine/ranks.py: `follow`) until the app closes and rank 0 sends the quit job."""
     from engine.parallel import start
-    from engine.ranks import Jobs, Leader, follow
-    import torch.distributed as dist
+    from engine.ranks import Jobs, Leader, follow, leave
     try:
         parallel, device = start(args.device)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    jobs = None
+    code = 0
     try:
         engine = load_engine(args, parallel, device, preview=parallel.rank == 0)
         if engine is None:
-            return 2
+            code = 2
+            return code
         jobs = Jobs.open(parallel)
         if parallel.rank != 0:
             follow(engine, jobs)
-            return 0
+            return code
         print(f"sequence parallel: {parallel.world} processes, {engine.model.transformer.num_heads // parallel.world} "
               f"heads each, on {device}; rank 0 serves the app", flush=True)
         warn_if_public(args, auth)
@@ -275,9 +277,9 @@ def serve_across(args, auth) -> int:
             serve(host=args.host, port=args.port, share=args.share, auth=auth, engine=engine, renderer=leader)
         finally:
             leader.close()  # the other ranks' follow returns
-        return 0
+        return code
     finally:
-        dist.destroy_process_group()
+        leave(jobs, code)  # out of step, this ends the process here
 
 
 if __name__ == "__main__":

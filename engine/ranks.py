@@ -31,12 +31,21 @@ if rank 0 dies its sockets close and the waiting broadcast fails at once (torchr
 process). Gloo (CPU) also keeps the idle wait out of NCCL, whose watchdog would end it. A rank that
 raises alone mid-render leaves the others in a render collective until its 10-minute timeout (or
 at once, if it died); then they raise too and step 4 tells rank 0 what happened.
+
+Ending. Every rank ends through `leave(jobs)`: in step, it tears the process group down. Out of
+step, a collective of the default group was left unmatched (rank 0 timed out sending to a rank
+that never received), and gloo's teardown of such a group can abort the process (SIGABRT,
+"terminate called without an active exception", seen on the CPU under load), so `leave` ends the
+process at once instead, skipping the teardown: the files were all written by then (only rank 0
+writes, and each write is atomic).
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -76,6 +85,7 @@ class Jobs:
     def __init__(self, parallel: SequenceParallel, group):
         self.parallel = parallel
         self.group = group  # torch.distributed ProcessGroup (gloo, timeout IDLE_TIMEOUT)
+        self.broken = ""  # why the ranks are out of step ("" while they are in step); every rank knows
 
     @staticmethod
     def open(parallel: SequenceParallel, timeout: datetime.timedelta = IDLE_TIMEOUT) -> "Jobs":
@@ -95,9 +105,16 @@ class Jobs:
         return payload[0]
 
     def outcomes(self, outcome: str) -> list[str]:
-        """Every rank's outcome of the job just rendered, in rank order."""
-        out = [None] * self.parallel.world
-        dist.all_gather_object(out, outcome, group=self.group)
+        """Every rank's outcome of the job just rendered, in rank order; sets `broken` where they differ."""
+        try:
+            out = [None] * self.parallel.world
+            dist.all_gather_object(out, outcome, group=self.group)
+        except RuntimeError as lost:  # a rank died: its sockets closed
+            out = [outcome if r == self.parallel.rank else f"unreachable ({lost})" for r in range(self.parallel.world)]
+        if any(o != outcome for o in out) and not self.broken:
+            ranks = "; ".join(f"rank {r}: {o}" for r, o in enumerate(out))
+            self.broken = (f"The {len(out)} processes did not end the render alike ({ranks}), so their "
+                           "collectives are out of step: restart the app (torchrun ... launch.py).")
         return out
 
 
@@ -120,7 +137,6 @@ class Leader:
                              "(StoryEngine.load(..., parallel=engine.parallel.start()[0]))")
         self.engine = engine
         self.jobs = jobs
-        self.broken = ""  # why the ranks are out of step ("" while they are in step)
         self.outcomes: list[str] = []  # every rank's outcome of the last job, in rank order
         self.closed = False  # QUIT was sent
         self._lock = threading.Lock()  # one job at a time; close() waits for it
@@ -167,18 +183,16 @@ class Leader:
         finally:
             self._lock.release()
 
+    @property
+    def broken(self) -> str:
+        """Why the ranks are out of step ("" while they are in step)."""
+        return self.jobs.broken
+
     def _settle(self, mine: str, error: BaseException | None = None) -> None:
         """Compare this job's outcomes over the ranks; raise RanksOutOfStep where they differ."""
-        try:
-            outcomes = self.jobs.outcomes(mine)
-        except RuntimeError as lost:  # a rank died: its sockets closed
-            outcomes = [mine] + [f"unreachable ({lost})"] * (self.engine.parallel.world - 1)
-        self.outcomes = outcomes
-        if all(o == mine for o in outcomes):
+        self.outcomes = self.jobs.outcomes(mine)
+        if all(o == mine for o in self.outcomes):
             return
-        ranks = "; ".join(f"rank {r}: {o}" for r, o in enumerate(outcomes))
-        self.broken = (f"The {len(outcomes)} processes did not end the render alike ({ranks}), so their "
-                       "collectives are out of step: restart the app (torchrun ... launch.py).")
         log.error(self.broken)
         raise RanksOutOfStep(self.broken) from error
 
@@ -204,4 +218,18 @@ def follow(engine: StoryEngine, jobs: Jobs) -> int:
     return count
 
 
-__all__ = ["Jobs", "Leader", "RenderJob", "RanksOutOfStep", "QUIT", "IDLE_TIMEOUT", "follow", "outcome_of"]
+def leave(jobs: Jobs | None, code: int = 0) -> int:
+    """End this rank's part: tear the process group down and return `code` while the ranks are in
+    step (or before `Jobs.open`: jobs None). Out of step, flush the output and end the process at
+    once with `code` (see "Ending" above): the teardown of the unmatched group could abort it."""
+    if jobs is None or not jobs.broken:
+        dist.destroy_process_group()
+        return code
+    log.warning("rank %d ends without tearing down the process group: %s", jobs.parallel.rank, jobs.broken)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+__all__ = ["Jobs", "Leader", "RenderJob", "RanksOutOfStep", "QUIT", "IDLE_TIMEOUT", "follow", "leave", "outcome_of"]

@@ -25,7 +25,7 @@ import torch
 from engine.engine import ResourceError, StoryEngine
 from engine.events import Progress, RenderStopped
 from engine.parallel import start
-from engine.ranks import Jobs, Leader, RanksOutOfStep, follow
+from engine.ranks import Jobs, Leader, RanksOutOfStep, follow, leave
 from engine.sampler import SamplerOptions
 from engine.story import StoryError
 from tests.engine.conftest import tiny_story
@@ -137,14 +137,14 @@ def main(model_dir: str, out: str, scenario: str) -> None:
         if scenario == "failures":
             refuse_tagged(engine)
         received = follow(engine, jobs)
-        (out / "follow.json").write_text(json.dumps({"jobs": received}))
+        (out / "follow.json").write_text(json.dumps({"jobs": received, "broken": bool(jobs.broken)}))
     else:
         leader = Leader(engine, jobs)
         try:
             {"renders": renders, "failures": failures}[scenario](leader, out)
         finally:
             leader.close()
-    torch.distributed.destroy_process_group()
+    leave(jobs)  # out of step (the failures scenario), this exits without tearing the group down
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def test_a_story_rank0_rejects_is_never_sent(served):
     got = torch.load(served / "rejected.pt", weights_only=False)
     assert got["message"].startswith("settings.moc.backend: backend='triton' is unavailable")
     assert got["outcomes"] == ["ok", "ok"]  # the make_current before it, the last job both ranks ran
-    assert json.loads((served / "follow.json").read_text()) == {"jobs": 4}  # stop, render, regenerate, make_current
+    assert json.loads((served / "follow.json").read_text()) == {"jobs": 4, "broken": False}  # stop, render, regenerate, make_current
 
 
 def test_the_quit_job_ends_the_other_rank(served):
@@ -117,7 +117,9 @@ def test_idle_waits_outlast_the_render_timeout_and_failures_keep_or_report_the_s
     assert full["outcomes"] == [f"error: ResourceError: {full['message']}"] * 2  # rank 1 raised it too: in step
     after = torch.load(tmp_path / "after_disk_full.pt", weights_only=False)
     assert after["status"] == ["generated"] * 3
-    assert json.loads((tmp_path / "follow.json").read_text()) == {"jobs": 4}  # the refused job never came
+    assert json.loads((tmp_path / "follow.json").read_text()) == {"jobs": 4, "broken": True}  # the refused job never came
+    for rank in (0, 1):  # both knew they were out of step, and ended without tearing the group down
+        assert f"rank {rank} ends without tearing down the process group: The 2 processes" in proc.stderr
     assert not (tmp_path / "rank1").exists()
 
 
