@@ -579,12 +579,13 @@ def _document(rows: list[dict], config: BenchConfig, head: dict) -> dict:
 
 
 def merge_results(documents: list[dict]) -> dict:
-    """One document from shards of one run (--shard i/n, same model and settings): the story rows
-    pooled in seed order, every summary recomputed; seconds is the slowest shard's."""
+    """One document from shards of one run (--shard i/n, same model and settings), or from runs of
+    further stories (another --seed-offset, seeds not overlapping): the story rows pooled in seed
+    order, every summary recomputed; seconds is the slowest shard's; seed_offsets lists the runs'."""
     if not documents:
         raise ValueError("nothing to merge")
     head = dict(documents[0]["config"])
-    keys = ("model_identity", "steps", "guidance", "height", "width", "frames", "modes", "variants", "seed_offset")
+    keys = ("model_identity", "steps", "guidance", "height", "width", "frames", "modes", "variants")
     for doc in documents[1:]:
         differing = [k for k in keys if doc["config"].get(k) != head.get(k)]
         if differing:
@@ -595,7 +596,9 @@ def merge_results(documents: list[dict]) -> dict:
         raise ValueError("the shards overlap (a seed appears twice)")
     config = BenchConfig(modes=tuple(head["modes"]), variants=tuple(head["variants"]),
                          memory=any("memory" in row for row in rows))
-    head.update(shard=f"{len(documents)} shards merged", seconds=max(d["config"]["seconds"] for d in documents))
+    offsets = sorted({o for d in documents for o in d["config"].get("seed_offsets", [d["config"]["seed_offset"]])})
+    head.update(shard=f"{len(documents)} shards merged", seconds=max(d["config"]["seconds"] for d in documents),
+                seed_offset=offsets[0], seed_offsets=offsets)
     return _document(rows, config, head)
 
 

@@ -475,18 +475,19 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
         with torch.no_grad():
             decay = min(config.ema, (1 + step) / (10 + step))
             torch._foreach_lerp_(ema_params, model_params, 1 - decay)
-        window.append(loss.item())
+        window.append(loss.detach())  # read at the log step: no per-step wait for the GPU
         if probe is not None and probe.last is not None:
             probe_window.append(torch.stack(probe.last).float())
         state["elapsed"] += time.time() - t0
         state["step"] = step
         if step % config.log_every == 0 or step == 1:
             dt = (time.time() - window_t) / max(len(window), 1)
-            _log(work / "train_log.jsonl", {"stage": "transformer", "step": step, "loss": round(sum(window) / len(window), 5),
+            losses = torch.stack(window).float().tolist()
+            _log(work / "train_log.jsonl", {"stage": "transformer", "step": step, "loss": round(sum(losses) / len(losses), 5),
                                             "grad_norm": round(float(gnorm), 3), "lr": round(lr, 7),
                                             "stories": B, "shots": shots, "frames": frames,
                                             "sec_per_step": round(dt, 4), "minutes": round(state["elapsed"] / 60, 2),
-                                            **_probe_record(probe_window, config.look_weight, window)})
+                                            **_probe_record(probe_window, config.look_weight, losses)})
             window, window_t, probe_window = [], time.time(), []
         if time.time() - last_ckpt > config.checkpoint_minutes * 60:
             save_checkpoint(ckpt, model, ema, opt, params, state, probe)

@@ -86,10 +86,11 @@ class LookProbe(torch.nn.Module):
 def draw_shot_sigmas(batch: int, shots: int, config: TrainingConfig,
                      generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, S) noise levels in (0, 1): u ~ U(0, 1) through the sampler's shift, per shot, or one
-    per story with probability `shared_sigma`."""
+    per story with probability `shared_sigma`. On the generator's device (the CPU without one):
+    drawing them never waits for the GPU."""
     device = None if generator is None else generator.device
-    u = torch.rand(batch, shots, generator=generator, device=device).cpu()
-    shared = torch.rand(batch, 1, generator=generator, device=device).cpu() < config.shared_sigma
+    u = torch.rand(batch, shots, generator=generator, device=device)
+    shared = torch.rand(batch, 1, generator=generator, device=device) < config.shared_sigma
     u = torch.where(shared, u[:, :1], u)
     s = config.shift
     return s * u / (1 + (s - 1) * u)
@@ -116,7 +117,10 @@ def training_loss(model, batch: StoryBatch, config: TrainingConfig, generator: t
         shot_sigmas = draw_shot_sigmas(B, S, config, generator)
     gen_device = torch.device("cpu") if generator is None else generator.device
     noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(device)
-    sigma_f = torch.repeat_interleave(shot_sigmas.float().to(device), torch.tensor(frames, device=device), dim=1)
+    shot_sigmas = shot_sigmas.float().to(device)
+    # per frame; built from the host's frame counts (repeat_interleave with a device tensor of
+    # counts would wait for the GPU to learn its output size)
+    sigma_f = torch.cat([shot_sigmas[:, i:i + 1].expand(B, f) for i, f in enumerate(frames)], dim=1)
     s = sigma_f[:, None, :, None, None]  # (B, 1, F, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     target = noise - x0  # the flow the model predicts

@@ -178,6 +178,15 @@ def test_shards_merge_into_the_whole_run(tiny_model_dir, tmp_path):
     assert drop(merged["summary"]) == drop(whole["summary"])
     with pytest.raises(ValueError, match="overlap"):
         main(["--merge", str(tmp_path / "part0.json"), str(tmp_path / "whole.json")])
+    # a later run of further stories (another seed offset) pools with it; other settings do not
+    more = main(common + ["--stories", "1", "--seed-offset", "3", "--json", str(tmp_path / "more.json")])
+    pooled = main(["--merge", str(tmp_path / "whole.json"), str(tmp_path / "more.json")])
+    assert pooled["config"]["seeds"] == whole["config"]["seeds"] + more["config"]["seeds"]
+    assert pooled["config"]["seed_offsets"] == [0, 3] and pooled["config"]["stories"] == 4
+    other = main(common + ["--stories", "1", "--seed-offset", "4", "--steps", "1", "--json", str(tmp_path / "other.json")])
+    with pytest.raises(ValueError, match="steps"):
+        main(["--merge", str(tmp_path / "whole.json"), str(tmp_path / "other.json")])
+    assert other["config"]["steps"] == 1
 
 
 def test_a_stopped_run_leaves_its_finished_stories(tiny_model_dir, tmp_path, monkeypatch):
