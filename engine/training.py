@@ -11,6 +11,7 @@ Not for: data generation, optimisers, checkpoints (engine/trainer.py owns those)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,14 @@ def draw_shot_sigmas(batch: int, shots: int, config: TrainingConfig,
     return s * u / (1 + (s - 1) * u)
 
 
+@functools.lru_cache(maxsize=256)
+def step_layout(frame_tokens: int, shot_frames: tuple[int, ...], chunking: str, chunk_size: int) -> TokenLayout:
+    """One TokenLayout object per story shape, kept across steps: what it memoises on the device
+    (its tensors, the forced and candidate links, key blocks) is then copied there once per shape,
+    not every step (a copy from pageable host memory waits for the GPU)."""
+    return TokenLayout(frame_tokens, shot_frames, chunking=chunking, chunk_size=chunk_size)
+
+
 def training_loss(model, batch: StoryBatch, config: TrainingConfig, generator: torch.Generator | None = None,
                   shot_sigmas: torch.Tensor | None = None, look_probe: LookProbe | None = None) -> torch.Tensor:
     """Flow-matching loss over a batch of stories. shot_sigmas (B, S) in [0, 1]: noise level per
@@ -124,7 +133,7 @@ def training_loss(model, batch: StoryBatch, config: TrainingConfig, generator: t
     s = sigma_f[:, None, :, None, None]  # (B, 1, F, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     target = noise - x0  # the flow the model predicts
-    layout = TokenLayout(tr.frame_tokens(h, w), frames, chunking=config.chunking, chunk_size=config.chunk_size)
+    layout = step_layout(tr.frame_tokens(h, w), frames, config.chunking, config.chunk_size)
     timestep = torch.repeat_interleave(sigma_f, layout.frame_tokens, dim=1) * config.num_train_timesteps  # (B, N)
     ranges = [(*layout.shot_range(i), i) for i in range(S)]
     text, cross = make_cross_plan(batch.text, ranges, device)
@@ -156,4 +165,4 @@ def training_loss(model, batch: StoryBatch, config: TrainingConfig, generator: t
     return (err * cell).mean() / cell.mean().clamp_min(1e-8) + probe
 
 
-__all__ = ["TrainingConfig", "StoryBatch", "LookProbe", "draw_shot_sigmas", "training_loss"]
+__all__ = ["TrainingConfig", "StoryBatch", "LookProbe", "draw_shot_sigmas", "step_layout", "training_loss"]

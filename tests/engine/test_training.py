@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from engine.training import StoryBatch, TrainingConfig, draw_shot_sigmas, training_loss
+from engine.training import StoryBatch, TrainingConfig, draw_shot_sigmas, step_layout, training_loss
 
 
 def _batch(tiny_model, g, B=2, frames=(3, 2)):
@@ -35,6 +35,25 @@ def test_training_loss_is_deterministic_given_a_generator(tiny_model):
     other = training_loss(tiny_model, _batch(tiny_model, torch.Generator().manual_seed(1)), TrainingConfig(),
                           generator=torch.Generator().manual_seed(8)).item()
     assert other != losses[0]
+
+
+def test_steps_of_one_story_shape_share_a_layout_and_its_device_copies(tiny_model):
+    """The layout's memo (links, tensors on the device) outlives a step: later steps of the same
+    shape copy nothing to the device again; another shape gets its own layout."""
+    config = TrainingConfig()
+    tokens = tiny_model.transformer.frame_tokens(6, 10)
+    step_layout.cache_clear()
+    training_loss(tiny_model, _batch(tiny_model, torch.Generator().manual_seed(1)), config,
+                  generator=torch.Generator().manual_seed(2))
+    layout = step_layout(tokens, (3, 2), config.chunking, config.chunk_size)
+    memo = dict(layout.__dict__["_memo"])
+    assert any(key[0] == "links" for key in memo)  # routing memoised its links on this layout
+    training_loss(tiny_model, _batch(tiny_model, torch.Generator().manual_seed(3)), config,
+                  generator=torch.Generator().manual_seed(4))
+    assert step_layout(tokens, (3, 2), config.chunking, config.chunk_size) is layout
+    assert all(layout.__dict__["_memo"][key] is value for key, value in memo.items())  # nothing made again
+    assert step_layout.cache_info().hits >= 2 and step_layout.cache_info().currsize == 1
+    assert step_layout(tokens, (2, 3), config.chunking, config.chunk_size) is not layout
 
 
 def test_shot_sigmas_follow_the_shifted_schedule():
