@@ -164,7 +164,9 @@ def make_cross_plan(segments: list[list[torch.Tensor]], live_shots: list[tuple[i
     for n in slot_len:
         offsets.append(offsets[-1] + n)
     L = offsets[-1]
-    text = torch.zeros(B, L, D, dtype=segments[0][0].dtype)
+    # pinned on the way to a GPU: its copy there then need not wait for the kernels queued before it
+    pinned = torch.device(device).type == "cuda"
+    text = torch.zeros(B, L, D, dtype=segments[0][0].dtype, pin_memory=pinned)
     valid = torch.zeros(B, L, dtype=torch.bool)
     for b in range(B):
         for j in range(n_seg):
@@ -178,7 +180,7 @@ def make_cross_plan(segments: list[list[torch.Tensor]], live_shots: list[tuple[i
     text_index = dict(zip(shots, flat.split([len(row) for row in rows])))
     plan = CrossAttentionPlan(shot_ranges=tuple(live_shots), text_index=text_index,
                               text_valid=None if bool(valid.all()) else valid.to(device))
-    return text.to(device), plan
+    return text.to(device, non_blocking=pinned), plan
 
 
 __all__ = ["StoryTransformer", "make_cross_plan", "local_plan"]

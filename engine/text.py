@@ -9,6 +9,7 @@ Not for: mixing captions into shots (backbone.make_cross_plan) or anything the m
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -26,6 +27,14 @@ class _CachedEncoder:
         self.device = torch.device(device)
         self._memo: dict[str, torch.Tensor] = {}
         self.kept: torch.Tensor | None = None  # bool per token id, set for a pruned vocabulary
+
+    def for_another_thread(self) -> "_CachedEncoder":
+        """This encoder for a second thread: the same weights, its own memo and its own copy of the
+        tokenizer (a fast tokenizer refuses calls from two threads at once: "Already borrowed")."""
+        other = copy.copy(self)
+        other.tokenizer = copy.deepcopy(self.tokenizer)
+        other._memo = {}
+        return other
 
     def _check_vocabulary(self, captions: list[str], ids: torch.Tensor) -> None:
         if self.kept is None:

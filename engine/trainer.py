@@ -16,6 +16,7 @@ Not for: the loss itself (training.py) or loading the result (model.py).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -121,8 +122,16 @@ def _frame_tokens(config: TrainerConfig) -> int:
     return (config.height // down // ph) * (config.width // down // pw)
 
 
-def _prepare(config: TrainerConfig, step: int):
-    """CPU side of a step (runs in a worker thread): stories, frame parameters, captions."""
+def _prepare(config: TrainerConfig, step: int, text=None, stream=None):
+    """The side of a step that needs no training state (runs in a worker thread, a step ahead):
+    stories, frame parameters, captions and, with `text` (an encoder of this thread's own), the
+    captions' token states on the host. On the GPU the text encoder runs on `stream`, so that
+    bringing its states back waits for it alone, and only in this thread: the training thread
+    keeps queueing its step meanwhile."""
+    if text is not None:
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            *rest, captions = _prepare(config, step)
+            return (*rest, captions, _text(text, captions))
     specs, shots, frames = story_batch_plan(config, step)
     params = FrameParams.cat([frame_params(s, config.height, config.width) for s in specs])
     rng = _step_rng(config.seed + 1, step)
@@ -434,16 +443,17 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
     ema_params = [p for p in ema.parameters()]
     model_params = list(model.parameters())
     pool = ThreadPoolExecutor(1)
+    ahead = (text.for_another_thread(), torch.cuda.Stream(device) if device.type == "cuda" else None)
     step = state["step"]
-    pending = pool.submit(_prepare, config, step + 1)
+    pending = pool.submit(_prepare, config, step + 1, *ahead)
     last_ckpt = last_sample = time.time()
     window, window_t, probe_window = [], time.time(), []
     amp = device.type == "cuda"
     while state["elapsed"] < config.minutes * 60 and not (config.max_steps and step >= config.max_steps):
         t0 = time.time()
         step += 1
-        specs, shots, frames, fparams, captions = pending.result()
-        pending = pool.submit(_prepare, config, step + 1)
+        specs, shots, frames, fparams, captions, states = pending.result()
+        pending = pool.submit(_prepare, config, step + 1, *ahead)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             weighted = bool(config.character_weight)  # the characters' coverage only when the loss uses it
             drawn = draw(fparams, config.height, config.width, device, with_mask=weighted)  # (B*S*F, 3 | 1, H, W)
@@ -461,7 +471,7 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
             cell = _token_cell(config)
             shape, colour = look_labels(fparams, cell, config.height, config.width, device)
             look = (shape.view(B, shots * frames, *shape.shape[1:]), colour.view(B, shots * frames, *colour.shape[1:]))
-        batch = StoryBatch(z, (frames,) * shots, _text(text, captions), weights, look)
+        batch = StoryBatch(z, (frames,) * shots, states, weights, look)
         gen = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + step)
         lr = _lr_at(config, step, state["elapsed"])
         for g in opt.param_groups:

@@ -42,3 +42,30 @@ def test_the_vocabulary_covers_stories_it_was_not_built_from(tmp_path):
         spec = sample_story(seed, names="any")
         for caption in [spec.global_caption] + [s.caption for s in spec.shots]:
             assert set(tokenizer(caption)["input_ids"]) <= kept, caption
+
+
+def test_an_encoder_for_another_thread_shares_the_weights_and_gives_the_same_states(encoders):
+    """The trainer encodes the next step's captions in a worker thread while the sampler may encode
+    in the main one: each thread has its own memo and tokenizer, the weights are shared."""
+    import threading
+    full = encoders[0]
+    other = full.for_another_thread()
+    assert other.model is full.model and other.tokenizer is not full.tokenizer and other._memo is not full._memo
+    captions = [s.caption for s in sample_story(5, num_shots=6).shots] + ["Kip bounces.", "the sky at night"]
+    want = [t.clone() for t in full.encode(captions)]
+    full._memo.clear()
+    got = {}
+
+    def run(name, encoder):
+        for _ in range(5):
+            got[name] = encoder.encode(captions)
+            encoder._memo.clear()
+    threads = [threading.Thread(target=run, args=(n, e)) for n, e in (("main", full), ("worker", other))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name in ("main", "worker"):
+        assert len(got[name]) == len(want)
+        for a, b in zip(got[name], want):
+            torch.testing.assert_close(a, b)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from engine.shapestory.world import HELDOUT_SEED_START, is_heldout_name, sample_story
-from engine.trainer import TrainerConfig, codec_scores, export_model, story_batch_plan, train, training_config
+from engine.trainer import (TrainerConfig, _prepare, _text, codec_scores, export_model, story_batch_plan, train,
+                            training_config)
 from engine.training import draw_shot_sigmas
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
@@ -239,3 +240,19 @@ def test_the_look_probe_trains_beside_the_model_and_stays_out_of_the_export(tmp_
         train_default.main(["--work", str(tmp_path / "x"), "--tiny", "--look-weight", "1", "--look-layer", "5"])
     with pytest.raises(SystemExit, match="--look-weight"):
         train_default.main(["--work", str(tmp_path / "x"), "--tiny", "--look-weight", "-1"])
+
+
+def test_a_step_prepared_ahead_carries_the_captions_token_states():
+    """The worker thread prepares step n + 1 with its own encoder: the same stories and captions
+    as without one, and the captions' states as the training thread's encoder gives them."""
+    from engine.text import MiniLMEncoder
+    config = _tiny()
+    text = MiniLMEncoder.load("cpu")
+    *plain, captions = _prepare(config, 3)
+    *ahead, captions_ahead, states = _prepare(config, 3, text.for_another_thread())
+    assert captions_ahead == captions and [s.seed for s in ahead[0]] == [s.seed for s in plain[0]]
+    want = _text(text, captions)
+    assert [len(story) for story in states] == [len(story) for story in want]
+    for story, expected in zip(states, want):
+        for a, b in zip(story, expected):
+            torch.testing.assert_close(a, b)
