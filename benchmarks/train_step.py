@@ -175,6 +175,9 @@ def main(argv=None) -> int:
                         "the same attention, a smaller union of routed chunks to walk per tile")
     p.add_argument("--gather", action="store_true",
                    help="also time MoC on backend 'gather' (per key chunk: work that follows the routed pairs)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the step with the blocks compiled (StoryTransformer.compile_blocks; "
+                        "MoC on 64-row tiles, as the trainer runs it) and report the first call's compile time")
     p.add_argument("--profile", action="store_true",
                    help="also profile one step of each (torch.profiler): busiest kernels, busy vs wall time")
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "train_step_h200.json")
@@ -197,6 +200,12 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     tr = StoryTransformer(WanTransformer3DModel(**DEFAULT_TRANSFORMER).to(dev).train())
     opt = torch.optim.AdamW(tr.model.parameters(), lr=1e-5)
+    compiled = None
+    if args.compile:
+        import copy
+        compiled = StoryTransformer(copy.deepcopy(tr.model))
+        compiled.compile_blocks()
+        compiled_opt = torch.optim.AdamW(compiled.model.parameters(), lr=1e-5)
     rows = []
     for shots, frames, tokens in SHAPES:
         batch = make_batch(shots, frames, tokens, dev)
@@ -229,6 +238,16 @@ def main(argv=None) -> int:
             row[f"moc_tile{tile}_ms"] = ms = round(step_ms(tr, opt, batch, cfg, args.repeats), 2)
             print(f"{shots} shots x {frames} frames: MoC with {tile}-row tiles {ms:.1f} ms "
                   f"({ms / row['dense_ms']:.2f}x dense; {MoCConfig().tile}-row tiles {row['moc_ms']:.1f} ms)")
+        if compiled is not None:
+            for name, cfg in (("dense", TrainingConfig(moc=None)),
+                              ("moc_tile64", TrainingConfig(moc=MoCConfig(tile=64), backend="triton"))):
+                started = time.perf_counter()
+                step_ms(compiled, compiled_opt, batch, cfg, 1)  # compiles (or recompiles) for this shape, then 3 more steps
+                row[f"{name}_compiled_warmup_s"] = round(time.perf_counter() - started, 1)
+                row[f"{name}_compiled_ms"] = ms = round(step_ms(compiled, compiled_opt, batch, cfg, args.repeats), 2)
+                eager = row.get(f"{name}_ms") or row.get("moc_tile64_ms")
+                print(f"{shots} shots x {frames} frames: {name} compiled {ms:.1f} ms"
+                      + (f" (eager {eager:.1f} ms)" if eager else "") + f", its first 4 steps (compiling) {row[f'{name}_compiled_warmup_s']} s")
         if args.profile and (shots, frames, tokens) == SHAPES[2]:
             for name, cfg in (("dense", TrainingConfig(moc=None)), ("moc", TrainingConfig(moc=MoCConfig(), backend="triton"))):
                 row[f"{name}_profile"] = prof = profile_step(tr, opt, batch, cfg)

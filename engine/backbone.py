@@ -35,6 +35,14 @@ class StoryTransformer:
             self.self_processors.append(p1)
             self.cross_processors.append(p2)
 
+    def compile_blocks(self) -> None:
+        """torch.compile each Wan block (dynamic shapes): its norms, modulation, projections, RoPE
+        and feed-forward fuse into fewer kernels. The processors' `_attend` methods (routing,
+        attention, the plan) stay eager behind graph breaks, so one compiled block serves every
+        story shape and plan. Used by the trainer (TrainerConfig.compile); sampling runs eagerly."""
+        for block in self.model.blocks:
+            block.compile(dynamic=True)
+
     # ---- sizes --------------------------------------------------------------------------------
 
     @property

@@ -144,7 +144,7 @@ class MoCSelfAttention(_PlannedProcessor):
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, rotary_emb=None) -> torch.Tensor:
-        plan = self._plan()
+        # 1. projections, q/k RMSNorm, RoPE: plain tensor math (what torch.compile may fuse)
         if getattr(attn, "fused_projections", False):
             q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
@@ -152,13 +152,21 @@ class MoCSelfAttention(_PlannedProcessor):
         # under autocast the RMSNorms return float32 while v is bf16: attention takes one dtype
         q, k = attn.norm_q(q).to(v.dtype), attn.norm_k(k).to(v.dtype)
         q, k, v = (t.unflatten(2, (attn.heads, -1)) for t in (q, k, v))  # (B, N, H, D)
-        moc = plan.self_attn.moc
-        q_route, k_route = (q, k) if moc is not None and not moc.descriptor_rope else (None, None)
-        if rotary_emb is not None:
-            q, k = apply_rope(q, *rotary_emb), apply_rope(k, *rotary_emb)
-        out = story_attention(q, k, v, plan.self_attn, self.layer, q_route, k_route)  # (B, N, H, D)
+        q_rope, k_rope = (apply_rope(q, *rotary_emb), apply_rope(k, *rotary_emb)) if rotary_emb is not None else (q, k)
+        # 2. routing and attention, as the plan says
+        out = self._attend(q, k, q_rope, k_rope, v)  # (B, N, H, D)
         out = out.flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
+
+    @torch.compiler.disable
+    def _attend(self, q, k, q_rope, k_rope, v) -> torch.Tensor:
+        """Everything that reads the plan, kept out of torch.compile (StoryTransformer.compile_blocks):
+        a compiled graph would guard on a plan that changes every forward, and the MoC backends
+        run their own kernels."""
+        plan = self._plan()
+        moc = plan.self_attn.moc
+        q_route, k_route = (q, k) if moc is not None and not moc.descriptor_rope else (None, None)
+        return story_attention(q_rope, k_rope, v, plan.self_attn, self.layer, q_route, k_route)
 
 
 class ShotCrossAttention(_PlannedProcessor):
@@ -166,13 +174,21 @@ class ShotCrossAttention(_PlannedProcessor):
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask=None, rotary_emb=None) -> torch.Tensor:
-        plan = self._plan().cross_attn
         if attn.add_k_proj is not None:
             raise ValueError("image-conditioned Wan checkpoints (I2V) are not supported; use a T2V checkpoint")
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)  # (B, H, N, D)
         k = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)  # (B, H, L, D)
         v = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
         q, k = q.to(v.dtype), k.to(v.dtype)  # autocast: the norms return float32, v is bf16
+        out = self._attend(q, k, v)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # (B, N, H*D)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    @torch.compiler.disable
+    def _attend(self, q, k, v) -> torch.Tensor:
+        """Each shot's rows over its text positions, as the plan says (kept out of torch.compile,
+        like MoCSelfAttention._attend). q (B, H, N, D), k, v (B, H, L, D) -> (B, H, N, D)."""
+        plan = self._plan().cross_attn
         out = torch.zeros_like(q)  # zeros: rows of no shot (a sequence-parallel slice's padding) stay finite
         for start, end, shot in plan.shot_ranges:
             idx = plan.text_index[shot].to(k.device)
@@ -181,8 +197,7 @@ class ShotCrossAttention(_PlannedProcessor):
                 mask = plan.text_valid[:, idx].to(q.device)[:, None, None, :]  # (B, 1, 1, Ls)
             out[:, :, start:end] = F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, idx], v[:, :, idx],
                                                                   attn_mask=mask)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(q)  # (B, N, H*D)
-        return attn.to_out[1](attn.to_out[0](out))
+        return out
 
 
 __all__ = ["SelfAttentionPlan", "CrossAttentionPlan", "ForwardPlan", "MoCSelfAttention",

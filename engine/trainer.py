@@ -84,6 +84,7 @@ class TrainerConfig:
     moc: bool = True  # MoC routing (False: dense attention, the baseline)
     backend: str = "triton"  # moc_attention backend on the GPU ("reference" on the CPU)
     moc_tile: int = 128  # query rows per kernel tile (MoCConfig.tile): speed only, the attention is the same
+    compile: bool = False  # torch.compile the blocks around the attention (StoryTransformer.compile_blocks): speed only
     log_every: int = 50  # steps per loss-log record (the mean over them)
     checkpoint_minutes: float = 3.0  # transformer checkpoint period
     sample_minutes: float = 5.0  # sample strip period
@@ -432,6 +433,8 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
     if (ckpt / "ema.safetensors").is_file():
         ema.load_state_dict(load_file(ckpt / "ema.safetensors"))
     tr = StoryTransformer(model.train())
+    if config.compile:
+        tr.compile_blocks()  # the EMA copy above stays eager: it only samples
     probe = make_look_probe(config, device)
     if probe is not None and (ckpt / "look_probe.safetensors").is_file():
         probe.load_state_dict(load_file(ckpt / "look_probe.safetensors"))

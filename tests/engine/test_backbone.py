@@ -110,9 +110,11 @@ def test_per_token_timestep_equals_batch_timestep_when_uniform():
 
 
 def test_processor_without_plan_says_how_to_fix():
-    proc = MoCSelfAttention(0)
-    with pytest.raises(RuntimeError, match="StoryTransformer.forward"):
-        proc(None, torch.zeros(1, 1, 1))
+    attn = _model(1).blocks[0].attn1
+    attn.set_processor(MoCSelfAttention(0))
+    dim = attn.to_q.in_features
+    with torch.no_grad(), pytest.raises(RuntimeError, match="StoryTransformer.forward"):
+        attn(torch.zeros(1, 4, dim))
 
 
 def test_pre_rope_routing_scores_the_unrotated_keys():
@@ -176,3 +178,37 @@ def test_auto_on_a_gpu_sized_short_sequence_runs_dense_and_says_so(monkeypatch):
         if backend == "auto":
             dense = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))
             torch.testing.assert_close(out, dense.transpose(1, 2))
+
+
+def test_compiled_blocks_give_the_eager_loss_and_gradients_at_any_story_shape():
+    """StoryTransformer.compile_blocks (the trainer's --compile): the same training loss and
+    gradients as the eager blocks, on two story shapes with odd sizes (dynamic shapes: the second
+    reuses or recompiles the graphs, never the plan of the first), MoC routing in training mode."""
+    import copy
+
+    from engine.training import StoryBatch, TrainingConfig, training_loss
+    cfg = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+               text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads")
+    torch.manual_seed(0)
+    eager_model = WanTransformer3DModel(**cfg).train()
+    compiled_model = copy.deepcopy(eager_model)
+    eager, compiled = StoryTransformer(eager_model), StoryTransformer(compiled_model)
+    compiled.compile_blocks()
+    config = TrainingConfig(moc=MoCConfig(top_k=2, tile=16), backend="reference")
+    for stories, shots, frames, seed in ((2, 3, 2, 0), (3, 2, 3, 1)):
+        g = torch.Generator().manual_seed(seed)
+        latents = torch.randn(stories, 4, shots * frames, 6, 10, generator=g)  # 15 tokens a frame
+        text = [[torch.randn(3 + i, 32, generator=g) for i in range(shots + 1)] for _ in range(stories)]
+        batch = StoryBatch(latents, (frames,) * shots, text)
+        losses = []
+        for tr in (eager, compiled):
+            tr.model.zero_grad(set_to_none=True)
+            loss = training_loss(tr, batch, config, generator=torch.Generator().manual_seed(seed + 7))
+            loss.backward()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        for (name, a), b in zip(eager_model.named_parameters(), compiled_model.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+    assert compiled_model.blocks[0]._compiled_call_impl is not None  # it did run compiled
+    assert compiled_model.state_dict().keys() == eager_model.state_dict().keys()  # checkpoints unchanged
