@@ -35,7 +35,7 @@ at once, if it died); then they raise too and step 4 tells rank 0 what happened.
 Ending. Every rank ends through `leave(jobs)`: in step, it tears the process group down. Out of
 step, a collective of the default group was left unmatched (rank 0 timed out sending to a rank
 that never received), and gloo's teardown of such a group can abort the process (SIGABRT,
-"terminate called without an active exception", seen on the CPU under load), so `leave` ends the
+"terminate called without an active exception", seen once in CI on the CPU), so `leave` ends the
 process at once instead, skipping the teardown: the files were all written by then (only rank 0
 writes, and each write is atomic).
 """
