@@ -258,16 +258,14 @@ def serve_across(args, auth) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     jobs = None
-    code = 0
     try:
         engine = load_engine(args, parallel, device, preview=parallel.rank == 0)
         if engine is None:
-            code = 2
-            return code
+            return 2
         jobs = Jobs.open(parallel)
         if parallel.rank != 0:
             follow(engine, jobs)
-            return code
+            return 0
         print(f"sequence parallel: {parallel.world} processes, {engine.model.transformer.num_heads // parallel.world} "
               f"heads each, on {device}; rank 0 serves the app", flush=True)
         warn_if_public(args, auth)
@@ -277,9 +275,9 @@ def serve_across(args, auth) -> int:
             serve(host=args.host, port=args.port, share=args.share, auth=auth, engine=engine, renderer=leader)
         finally:
             leader.close()  # the other ranks' follow returns
-        return code
+        return 0
     finally:
-        leave(jobs, code)  # out of step, this ends the process here
+        leave(jobs)  # out of step (only after a served job: jobs exist), this ends the process here
 
 
 if __name__ == "__main__":

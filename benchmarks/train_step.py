@@ -245,7 +245,7 @@ def main(argv=None) -> int:
                 step_ms(compiled, compiled_opt, batch, cfg, 1)  # compiles (or recompiles) for this shape, then 3 more steps
                 row[f"{name}_compiled_warmup_s"] = round(time.perf_counter() - started, 1)
                 row[f"{name}_compiled_ms"] = ms = round(step_ms(compiled, compiled_opt, batch, cfg, args.repeats), 2)
-                eager = row.get(f"{name}_ms") or row.get("moc_tile64_ms")
+                eager = row.get(f"{name}_ms")  # dense_ms, moc_tile64_ms (with --tiles 64)
                 print(f"{shots} shots x {frames} frames: {name} compiled {ms:.1f} ms"
                       + (f" (eager {eager:.1f} ms)" if eager else "") + f", its first 4 steps (compiling) {row[f'{name}_compiled_warmup_s']} s")
         if args.profile and (shots, frames, tokens) == SHAPES[2]:

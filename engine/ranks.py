@@ -218,18 +218,19 @@ def follow(engine: StoryEngine, jobs: Jobs) -> int:
     return count
 
 
-def leave(jobs: Jobs | None, code: int = 0) -> int:
-    """End this rank's part: tear the process group down and return `code` while the ranks are in
-    step (or before `Jobs.open`: jobs None). Out of step, flush the output and end the process at
-    once with `code` (see "Ending" above): the teardown of the unmatched group could abort it."""
+def leave(jobs: Jobs | None) -> None:
+    """End this rank's part: tear the process group down while the ranks are in step (or before
+    `Jobs.open`: jobs None). Out of step, flush the output and end the process at once, exit status
+    0 (the app already showed the error; see "Ending" above): the teardown of the unmatched group
+    could abort it."""
     if jobs is None or not jobs.broken:
         dist.destroy_process_group()
-        return code
+        return
     log.warning("rank %d ends without tearing down the process group: %s", jobs.parallel.rank, jobs.broken)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     logging.shutdown()
-    os._exit(code)
+    os._exit(0)
 
 
 __all__ = ["Jobs", "Leader", "RenderJob", "RanksOutOfStep", "QUIT", "IDLE_TIMEOUT", "follow", "leave", "outcome_of"]

@@ -16,7 +16,6 @@ Not for: the loss itself (training.py) or loading the result (model.py).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -126,13 +125,9 @@ def _frame_tokens(config: TrainerConfig) -> int:
 def _prepare(config: TrainerConfig, step: int, text=None, stream=None):
     """The side of a step that needs no training state (runs in a worker thread, a step ahead):
     stories, frame parameters, captions and, with `text` (an encoder of this thread's own), the
-    captions' token states on the host. On the GPU the text encoder runs on `stream`, so that
+    captions' token states on the host (else None). On the GPU the text encoder runs on `stream`, so that
     bringing its states back waits for it alone, and only in this thread: the training thread
     keeps queueing its step meanwhile."""
-    if text is not None:
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            *rest, captions = _prepare(config, step)
-            return (*rest, captions, _text(text, captions))
     specs, shots, frames = story_batch_plan(config, step)
     params = FrameParams.cat([frame_params(s, config.height, config.width) for s in specs])
     rng = _step_rng(config.seed + 1, step)
@@ -142,7 +137,11 @@ def _prepare(config: TrainerConfig, step: int, text=None, stream=None):
             captions.append([""] * (shots + 1))
         else:
             captions.append([s.global_caption] + [sh.caption for sh in s.shots])
-    return specs, shots, frames, params, captions
+    states = None
+    if text is not None:
+        with torch.cuda.stream(stream):  # None: the current stream (a no-op, also on the CPU)
+            states = _text(text, captions)
+    return specs, shots, frames, params, captions, states
 
 
 def random_frames(config: TrainerConfig, count: int, rng: random.Random, device, with_mask: bool = False):

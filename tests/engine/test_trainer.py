@@ -248,7 +248,7 @@ def test_a_step_prepared_ahead_carries_the_captions_token_states():
     from engine.text import MiniLMEncoder
     config = _tiny()
     text = MiniLMEncoder.load("cpu")
-    *plain, captions = _prepare(config, 3)
+    *plain, captions, _ = _prepare(config, 3)
     *ahead, captions_ahead, states = _prepare(config, 3, text.for_another_thread())
     assert captions_ahead == captions and [s.seed for s in ahead[0]] == [s.seed for s in plain[0]]
     want = _text(text, captions)
