@@ -8,8 +8,9 @@ per-token noise, frame vectors repeating every 2 shots) and "random" (i.i.d. nor
 case: per-token top-k is near random, so a tile's union approaches every earlier chunk).
 
 Step 1 of "gather" (the forced links: own shot, captions) runs per forced group through cuDNN
-("moc-gather-sdpa-forced", forced="sdpa") or through the tile kernel ("moc-gather", forced="triton",
-the engine's default on the GPU until one run has measured both: triton_gather.FORCED_DEFAULT);
+("moc-gather-sdpa-forced", forced="sdpa") or through the tile kernel ("moc-gather", forced="triton");
+the engine picks per call (triton_gather.FORCED_DEFAULT: cuDNN without gradients, where it measured
+faster, the tile kernel with them);
 "forced-sdpa" and "forced-triton" time that step alone (no routing, forward), to set against
 "dense-cudnn" (its block-diagonal share is the ideal); their rel_err / lse_err compare the two
 ways of computing it (lse in log2 units: the cuDNN convention converted).
@@ -53,7 +54,7 @@ from engine.moc import attend as model_attention  # noqa: E402  (the model's ent
 from engine.moc.flex import build_block_mask, flex_moc_attention  # noqa: E402
 from engine.moc.triton_attention import kernel_plan, triton_moc_attention  # noqa: E402
 from engine.moc.forced import sdpa_forced_attention, sdpa_forced_plan  # noqa: E402
-from engine.moc.triton_gather import forced_attention, forced_only, gather_moc_attention  # noqa: E402
+from engine.moc.triton_gather import GATHER_BLOCK, forced_attention, forced_only, gather_moc_attention  # noqa: E402
 
 FRAME_TOKENS = {"16k": 136, "64k": 544, "180k": 1500}
 HEADS, HEAD_DIM, TOP_K = 12, 128, 5
@@ -134,7 +135,8 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) 
     moc_attend = {
         "moc-triton": lambda s: triton_moc_attention(q, k, v, s),
         "moc-flex": lambda s: flex_moc_attention(q, k, v, s, block_mask=build_block_mask(s)),
-        "moc-gather": lambda s: gather_moc_attention(q, k, v, s, forced="triton"),  # the GPU default now
+        # forced="triton": the engine's GPU default with gradients; "sdpa" (the next row) its default to render
+        "moc-gather": lambda s: gather_moc_attention(q, k, v, s, forced="triton"),
         "moc-gather-sdpa-forced": lambda s: gather_moc_attention(q, k, v, s, forced="sdpa"),
     }
     # step 1 of "gather" alone: the forced links (no routing), (out, lse in log2 units) either way
@@ -298,7 +300,18 @@ def main():
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per figure (median)")
     parser.add_argument("--json", type=Path, help="write the rows and the run's metadata here")
+    parser.add_argument("--gather-block", default=None, metavar="M,N,WARPS",
+                        help="the gather kernels' query rows, key columns and warps a program on the GPU "
+                             f"(default {','.join(map(str, GATHER_BLOCK['cuda']))}; recorded in the JSON)")
     args = parser.parse_args()
+    if args.gather_block:
+        try:
+            m, n, warps = (int(x) for x in args.gather_block.split(","))
+        except ValueError:
+            parser.error(f"--gather-block takes three integers M,N,WARPS, e.g. 128,64,8; got {args.gather_block!r}")
+        if min(m, n) < 16 or m & (m - 1) or n & (n - 1) or warps not in (1, 2, 4, 8, 16):
+            parser.error("--gather-block: M and N powers of two, at least 16; WARPS one of 1, 2, 4, 8, 16")
+        GATHER_BLOCK["cuda"] = (m, n, warps)
     if args.device == "cpu":
         args.sizes = ["tiny"]
         runnable = CPU_BACKENDS + (CPU_INTERPRETED if os.environ.get("TRITON_INTERPRET") == "1" else ())
@@ -330,6 +343,7 @@ def write_json(path: Path, rows: list[dict], device: str, date: str) -> None:
     meta = {"device": device, "date": date, "torch": torch.__version__, "triton": __import__("triton").__version__,
             "heads": TINY["heads"] if tiny else HEADS, "head_dim": TINY["head_dim"] if tiny else HEAD_DIM,
             "top_k": 2 if tiny else TOP_K, "dtype": "float32" if tiny else "bfloat16",
+            "gather_block": list(GATHER_BLOCK["cpu" if tiny else "cuda"]),
             "workload": "8 shots x 15 frames x frame_tokens (136 / 544 / 1500), chunk = frame, shot anchor, causal "
                         "across shots; structured inputs per benchmarks/workload.py, random = i.i.d. normal",
             "summary": summary(rows), "rows": rows}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import sys
@@ -40,7 +41,28 @@ from engine.moc import MoCConfig  # noqa: E402
 
 VARIANTS = {  # name: (MoC or dense, backend, dense SDPA kernel first)
     "moc-auto": (True, "auto", None), "moc-gather": (True, "gather", None), "moc-triton": (True, "triton", None),
-    "dense-cudnn": (False, "auto", "cudnn"), "dense-flash": (False, "auto", "flash")}
+    "dense-cudnn": (False, "auto", "cudnn"), "dense-flash": (False, "auto", "flash"),
+    # the whole forward with self-attention's core skipped (its output is v): everything else the
+    # forward costs, timed by the wall clock, so that wall - this is what self-attention costs in the
+    # model, whatever the profiler records (the H200 trace of 2026-11-29 had ~14 ms gaps where the
+    # feed-forward GEMMs run, in the dense forward too: kernels it did not see)
+    "no-self-attention": (False, "auto", "cudnn")}
+GEMM_NAMES = ("gemm", "nvjet", "cutlass", "cublas", "sm90_xmma")  # matrix-multiply kernel names, lower case
+
+
+class skip_self_attention:
+    """Inside, every MoCSelfAttention returns v in place of attention (projections, norms, RoPE and
+    the output projection still run)."""
+
+    def __enter__(self):
+        from engine.processors import MoCSelfAttention
+        self.saved = MoCSelfAttention._attend
+        MoCSelfAttention._attend = lambda self, q, k, q_rope, k_rope, v: v
+        return self
+
+    def __exit__(self, *exc):
+        from engine.processors import MoCSelfAttention
+        MoCSelfAttention._attend = self.saved
 
 
 def project_frames(stack, keep: int = 3) -> str:
@@ -101,12 +123,15 @@ def gaps(events, cuda: bool, top: int) -> dict:
                     "host_ops": [h.name[:60] for h in running[:4]]})
     total_idle = sum(g[0] for g in found)
     small = sum(g[0] for g in found if g[0] < 50)  # gaps under 50 us: launch spacing
+    gemm = [e for e in device if any(g in e.name.lower() for g in GEMM_NAMES)]
     return {"span_ms": round((end - span0) / 1e3, 1), "busy_ms": round(busy_ms(device), 1),
+            "kernels": len(device), "gemm_kernels": len(gemm),
+            "gemm_busy_ms": round(busy_ms(gemm), 1) if gemm else 0.0,
             "idle_ms": round(total_idle / 1e3, 1), "idle_in_gaps_under_50us_ms": round(small / 1e3, 1),
             "gaps_over_1ms": sum(1 for g in found if g[0] >= 1000), "gaps": out}
 
 
-def measure(st, inputs, name: str, device, top: int, tiny: bool = False) -> dict:
+def measure(st, inputs, name: str, device, top: int, tiny: bool = False, warmups: int = 1) -> dict:
     """One variant: wall time of a warm forward, its GPU trace's gaps, its synchronisation sites.
     tiny: the CPU check, where MoC runs on the reference backend."""
     from torch.profiler import ProfilerActivity, profile
@@ -118,8 +143,10 @@ def measure(st, inputs, name: str, device, top: int, tiny: bool = False) -> dict
     def run():
         forward(st, *inputs, moc, backend)
         _sync(device)
-    with dense_backend(dense or "cudnn"):  # MoC makes no dense call at these sizes
-        run()  # warm-up: autotuning, cuDNN plans, allocator
+    skip = skip_self_attention() if name == "no-self-attention" else contextlib.nullcontext()
+    with dense_backend(dense or "cudnn"), skip:  # MoC makes no dense call at these sizes
+        for _ in range(warmups):  # autotuning, cuDNN plans, allocator (and compiling, twice with --compile)
+            run()
         t0 = time.perf_counter()
         run()
         wall = (time.perf_counter() - t0) * 1e3
@@ -146,6 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=8, help="gaps listed per variant")
     p.add_argument("--tiny", action="store_true", help="a tiny model and story (a CPU check of this script)")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the blocks first (StoryTransformer.compile_blocks: the norms, modulation, "
+                        "projections and feed-forward fused; attention stays eager)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -167,24 +197,36 @@ def main(argv=None) -> int:
     with torch.device(device):
         model = WanTransformer3DModel(**config).to(dtype).eval()
     st = StoryTransformer(model)
+    if args.compile:
+        st.compile_blocks()
     inputs = story_inputs(st, args.shots, args.frames, h, w, device, dtype)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "story": {"shots": args.shots, "frames": args.frames, "tokens": inputs[0].num_tokens,
-                        "layers": config["num_layers"]}, "rows": []}
+                        "layers": config["num_layers"]}, "compiled": args.compile, "rows": []}
     print(f"{'variant':<12} {'wall ms':>9} {'busy ms':>9} {'idle ms':>9} {'gaps>1ms':>8}  top sync site")
     for name in names:
-        row = measure(st, inputs, name, device, args.top, args.tiny)
+        row = measure(st, inputs, name, device, args.top, args.tiny, warmups=2 if args.compile else 1)
         result["rows"].append(row)
         site = row["sync_sites"][0] if row["sync_sites"] else {"site": "-", "calls": 0}
         print(f"{name:<12} {row['wall_ms']:>9.1f} {row['busy_ms']:>9.1f} {row['idle_ms']:>9.1f} "
               f"{row['gaps_over_1ms']:>8}  {site['calls']}x {site['site'][:90]}")
         for g in row["gaps"][:4]:
             print(f"    gap {g['ms']:.2f} ms after {g['after_kernel'][:40]} | host: {', '.join(g['host_ops'][:3])}")
+        print(f"    {row['kernels']} kernels recorded, {row['gemm_kernels']} of them matrix multiplies "
+              f"({row['gemm_busy_ms']:.1f} ms busy)")
+        base = next((r["wall_ms"] for r in result["rows"] if r["variant"] == "no-self-attention"), None)
+        if base is not None:  # what self-attention costs inside the model, by the wall clock
+            result["self_attention_ms"] = {r["variant"]: round(r["wall_ms"] - base, 1) for r in result["rows"]
+                                           if r["variant"] != "no-self-attention"}
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if result.get("self_attention_ms"):
+        layers = config["num_layers"]
+        print(f"self-attention inside the forward (wall - no-self-attention's {base:.1f} ms): " + ", ".join(
+            f"{k} {v:.1f} ms ({v / layers:.2f} ms a layer)" for k, v in result["self_attention_ms"].items()))
     return 0
 
 

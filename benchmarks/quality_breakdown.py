@@ -64,7 +64,7 @@ def paired(a: dict, b: dict) -> dict:
         raise ValueError("the two files share no appearance: score the same stories (seeds) with both models")
     only = Counter((a[k][3], b[k][3]) for k in common)
     return {"appearances": len(common), "both": only[(True, True)], "only_first": only[(True, False)],
-            "only_second": only[(False, True)], "p_mcnemar": round(mcnemar(only[(True, False)], only[(False, True)]), 4)}
+            "only_second": only[(False, True)], "p_mcnemar": float(f"{mcnemar(only[(True, False)], only[(False, True)]):.3g}")}
 
 
 def main(argv=None) -> dict:
@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
         result["paired"] = paired(*apps)
         q = result["paired"]
         print(f"paired on {q['appearances']} appearances: right in both {q['both']}, only in the first "
-              f"{q['only_first']}, only in the second {q['only_second']}, McNemar p {q['p_mcnemar']}")
+              f"{q['only_first']}, only in the second {q['only_second']}, McNemar p {q['p_mcnemar']:.3g}")
     return result
 
 

@@ -146,25 +146,31 @@ def walked_work(tile: int, training: bool, shots: int = 8, frames: int = 8, seed
 
 def best_moc(rows: list[dict]) -> dict:
     """The MoC training setup with the least step time summed over the timed shapes: backend
-    "triton" at some tile (the default's 128 when no other was timed), or backend "gather"."""
+    "triton" at some tile (the default's 128 when no other was timed), or backend "gather"; eager,
+    or with the blocks compiled (--compile's `*_compiled_ms` rows)."""
     default = MoCConfig().tile
-    total: dict[tuple[str, int], float] = {}
-    counts: dict[tuple[str, int], int] = {}
+    total: dict[tuple[str, int, bool], float] = {}
+    counts: dict[tuple[str, int, bool], int] = {}
     for r in rows:
         for key, ms in r.items():
-            if key == "moc_ms":
-                setup = ("triton", default)
-            elif key.startswith("moc_tile") and key.endswith("_ms"):
-                setup = ("triton", int(key[len("moc_tile"):-len("_ms")]))
-            elif key == "moc_gather_ms":
-                setup = ("gather", default)
+            if not key.endswith("_ms"):
+                continue
+            name = key[:-len("_ms")]
+            compiled = name.endswith("_compiled")
+            name = name[:-len("_compiled")] if compiled else name
+            if name == "moc":
+                setup = ("triton", default, compiled)
+            elif name.startswith("moc_tile") and name[len("moc_tile"):].isdigit():
+                setup = ("triton", int(name[len("moc_tile"):]), compiled)
+            elif name == "moc_gather":
+                setup = ("gather", default, compiled)
             else:
                 continue
             total[setup] = total.get(setup, 0.0) + ms
             counts[setup] = counts.get(setup, 0) + 1
     # only setups timed on every shape compete (one that failed on a shape has a partial sum)
-    backend, tile = min((k for k in total if counts[k] == len(rows)), key=total.get)
-    return {"backend": backend, "tile": tile}
+    backend, tile, compiled = min((k for k in total if counts[k] == len(rows)), key=total.get)
+    return {"backend": backend, "tile": tile, "compiled": compiled}
 
 
 def main(argv=None) -> int:
@@ -268,7 +274,8 @@ def main(argv=None) -> int:
         for name in ("dense", "moc"):
             print(f"  {name}: " + ", ".join(f"{site} x{n:g}" for site, n in r[f"{name}_sync_sites"].items()))
     best = write_json(args.json, rows)
-    print(f"fastest MoC setup over all shapes: backend {best['backend']}, {best['tile']}-row tiles")
+    print(f"fastest MoC setup over all shapes: backend {best['backend']}, {best['tile']}-row tiles, "
+          + ("blocks compiled" if best["compiled"] else "eager"))
     return 0
 
 

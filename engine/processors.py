@@ -39,6 +39,8 @@ class SelfAttentionPlan:
     parallel: SequenceParallel | None = None  # sequence parallelism: tokens sharded over ranks; None = one process
     parallel_tokens: int = 0  # with `parallel`: the forward's live tokens N (each rank holds a slice; set by
     #                           backbone.StoryTransformer.forward)
+    route_tap: "object | None" = None  # training: called as route_tap(layer, q, k) with what routing scores,
+    #                                    (B, H, N, D) with gradients (training.RouteProbe); None: nothing
 
 
 @dataclass
@@ -107,6 +109,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SelfAtte
             plan.recorder.record_dense(layer, qh.shape, k_all.shape[2], plan.q_offset)
     else:
         q_r = None if q_route is None else q_route.transpose(1, 2)
+        if plan.route_tap is not None:
+            plan.route_tap(layer, qh if q_r is None else q_r, k_all if kr_all is None else kr_all)
         with record_function(ATTENTION_RANGE):  # routing inside it is its own range (moc.ROUTING_RANGE)
             out, selection = attend(qh, k_all, v_all, plan.layout, plan.moc, backend=plan.backend,
                                     q_offset=plan.q_offset, training=plan.training, generator=plan.generator,

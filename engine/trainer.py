@@ -80,6 +80,11 @@ class TrainerConfig:
     # loss (0: off). Not exported
     look_weight: float = 0.0
     look_layer: int = 4
+    # the routing probe (engine/training.RouteProbe): a loss on MoC's routing scores that asks a
+    # character's tokens to rank the earlier chunks showing the same character first, in the blocks
+    # `route_layers` (empty: all), times route_weight; training only, no parameters
+    route_weight: float = 0.0
+    route_layers: tuple[int, ...] = ()
     moc: bool = True  # MoC routing (False: dense attention, the baseline)
     backend: str = "triton"  # moc_attention backend on the GPU ("reference" on the CPU)
     moc_tile: int = 128  # query rows per kernel tile (MoCConfig.tile): speed only, the attention is the same
@@ -378,7 +383,8 @@ def training_config(config: TrainerConfig, device):
     from engine.training import TrainingConfig
     backend = config.backend if torch.device(device).type == "cuda" else "reference"
     return TrainingConfig(moc=MoCConfig(tile=config.moc_tile) if config.moc else None, backend=backend,
-                          shift=config.train_shift, look_weight=config.look_weight)
+                          shift=config.train_shift, look_weight=config.look_weight,
+                          route_weight=config.route_weight)
 
 
 def _token_cell(config: TrainerConfig) -> int:
@@ -401,6 +407,21 @@ def make_look_probe(config: TrainerConfig, device):
     _token_cell(config)
     dim = config.transformer["num_attention_heads"] * config.transformer["attention_head_dim"]
     return LookProbe(dim, config.look_layer).to(device)
+
+
+def make_route_probe(config: TrainerConfig):
+    """The run's routing probe (None when config.route_weight is 0)."""
+    from engine.training import RouteProbe
+    if not config.route_weight:
+        return None
+    if not config.moc:
+        raise ValueError("the routing probe trains MoC's routing: it needs MoC attention (not --dense)")
+    layers = config.transformer["num_layers"]
+    bad = [i for i in config.route_layers if not 0 <= i < layers]
+    if bad:
+        raise ValueError(f"route layers {bad} are not blocks of the {layers}-layer transformer")
+    _token_cell(config)
+    return RouteProbe(tuple(config.route_layers) or None)
 
 
 def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Path | None = None,
@@ -435,6 +456,7 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
     if config.compile:
         tr.compile_blocks()  # the EMA copy above stays eager: it only samples
     probe = make_look_probe(config, device)
+    router = make_route_probe(config)
     if probe is not None and (ckpt / "look_probe.safetensors").is_file():
         probe.load_state_dict(load_file(ckpt / "look_probe.safetensors"))
     params = [p for p in model.parameters() if p.requires_grad] + ([] if probe is None else list(probe.parameters()))
@@ -449,7 +471,7 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
     step = state["step"]
     pending = pool.submit(_prepare, config, step + 1, *ahead)
     last_ckpt = last_sample = time.time()
-    window, window_t, probe_window = [], time.time(), []
+    window, window_t, probe_window, route_window = [], time.time(), [], []
     amp = device.type == "cuda"
     while state["elapsed"] < config.minutes * 60 and not (config.max_steps and step >= config.max_steps):
         t0 = time.time()
@@ -469,7 +491,7 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
             cover = F.adaptive_avg_pool2d(cover.float(), z.shape[-2:]).view(B, shots * frames, *z.shape[-2:])
             weights = 1 + config.character_weight * cover
         look = None
-        if probe is not None:
+        if probe is not None or router is not None:
             cell = _token_cell(config)
             shape, colour = look_labels(fparams, cell, config.height, config.width, device)
             look = (shape.view(B, shots * frames, *shape.shape[1:]), colour.view(B, shots * frames, *colour.shape[1:]))
@@ -479,7 +501,7 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = training_loss(tr, batch, tcfg, generator=gen, look_probe=probe)
+            loss = training_loss(tr, batch, tcfg, generator=gen, look_probe=probe, route_probe=router)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -490,6 +512,8 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
         window.append(loss.detach())  # read at the log step: no per-step wait for the GPU
         if probe is not None and probe.last is not None:
             probe_window.append(torch.stack(probe.last).float())
+        if router is not None and router.last is not None:
+            route_window.append(router.last.float())
         state["elapsed"] += time.time() - t0
         state["step"] = step
         if step % config.log_every == 0 or step == 1:
@@ -499,8 +523,9 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
                                             "grad_norm": round(float(gnorm), 3), "lr": round(lr, 7),
                                             "stories": B, "shots": shots, "frames": frames,
                                             "sec_per_step": round(dt, 4), "minutes": round(state["elapsed"] / 60, 2),
-                                            **_probe_record(probe_window, config.look_weight, losses)})
-            window, window_t, probe_window = [], time.time(), []
+                                            **_probe_record(probe_window, config.look_weight, losses,
+                                                            route_window, config.route_weight)})
+            window, window_t, probe_window, route_window = [], time.time(), [], []
         if time.time() - last_ckpt > config.checkpoint_minutes * 60:
             save_checkpoint(ckpt, model, ema, opt, params, state, probe)
             # the EMA as a small fp16 model folder too: what a cut-off GPU session brings back and
@@ -515,14 +540,23 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
     write_sample(config, work, ema, text, codec, device, step)
 
 
-def _probe_record(window: list, weight: float, losses: list[float]) -> dict:
-    """The look probe's mean losses over a log window, and the flow loss without the probe's part
-    (the record's "loss" is the sum the optimiser saw); empty without a probe."""
-    if not window:
+def _probe_record(window: list, weight: float, losses: list[float], route_window: list | None = None,
+                  route_weight: float = 0.0) -> dict:
+    """The probes' mean losses over a log window (the look probe's shape cross-entropy and colour
+    error, the routing probe's cross-entropy), and the flow loss without the probes' parts (the
+    record's "loss" is the sum the optimiser saw); empty without a probe."""
+    if not window and not route_window:
         return {}
-    ce, mse = torch.stack(window).mean(0).tolist()
-    flow = sum(losses) / max(len(losses), 1) - weight * (ce + mse)
-    return {"flow_loss": round(flow, 5), "look_shape_ce": round(ce, 4), "look_colour_mse": round(mse, 5)}
+    out, flow = {}, sum(losses) / max(len(losses), 1)
+    if window:
+        ce, mse = torch.stack(window).mean(0).tolist()
+        flow -= weight * (ce + mse)
+        out.update(look_shape_ce=round(ce, 4), look_colour_mse=round(mse, 5))
+    if route_window:
+        route = float(torch.stack(route_window).mean())
+        flow -= route_weight * route
+        out["route_ce"] = round(route, 4)
+    return {"flow_loss": round(flow, 5), **out}
 
 
 def save_checkpoint(ckpt: Path, model, ema, opt, params, state: dict, probe=None) -> None:

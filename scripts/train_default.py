@@ -47,6 +47,11 @@ def main(argv=None) -> int:
                    help="weight of the look probe's loss: a training-only head that predicts each token's "
                         "character shape and colour from block --look-layer (0: off)")
     p.add_argument("--look-layer", type=int, default=4, help="the block the look probe reads (0-based)")
+    p.add_argument("--route-weight", type=float, default=0.0,
+                   help="weight of the routing probe's loss: a character's tokens should rank the earlier "
+                        "frames showing the same character first among MoC's candidates (0: off)")
+    p.add_argument("--route-layers", type=_layers, default=(),
+                   help="the blocks whose routing the probe trains, comma-separated (default: all)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks around the attention (speed only; the first steps compile)")
     p.add_argument("--device", default="cuda")
@@ -60,14 +65,14 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny smoke-test configuration")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from engine.trainer import TrainerConfig, make_look_probe, train
+    from engine.trainer import TrainerConfig, make_look_probe, make_route_probe, train
     config = TrainerConfig(minutes=args.minutes, max_steps=args.max_steps, codec_steps=args.codec_steps, codec_gate=args.codec_gate,
                            codec_lr=args.codec_lr,
                            tokens_per_step=args.tokens_per_step, moc=not args.dense, lr=args.lr,
                            warmup=args.warmup, moc_tile=args.moc_tile, backend=args.moc_backend,
                            frames_choices=_frames_choices(args.frames_choices), train_shift=args.train_shift,
                            focus=args.focus, look_weight=args.look_weight, look_layer=args.look_layer,
-                           compile=args.compile)
+                           route_weight=args.route_weight, route_layers=args.route_layers, compile=args.compile)
     if args.tiny:
         config = tiny_config(config)
     if args.transformer:
@@ -78,6 +83,12 @@ def main(argv=None) -> int:
         make_look_probe(config, "cpu")  # checked here, before minutes of codec training
     except ValueError as err:
         raise SystemExit(f"--look-layer: {err}") from None
+    if args.route_weight < 0:
+        raise SystemExit(f"--route-weight must be >= 0, got {args.route_weight}")
+    try:
+        make_route_probe(config)
+    except ValueError as err:
+        raise SystemExit(f"--route-weight / --route-layers: {err}") from None
     train(config, args.work, args.device, args.text_encoder, args.export, args.init_from, args.codec_from)
     return 0
 
@@ -90,6 +101,16 @@ def _chance(text: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"takes a chance between 0 and 1, got {text!r}")
     return value
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        layers = (-1,)
+    if any(i < 0 for i in layers):
+        raise argparse.ArgumentTypeError(f"takes block numbers (0 and up) separated by commas, got {text!r}")
+    return layers
 
 
 def _frames_choices(text: str) -> tuple[int, ...]:

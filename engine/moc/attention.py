@@ -11,8 +11,9 @@ Backends:
                chunks (GPU only).
   "gather":    the routed pairs per key chunk, merged with the forced part by log-sum-exp
                (triton_gather.py): work that follows the density whatever the routing (GPU only);
-               its forced part through the tile kernel, or (forced="sdpa"; triton_gather.FORCED_DEFAULT)
-               one cuDNN call per forced group (forced.py) where that fits (selection.info["forced"]).
+               its forced part one cuDNN call per forced group (forced.py, forced="sdpa") where that
+               fits, or through the tile kernel (forced="triton"); by default "sdpa" when rendering,
+               "triton" with gradients (triton_gather.FORCED_DEFAULT; selection.info["forced"]).
   "dense":     the selection as a boolean mask through SDPA (exact; for debugging and as a floor).
   "chunked":   forced blocks dense plus routed chunks gathered, merged by log-sum-exp (chunked.py):
                exact, its work follows the density; the CPU path at story sizes.

@@ -9,7 +9,7 @@ Not for: choosing a backend (attention.py).
 Forward, all on the GPU, no host synchronisation:
 1. Forced links (the own shot, the captions: contiguous and shared by whole query chunks, so
    coherent): out O_f and log-sum-exp L_f per query, computed one of two ways (`forced`):
-   "sdpa" (the default): one dense SDPA call (cuDNN) per group of query rows that share one forced
+   "sdpa" (the default when rendering): one dense SDPA call (cuDNN) per group of query rows that share one forced
        key set (forced.py: planned on the host from the layout), which runs dense blocks faster
        than the tile kernel; it falls back to "triton" where that is not exact or not worth it,
        and says why in selection.info["forced_reason"];
@@ -17,8 +17,9 @@ Forward, all on the GPU, no host synchronisation:
 2. Routed pairs: every (query, slot) with a routed chunk, sorted by chunk (`routed_pairs`); one
    program per BLOCK_M pairs of one chunk gathers those query rows, walks the chunk's keys once
    and writes the pair's partial out and log-sum-exp into the query's slot.
-3. Merge per query: the R + 1 partial results weighted by their log-sum-exp (routed and forced
-   chunks are disjoint, so nothing is counted twice); the merged log-sum-exp is kept.
+3. Merge per query (`merge_partials`, one kernel reading each partial result once): the R + 1
+   partial results weighted by their log-sum-exp (routed and forced chunks are disjoint, so nothing
+   is counted twice); the merged log-sum-exp is kept.
 Backward: with the merged statistics (the merged out and log-sum-exp: how step 1 computed O_f
 and L_f does not enter), the tile kernels' backward on the forced selection gives the forced
 links' gradients; dQ of the routed pairs per pair slot (summed over the slots), and dK,
@@ -42,18 +43,24 @@ from .triton_attention import (_attn_bwd_dq_range, check_inputs, _attn_fwd_range
                                _delta, _forward, _last_dim_contiguous, kernel_plan, key_blocks)
 
 GATHER_BLOCK = {"cuda": (64, 64, 4), "cpu": (16, 16, 1)}  # BLOCK_M, BLOCK_N, warps (CPU: the interpreter)
-MERGE_ROWS = 16384  # query rows merged at once (bounds the float32 buffers)
 # Heads run in groups whose per-pair buffers stay under this many bytes: the routed partial outputs
 # (q's dtype) and, with gradients, the float32 dQ per pair slot and dK / dV. All heads at once held
 # 15.3 GiB at MoC-180k forward + backward on the H200, against dense cuDNN's 6.9 (12 heads x 128,
 # benchmarks/results/attention_gather_180k_h200.json); one head there needs about 0.9 GB.
 GATHER_BUFFER_BYTES = 1 << 30
 FORCED_IMPLS = ("sdpa", "triton")  # how step 1 computes the forced links (see the module docstring)
-# Step 1 by default, per device type. On the GPU the tile kernel until one GPU run has checked the
-# cuDNN path against the reference and timed both (benchmarks/attention.py: moc-gather against
-# moc-gather-sdpa-forced): cuDNN's log-sum-exp convention is read from PyTorch's source, not yet
-# seen on a GPU. On the CPU (the interpreter) "sdpa" runs PyTorch's CPU flash kernel.
-FORCED_DEFAULT = {"cuda": "triton", "cpu": "sdpa"}
+# Step 1 by default, per (device type, with gradients). Measured on the H200 at MoC-180k (bf16,
+# benchmarks/results/attention_forced_180k_h200.json, 2026-11-29): the forced links alone take
+# 42.9 ms through cuDNN against 51.8 ms through the tile kernel (output within 2e-4, log-sum-exp 1e-5
+# of it), so the forward with routing takes 95.3 against 102.1 ms; with the backward the tile
+# kernel's own backward wins (439.5 against 447.9 ms). Rendering runs "sdpa", training "triton".
+# On the CPU (the interpreter) "sdpa" runs PyTorch's CPU flash kernel.
+FORCED_DEFAULT = {("cuda", False): "sdpa", ("cuda", True): "triton", ("cpu", False): "sdpa", ("cpu", True): "sdpa"}
+
+
+def forced_default(device_type: str, grad: bool) -> str:
+    """FORCED_DEFAULT's step 1 for a device type, with or without gradients ("triton" elsewhere)."""
+    return FORCED_DEFAULT.get((device_type, grad), "triton")
 
 
 @dataclass
@@ -224,6 +231,60 @@ def _routed_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, pair_query, chunk_pair_sta
              dv, mask=col_ok[:, None])
 
 
+@triton.jit
+def _merge_fwd(OF, LF, OP, LP, OUT, LOUT, stride_fb, stride_fh, stride_fn, stride_ob, stride_oh, stride_on,
+               H, Nq, R: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Step 3 for BLOCK_M query rows of one (batch, head): the forced part (O_f, L_f) and the R
+    routed slots (OP, LP; a slot never written has LP = -inf and is skipped, whatever OP holds)
+    weighted by their log-sum-exp (log2 units), in one pass over the partial outputs."""
+    start_m = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_b = off_hz // H
+    off_h = off_hz % H
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < Nq
+    offs_d = tl.arange(0, HEAD_DIM)
+    lse_f = tl.load(LF + off_hz * Nq + rows, mask=row_ok, other=0.0)
+    m = lse_f
+    for r in tl.static_range(R):
+        m = tl.maximum(m, tl.load(LP + (off_hz * Nq + rows) * R + r, mask=row_ok, other=float("-inf")))
+    w = tl.exp2(lse_f - m)
+    total = w
+    o_f = tl.load(OF + off_b * stride_fb + off_h * stride_fh + rows[:, None] * stride_fn + offs_d[None, :],
+                  mask=row_ok[:, None], other=0.0)
+    acc = w[:, None] * o_f.to(tl.float32)
+    for r in tl.static_range(R):
+        slot = (off_hz * Nq + rows) * R + r
+        lse_r = tl.load(LP + slot, mask=row_ok, other=float("-inf"))
+        written = lse_r > float("-inf")
+        w = tl.where(written, tl.exp2(lse_r - m), 0.0)
+        o_r = tl.load(OP + slot[:, None] * HEAD_DIM + offs_d[None, :], mask=(row_ok & written)[:, None], other=0.0)
+        acc += w[:, None] * o_r.to(tl.float32)
+        total += w
+    out = acc / total[:, None]
+    tl.store(OUT + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
+             out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LOUT + off_hz * Nq + rows, m + tl.log2(total), mask=row_ok)
+
+
+def merge_partials(o_f: torch.Tensor, lse_f: torch.Tensor, o_r: torch.Tensor, lse_r: torch.Tensor,
+                   out: torch.Tensor) -> torch.Tensor:
+    """Step 3: out (B, H, Nq, D), written in place, and the merged log-sum-exp (B, H, Nq) float32
+    (log2 units) from the forced part o_f (B, H, Nq, D), lse_f (B, H, Nq) and the routed slots o_r
+    (B * H, Nq * R, D) contiguous, lse_r (B * H, Nq * R) float32 (-inf where a slot is empty)."""
+    B, H, Nq, D = o_f.shape
+    R = lse_r.shape[-1] // max(Nq, 1)
+    if o_f.stride(-1) != 1 or out.stride(-1) != 1:
+        raise ValueError("merge_partials needs o_f and out contiguous in their last dimension")
+    lse_f = lse_f.contiguous()
+    lse_all = torch.empty(B, H, Nq, dtype=torch.float32, device=o_f.device)
+    block_m, _, warps = _blocks(o_f)
+    _merge_fwd[(triton.cdiv(Nq, block_m), B * H)](
+        o_f, lse_f, o_r.contiguous(), lse_r.contiguous(), out, lse_all, *o_f.stride()[:3], *out.stride()[:3],
+        H, Nq, R=R, HEAD_DIM=D, BLOCK_M=block_m, num_warps=warps)
+    return lse_all
+
+
 def forced_only(selection: Selection) -> Selection:
     """The selection's forced links alone (no routed chunks): what step 1 computes."""
     B, H, Nq, _ = selection.routed.shape
@@ -268,22 +329,9 @@ def _gather_forward(q, k, v, selection: Selection, sm_scale: float, groups: tupl
                       lt.chunk_start, lt.chunk_end, sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                       H, C, P, HEAD_DIM=D, C_PAD=max(triton.next_power_of_2(C), 2), BLOCK_M=block_m,
                       BLOCK_N=block_n, num_warps=warps)
-    # 3. merge the forced and the R routed partial results by their log-sum-exp
-    o_r = o_r.view(B, H, Nq, R, D)
-    lse_r = lse_r.view(B, H, Nq, R)
+    # 3. merge the forced and the R routed partial results by their log-sum-exp, one pass
     out = torch.empty_like(q)
-    lse_all = torch.empty_like(lse_f)
-    for r0 in range(0, Nq, MERGE_ROWS):
-        r1 = min(r0 + MERGE_ROWS, Nq)
-        lse = torch.cat([lse_f[:, :, r0:r1, None], lse_r[:, :, r0:r1]], dim=-1)  # (B, H, n, 1 + R), log2
-        m = lse.amax(dim=-1, keepdim=True)
-        w = torch.exp2(lse - m)
-        w_r = w[..., 1:, None]
-        routed = torch.where(w_r > 0, o_r[:, :, r0:r1].float(), 0.0)  # empty slots were never written
-        acc = w[..., 0, None] * o_f[:, :, r0:r1].float() + (w_r * routed).sum(-2)
-        total = w.sum(-1, keepdim=True)
-        out[:, :, r0:r1] = (acc / total).to(q.dtype)
-        lse_all[:, :, r0:r1] = (m + torch.log2(total)).squeeze(-1)
+    lse_all = merge_partials(o_f, lse_f, o_r, lse_r, out)
     return out, lse_all, pairs, forced, plan
 
 
@@ -340,9 +388,10 @@ def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sele
     its routed part computed per key chunk over the queries that chose it; differentiable.
     `forced`: how the forced links are computed, "sdpa" (dense calls per forced group, where exact
     and available, else "triton") or "triton" (the tile kernel); what ran and why is recorded in
-    selection.info["forced"] / ["forced_reason"]; None: FORCED_DEFAULT for q's device. Returns
-    (B, H, Nq, D) in q's dtype."""
-    forced = FORCED_DEFAULT.get(q.device.type, "triton") if forced is None else forced
+    selection.info["forced"] / ["forced_reason"]; None: FORCED_DEFAULT for q's device and whether
+    gradients are needed. Returns (B, H, Nq, D) in q's dtype."""
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    forced = forced_default(q.device.type, grad) if forced is None else forced
     if forced not in FORCED_IMPLS:
         raise ValueError(f"forced must be one of {FORCED_IMPLS}, got {forced!r}")
     check_inputs(q, k, v, selection, "gather")
@@ -352,7 +401,6 @@ def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sele
     selection.info["forced"] = "triton" if groups is None else "sdpa"
     selection.info["forced_reason"] = (FALLBACK_REASONS[why] if groups is None
                                        else f"one SDPA call per forced group ({len(groups)})")
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     H = q.shape[1]
     group = heads_per_group(q, k, selection.routed.shape[-1], grad)
     if group < H:  # heads in groups, each with its own buffers (views of q, k, v: no copies in)
@@ -385,6 +433,6 @@ def heads_per_group(q: torch.Tensor, k: torch.Tensor, slots: int, grad: bool) ->
     return max(1, min(q.shape[1], GATHER_BUFFER_BYTES // head_buffer_bytes(q, k, slots, grad)))
 
 
-__all__ = ["FORCED_IMPLS", "GATHER_BUFFER_BYTES", "RoutedPairs", "routed_pairs", "forced_attention", "forced_only",
+__all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "forced_default", "merge_partials", "RoutedPairs", "routed_pairs", "forced_attention", "forced_only",
            "gather_moc_attention",
            "head_buffer_bytes", "heads_per_group"]

@@ -49,10 +49,17 @@ def test_walked_work_covers_the_attended_pairs_and_shrinks_with_the_tile():
 def test_the_best_setup_is_the_fastest_over_all_shapes():
     rows = [{"moc_ms": 100.0, "moc_tile64_ms": 90.0, "moc_tile32_ms": 95.0},
             {"moc_ms": 200.0, "moc_tile64_ms": 230.0, "moc_tile32_ms": 180.0}]
-    assert train_step.best_moc(rows) == {"backend": "triton", "tile": 32}  # 275 ms, against 300 and 320
+    # 275 ms, against 300 and 320
+    assert train_step.best_moc(rows) == {"backend": "triton", "tile": 32, "compiled": False}
     rows[0]["moc_gather_ms"], rows[1]["moc_gather_ms"] = 80.0, 150.0
-    assert train_step.best_moc(rows) == {"backend": "gather", "tile": 128}
-    assert train_step.best_moc([{"moc_ms": 5.0}]) == {"backend": "triton", "tile": 128}  # only the default timed
+    assert train_step.best_moc(rows) == {"backend": "gather", "tile": 128, "compiled": False}
+    only_default = {"backend": "triton", "tile": 128, "compiled": False}
+    assert train_step.best_moc([{"moc_ms": 5.0}]) == only_default  # only the default timed
     del rows[1]["moc_gather_ms"]  # failed on the second shape: its partial sum (80 ms) must not win
     rows[1]["moc_gather_error"] = "CompilationError"
-    assert train_step.best_moc(rows) == {"backend": "triton", "tile": 32}
+    assert train_step.best_moc(rows) == {"backend": "triton", "tile": 32, "compiled": False}
+    # --compile's rows (the H200 crash of 2026-11-29: "moc_tile64_compiled_ms" read as a tile)
+    rows[0]["moc_tile64_compiled_ms"], rows[1]["moc_tile64_compiled_ms"] = 60.0, 150.0
+    assert train_step.best_moc(rows) == {"backend": "triton", "tile": 64, "compiled": True}  # 210 ms
+    rows[0]["dense_compiled_ms"] = 1.0  # dense is never a MoC setup
+    assert train_step.best_moc(rows) == {"backend": "triton", "tile": 64, "compiled": True}

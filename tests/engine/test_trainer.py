@@ -242,6 +242,34 @@ def test_the_look_probe_trains_beside_the_model_and_stays_out_of_the_export(tmp_
         train_default.main(["--work", str(tmp_path / "x"), "--tiny", "--look-weight", "-1"])
 
 
+def test_the_routing_probe_trains_with_the_run_and_is_logged(tmp_path):
+    """--route-weight: every log record carries the probe's cross-entropy, and the logged loss is
+    the flow loss plus the weighted probes; bad settings are refused before any training."""
+    from engine.trainer import make_route_probe
+    work = tmp_path / "run"
+    train(_tiny(max_steps=4, route_weight=0.5, look_weight=1.0, look_layer=1), work, "cpu")
+    rows = [r for r in _log(work) if r["stage"] == "transformer"]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert any(r["route_ce"] > 0 for r in rows)  # 0 where no character of the batch comes back
+    for r in rows:
+        assert r["route_ce"] >= 0
+        assert r["loss"] == pytest.approx(r["flow_loss"] + r["look_shape_ce"] + r["look_colour_mse"]
+                                          + 0.5 * r["route_ce"], abs=2e-4)
+    assert make_route_probe(_tiny()) is None
+    assert make_route_probe(_tiny(route_weight=1.0, route_layers=(1,))).layers == (1,)
+    assert make_route_probe(_tiny(route_weight=1.0)).layers is None  # every block
+    with pytest.raises(ValueError, match="route layers"):
+        make_route_probe(_tiny(route_weight=1.0, route_layers=(2,)))  # the tiny transformer has 2 blocks
+    with pytest.raises(ValueError, match="MoC"):
+        make_route_probe(_tiny(route_weight=1.0, moc=False))
+    with pytest.raises(SystemExit, match="--route-layers"):
+        train_default.main(["--work", str(tmp_path / "x"), "--tiny", "--route-weight", "1", "--route-layers", "0,5"])
+    with pytest.raises(SystemExit, match="--route-weight"):
+        train_default.main(["--work", str(tmp_path / "x"), "--tiny", "--route-weight", "-1"])
+    with pytest.raises(SystemExit):
+        train_default.main(["--work", str(tmp_path / "x"), "--tiny", "--route-layers", "a,b"])
+
+
 def test_a_step_prepared_ahead_carries_the_captions_token_states():
     """The worker thread prepares step n + 1 with its own encoder: the same stories and captions
     as without one, and the captions' states as the training thread's encoder gives them."""

@@ -179,3 +179,115 @@ def test_look_labels_name_the_character_each_token_shows():
     assert int(shape[0, 3, 5]) == 0 and colour[0, 3, 5].abs().sum() == 0
     with pytest.raises(ValueError, match="divide"):
         look_labels(p, 10, height=64, width=96)
+
+
+# ---- the routing probe --------------------------------------------------------------------------
+
+def test_character_ids_tell_looks_apart_and_background_is_zero():
+    from engine.training import character_ids
+    shape = torch.tensor([[[[0, 1, 1, 2]]]])  # (B, F, rows, cols)
+    red, blue = [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]
+    colour = torch.tensor([[[[[0, 0, 0], red, blue, red]]]])
+    ids = character_ids((shape, colour))
+    assert ids.shape == (1, 4) and ids[0, 0] == 0
+    assert len({int(i) for i in ids[0, 1:]}) == 3 and (ids[0, 1:] > 0).all()  # shape or colour differ: new id
+    again = character_ids((shape, colour + 0.01))  # the same palette colour, slightly off
+    assert torch.equal(ids, again)
+
+
+def test_route_targets_are_the_earlier_frames_outside_the_shot_that_show_the_character():
+    """Shots of 2, 1 and 2 frames, 2 tokens a frame (5 chunks). Character 7 shows in frame 0 and in
+    shot 2's frames 3 and 4; character 9 only in frame 2. A token of 7 in shot 2 may route to frame
+    0 (earlier, another shot), never to its own shot's frames (forced, not routed); character 9's
+    first appearance and background tokens have no target."""
+    from engine.moc import MoCConfig, TokenLayout
+    from engine.training import route_targets
+    layout = TokenLayout(frame_tokens=2, shot_frames=(2, 1, 2))
+    ids = torch.tensor([[7, 0, 0, 0, 9, 0, 0, 7, 7, 7]])  # frames: [7 0] [0 0] [9 0] [0 7] [7 7]
+    positive, allowed = route_targets(ids, layout, MoCConfig(top_k=2))
+    assert positive.shape == (1, 10, 5) and allowed.shape == (10, 5)
+    for t in (7, 8, 9):  # character 7 in shot 2
+        assert positive[0, t].tolist() == [True, False, False, False, False]
+    assert not positive[0, 4].any()  # character 9: first appearance
+    assert not positive[0, [1, 2, 3, 5, 6]].any()  # background
+    assert not positive[0, 0].any()  # frame 0's own 7: nothing earlier
+    assert allowed[8].tolist() == [True, True, True, False, False]  # shot 2 routes among frames 0-2
+    with pytest.raises(ValueError, match="tokens"):
+        route_targets(ids[:, :8], layout, MoCConfig())
+
+
+def test_the_routing_probe_moves_the_scores_towards_the_character_frames():
+    """Descending the probe's loss on free queries and keys raises the softmax mass of the positive
+    chunks (the sign and the masks are right), from near chance to most of it."""
+    from engine.moc import MoCConfig, TokenLayout
+    from engine.training import RouteProbe
+    layout = TokenLayout(frame_tokens=3, shot_frames=(2, 2, 3))
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    ids = torch.where(torch.rand(2, layout.num_tokens, generator=g) < 0.5,
+                      torch.randint(1, 4, (2, layout.num_tokens), generator=g), 0)
+    q = torch.randn(2, 2, layout.num_tokens, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, layout.num_tokens, 8, generator=g, requires_grad=True)
+    probe = RouteProbe()
+    opt = torch.optim.Adam([q, k], lr=0.05)
+    losses = []
+    for _ in range(150):
+        probe.start(ids, layout, MoCConfig(top_k=2))
+        assert probe.targets[2].any()  # some tokens have a target
+        probe(0, q, k)
+        loss = probe.loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.3 * losses[0]
+    assert probe.targets is None and probe.last is not None  # loss() closes the step
+
+
+def test_the_routing_probe_adds_its_loss_in_the_layers_it_names(tiny_model):
+    """With route_weight the loss is the flow loss (same draws) plus weight x the probe's loss;
+    the probe's loss alone reaches the named block's query and key projections and nothing above
+    it; without MoC or look labels it is refused."""
+    from engine.backbone import make_cross_plan
+    from engine.processors import ForwardPlan, SelfAttentionPlan
+    from engine.training import RouteProbe, character_ids
+    tr = tiny_model.transformer
+    base = _batch(tiny_model, torch.Generator().manual_seed(3))
+    shape = torch.zeros(2, 5, 3, 5, dtype=torch.long)
+    shape[:, [0, 3, 4], 1, 2] = 2  # one character: shot 0's first frame and both frames of shot 1
+    colour = torch.zeros(2, 5, 3, 5, 3)
+    colour[:, [0, 3, 4], 1, 2] = torch.tensor([1.0, 0.5, 0.0])
+    batch = StoryBatch(base.latents, base.shot_frames, base.text, look=(shape, colour))
+    plain = training_loss(tiny_model, batch, TrainingConfig(), generator=torch.Generator().manual_seed(5))
+    probe = RouteProbe(layers=(0,))
+    both = training_loss(tiny_model, batch, TrainingConfig(route_weight=0.5),
+                         generator=torch.Generator().manual_seed(5), route_probe=probe)
+    assert float(probe.last) > 0
+    assert float(both) == pytest.approx(float(plain) + 0.5 * float(probe.last), rel=1e-5)
+
+    # the probe's loss alone, through a forward that taps block 0 only
+    layout = step_layout(tr.frame_tokens(6, 10), (3, 2), "frame", 0)
+    probe.start(character_ids(batch.look), layout, TrainingConfig().moc)
+    seen = []
+
+    def tap(layer, q, k):
+        seen.append(layer)
+        probe(layer, q, k)
+    text, cross = make_cross_plan(batch.text, [(*layout.shot_range(i), i) for i in range(2)], "cpu")
+    plan = ForwardPlan(self_attn=SelfAttentionPlan(layout=layout, q_offset=0, moc=TrainingConfig().moc,
+                                                   backend="reference", route_tap=tap),
+                       cross_attn=cross, rotary=tr.rotary(0, 5, 6, 10, "cpu"))
+    tr.model.requires_grad_(True)
+    try:
+        tr.forward(batch.latents.float(), torch.full((2, layout.num_tokens), 500.0), text, plan)
+        assert seen == list(range(tr.num_layers)) and len(probe.losses) == 1  # every layer taps, one is probed
+        probe.loss().backward()
+        first, last = tr.model.blocks[0].attn1, tr.model.blocks[-1].attn1
+        assert first.to_q.weight.grad.abs().sum() > 0 and first.to_k.weight.grad.abs().sum() > 0
+        assert last.to_q.weight.grad is None or last.to_q.weight.grad.abs().sum() == 0
+    finally:
+        tr.model.requires_grad_(False)
+        tr.model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="routing probe"):
+        training_loss(tiny_model, base, TrainingConfig(route_weight=1.0), route_probe=RouteProbe())
+    with pytest.raises(ValueError, match="routing probe"):
+        training_loss(tiny_model, batch, TrainingConfig(moc=None, route_weight=1.0), route_probe=RouteProbe())

@@ -315,17 +315,22 @@ def test_fused_routing_keeps_pins_and_blocks():
 
 def check_gather(q, k, v, sel, scale=None, forced=None):
     """Values and gradients against the reference, and the no-grad path's values. forced=None:
-    through moc_attention (step 1 as FORCED_DEFAULT says for the device: the tile kernel on the GPU
-    until cuDNN's is measured, "sdpa" with PyTorch's CPU flash kernel here); else
+    through moc_attention (step 1 as FORCED_DEFAULT says for the device, with and without
+    gradients: on the GPU cuDNN to render and the tile kernel to train, "sdpa" with PyTorch's CPU
+    flash kernel here); else
     gather_moc_attention with that step 1, which must be the one that ran ("sdpa" on the GPU: cuDNN
     for fp16/bf16, the tile kernel for fp32)."""
-    from engine.moc.triton_gather import FORCED_DEFAULT, gather_moc_attention
+    from engine.moc.triton_gather import forced_default, gather_moc_attention
     if forced is None:
         out = check_against_reference(q, k, v, sel, scale=scale, backend="gather")
         assert sel.info["backend"] == "gather"
+        ran_with_grad = sel.info["forced"]
         with torch.no_grad():
             plain = moc_attention(q, k, v, sel, backend="gather", scale=scale)
-        expect = FORCED_DEFAULT[q.device.type]
+        assert ran_with_grad == forced_default(q.device.type, True), sel.info["forced_reason"]
+        expect = forced_default(q.device.type, False)
+        if expect == "sdpa" and CUDA and q.dtype == torch.float32:
+            expect = "triton"  # no fp32 cuDNN
     else:
         out = check_against_reference(q, k, v, sel, attend=lambda q, k, v: gather_moc_attention(
             q, k, v, sel, scale=scale, forced=forced))
@@ -335,6 +340,42 @@ def check_gather(q, k, v, sel, scale=None, forced=None):
     assert sel.info["forced"] == expect, sel.info["forced_reason"]
     assert rel(plain, out) < 1e-6  # the forward is one code path with and without autograd
     return out
+
+
+def merge_reference(o_f, lse_f, o_r, lse_r):
+    """Step 3 in float32 torch: the R + 1 partial results weighted by their log-sum-exp (log2)."""
+    B, H, Nq, D = o_f.shape
+    lse = torch.cat([lse_f[..., None], lse_r.view(B, H, Nq, -1)], dim=-1)
+    m = lse.amax(-1, keepdim=True)
+    w = torch.exp2(lse - m)
+    parts = torch.cat([o_f.float()[..., None, :], o_r.view(B, H, Nq, -1, D).float().nan_to_num(0.0)], dim=-2)
+    total = w.sum(-1)
+    return (w[..., None] * parts).sum(-2) / total[..., None], (m[..., 0] + torch.log2(total))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_merge_kernel_matches_torch_and_skips_empty_slots(dtype):
+    """merge_partials against merge_reference at an odd row count, with a quarter of the routed
+    slots empty (lse -inf) and their outputs NaN (never written), into a head slice of a wider out."""
+    from engine.moc.triton_gather import merge_partials
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    g = torch.Generator().manual_seed(seed)
+    B, H, Nq, R, D = 2, 3, 37 if not CUDA else 1237, 3, 64
+    o_f = torch.randn(B, H, Nq, D, generator=g).to(dtype)
+    lse_f = torch.randn(B, H, Nq, generator=g) * 4
+    o_r = torch.randn(B * H, Nq * R, D, generator=g).to(dtype)
+    lse_r = torch.randn(B * H, Nq * R, generator=g) * 4
+    empty = torch.rand(B * H, Nq * R, generator=g) < 0.25
+    lse_r[empty] = float("-inf")
+    o_r[empty] = float("nan")
+    o_f, lse_f, o_r, lse_r = (x.to(DEVICE) for x in (o_f, lse_f, o_r, lse_r))
+    wide = torch.zeros(B, H + 2, Nq, D, dtype=dtype, device=DEVICE)
+    out = wide[:, 1:H + 1]  # a view with the head stride of a wider tensor, as gather's head groups give
+    lse = merge_partials(o_f, lse_f, o_r, lse_r, out)
+    want, want_lse = merge_reference(o_f, lse_f, o_r, lse_r)
+    assert torch.isfinite(out).all() and rel(out, want) < tolerance(dtype), f"seed {seed}"
+    assert (lse - want_lse).abs().max() < 1e-4, f"seed {seed}"
+    assert (wide[:, 0] == 0).all() and (wide[:, H + 1] == 0).all()  # nothing written outside the slice
 
 
 @pytest.mark.parametrize("forced", [None, "sdpa", "triton"] if CUDA else [None, "triton"],  # CPU: None is "sdpa"
