@@ -297,7 +297,7 @@ class auto_choices:
 
 # ---- the parts --------------------------------------------------------------------------------
 
-def part_forward(st, size, device, dtype, repeats: int, log) -> list[dict]:
+def part_forward(st, size, device, dtype, repeats: int, log, warmup: int = 1) -> list[dict]:
     h, w = size["height"] // 8, size["width"] // 8  # the Wan VAE: 8x smaller per side
     moc = MoCConfig(top_k=5)
     small = story_inputs(st, 2, 2, 8, 12, device, dtype, seed=1)
@@ -318,7 +318,7 @@ def part_forward(st, size, device, dtype, repeats: int, log) -> list[dict]:
             return forward(st, layout, *rest, cfg, backend)
         _reset_peak(device)
         with dense_backend(dense or "cudnn"), auto_choices() as chose:  # MoC makes no dense call at 180k
-            ms = timed(run, device, repeats, warmup=1)
+            ms = timed(run, device, repeats, warmup=warmup)
             split = time_split(run, device)
         row = {"variant": name, "tokens": layout.num_tokens, "layers": len(st.model.blocks), "forward_ms": round(ms, 1),
                "peak_gib": _peak_gib(device), **split}
@@ -467,6 +467,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (median)")
     p.add_argument("--render-dense", action="store_true", help="also render the story with dense cuDNN and flash")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (default: 30; tiny: 2)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the transformer's blocks first (StoryTransformer.compile_blocks; the first "
+                        "forward of each variant compiles, outside the timed runs)")
     p.add_argument("--tiny", action="store_true", help="a tiny model and story (a CPU check of this script)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--work", type=Path, default=None, help="checkpoint and cache folder (default: a temporary one)")
@@ -511,18 +514,21 @@ def main(argv=None) -> int:
     engine = StoryEngine.load(folder, device=str(device), cache_dir=work / "cache")
     log(f"checkpoint built and loaded in {time.perf_counter() - t0:.1f} s: {engine.model_name}, {size}")
     st, dtype = engine.model.transformer, engine.model.dtype
+    if args.compile:
+        st.compile_blocks()
     result: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "torch": torch.__version__,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                     "model": "Wan2.1-1.3B architecture, random weights" + (" (tiny check)" if args.tiny else ", bf16"),
-                    "story": size, "top_k": 5, "steps": args.steps, "guidance": 4.0, "memory_cap_gib": cap}
+                    "story": size, "top_k": 5, "steps": args.steps, "guidance": 4.0, "memory_cap_gib": cap,
+                    "compiled": args.compile}
     def write_json() -> None:  # after every part: a call cut short still brings back what was measured
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=1) + "\n")
 
     if "forward" in parts:
-        rows = part_forward(st, size, device, dtype, args.repeats, log)
+        rows = part_forward(st, size, device, dtype, args.repeats, log, warmup=2 if args.compile else 1)
         result["forward"] = rows
         result["forward_speedup_vs_cudnn"] = rows[0]["speedup_vs_cudnn"]
         result["forward_speedup_vs_flash"] = rows[0]["speedup_vs_flash"]
