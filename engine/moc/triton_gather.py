@@ -239,22 +239,23 @@ def _merge_fwd(OF, LF, OP, LP, OUT, LOUT, stride_fb, stride_fh, stride_fn, strid
     weighted by their log-sum-exp (log2 units), in one pass over the partial outputs."""
     start_m = tl.program_id(0)
     off_hz = tl.program_id(1)
-    off_b = off_hz // H
-    off_h = off_hz % H
+    off_b = (off_hz // H).to(tl.int64)
+    off_h = (off_hz % H).to(tl.int64)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < Nq
     offs_d = tl.arange(0, HEAD_DIM)
-    lse_f = tl.load(LF + off_hz * Nq + rows, mask=row_ok, other=0.0)
+    row_id = off_hz.to(tl.int64) * Nq + rows  # int64: (B * H) x Nq x R x D passes 2^31 at 180k tokens
+    lse_f = tl.load(LF + row_id, mask=row_ok, other=0.0)
     m = lse_f
     for r in tl.static_range(R):
-        m = tl.maximum(m, tl.load(LP + (off_hz * Nq + rows) * R + r, mask=row_ok, other=float("-inf")))
+        m = tl.maximum(m, tl.load(LP + row_id * R + r, mask=row_ok, other=float("-inf")))
     w = tl.exp2(lse_f - m)
     total = w
     o_f = tl.load(OF + off_b * stride_fb + off_h * stride_fh + rows[:, None] * stride_fn + offs_d[None, :],
                   mask=row_ok[:, None], other=0.0)
     acc = w[:, None] * o_f.to(tl.float32)
     for r in tl.static_range(R):
-        slot = (off_hz * Nq + rows) * R + r
+        slot = row_id * R + r
         lse_r = tl.load(LP + slot, mask=row_ok, other=float("-inf"))
         written = lse_r > float("-inf")
         w = tl.where(written, tl.exp2(lse_r - m), 0.0)
@@ -264,7 +265,7 @@ def _merge_fwd(OF, LF, OP, LP, OUT, LOUT, stride_fb, stride_fh, stride_fn, strid
     out = acc / total[:, None]
     tl.store(OUT + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
              out.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LOUT + off_hz * Nq + rows, m + tl.log2(total), mask=row_ok)
+    tl.store(LOUT + row_id, m + tl.log2(total), mask=row_ok)
 
 
 def merge_partials(o_f: torch.Tensor, lse_f: torch.Tensor, o_r: torch.Tensor, lse_r: torch.Tensor,
