@@ -98,6 +98,25 @@ def peak_gib(fn) -> float:
     return torch.cuda.max_memory_allocated() / 2 ** 30
 
 
+def kernel_split(fn, top: int = 10) -> list[dict]:
+    """Where one run of `fn` spends its time, per kernel: the `top` kernels by device time on the
+    GPU (the ops by their own CPU time without one), each {"name", "ms", "calls"}."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = e.device_time_total if cuda else e.self_cpu_time_total
+        if us > 0:
+            rows.append({"name": e.key[:80], "ms": round(us / 1e3, 3), "calls": e.count})
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
+
+
 def dense_fn(backend: SDPBackend):
     def attend(q, k, v):
         with sdpa_kernel(backend):
@@ -105,8 +124,9 @@ def dense_fn(backend: SDPBackend):
     return attend
 
 
-def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) -> list[dict]:
-    """One row per backend at `size` ("tiny": the CPU story of TINY)."""
+def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, kernels: bool = False) -> list[dict]:
+    """One row per backend at `size` ("tiny": the CPU story of TINY). kernels: each row also gets
+    the per-kernel split of one forward incl. routing (kernel_split)."""
     if size == "tiny":
         layout = moc_layout(TINY["shots"], TINY["frames_per_shot"], TINY["frame_tokens"])
         heads, head_dim, device, dtype, impl = TINY["heads"], TINY["head_dim"], "cpu", torch.float32, "reference"
@@ -204,6 +224,12 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) 
         peak = peak_gib(fwd_bwd) if backward else float("nan")
         with torch.no_grad():
             fwd_peak = peak_gib(fwd)
+        split = None
+        if kernels:
+            with torch.no_grad():
+                split = kernel_split(fwd)
+            print(f"{size} {inputs} {backend}, one forward by kernel: "
+                  + "; ".join(f"{k['name'][:48]} {k['ms']:.2f} ms x{k['calls']}" for k in split[:6]), flush=True)
         moc_flops, dense_flops = sel.attention_flops(head_dim)
         flops = dense_flops if backend.startswith("dense") or dispatch == "dense" else moc_flops
         if backend in forced_steps:
@@ -220,6 +246,7 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int) 
             "rel_err_vs_triton": rounded(err, 5), "lse_err_vs_triton": rounded(lse_err, 5),
             "forced": sel.info.get("forced") if backend.startswith("moc-gather") else None,
             "dispatch": dispatch,
+            **({"kernels": split} if split is not None else {}),
         })
         print(format_row(rows[-1]), flush=True)
         del out
@@ -282,6 +309,13 @@ def forced_summary(by: dict, size: str, inputs: str) -> list[str]:
             line += (f"; dense cuDNN {c['attn_ms']} ms, so sdpa runs at {fs['attn_tflops']} TFLOP/s against "
                      f"dense's {c['attn_tflops']}")
         out.append(line)
+    dense = by.get((size, inputs, "dense-cudnn"))
+    for name in ("moc-gather", "moc-gather-sdpa-forced"):
+        g = by.get((size, inputs, name))
+        if g and dense:  # the ideal: cuDNN's dense rate over the attended pairs only
+            ideal = g["density"] * dense["attn_ms"]
+            out.append(f"{size} {inputs}: {name} attention {g['attn_ms']} ms against the ideal "
+                       f"{ideal:.1f} ms (density {g['density']} x dense cuDNN): {g['attn_ms'] / ideal:.2f}x the ideal")
     gs, gt = by.get((size, inputs, "moc-gather-sdpa-forced")), by.get((size, inputs, "moc-gather"))
     if gs and gt:
         out.append(f"{size} {inputs}: gather attention with forced={gs['forced']} {gs['attn_ms']} ms vs "
@@ -300,6 +334,9 @@ def main():
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per figure (median)")
     parser.add_argument("--json", type=Path, help="write the rows and the run's metadata here")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also split one forward (routing incl.) of every row by kernel (torch.profiler): "
+                             "each row's 'kernels', the top 10 by device time")
     parser.add_argument("--gather-block", default=None, metavar="M,N,WARPS",
                         help="the gather kernels' query rows, key columns and warps a program on the GPU "
                              f"(default {','.join(map(str, GATHER_BLOCK['cuda']))}; recorded in the JSON)")
@@ -330,7 +367,7 @@ def main():
         for inputs in args.inputs:
             repeats = max(3, args.repeats // 2) if size == "180k" else args.repeats
             repeats = args.repeats if size == "tiny" else repeats
-            for row in bench_size(size, inputs, tuple(args.backends), repeats):
+            for row in bench_size(size, inputs, tuple(args.backends), repeats, kernels=args.kernels):
                 rows.append({**row, "device": device, "date": date})
             if args.json:  # after every size, so that a cut-off run still leaves its rows
                 write_json(args.json, rows, device, date)

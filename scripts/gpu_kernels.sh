@@ -3,7 +3,8 @@
 # 1. the gather backend and its merge kernel against the float32 reference on the GPU, values and
 #    gradients, step 1 (the forced links) both ways;
 # 2. benchmarks/attention.py at MoC-180k: gather with either step 1 (the one-pass merge kernel),
-#    dense cuDNN; then the gather kernels' block shapes (--gather-block) on structured inputs;
+#    dense cuDNN, each row split by kernel (--kernels) and set against the ideal (density x cuDNN);
+#    then the gather kernels' block shapes (--gather-block) on structured inputs;
 # 3. benchmarks/forward_gaps.py on the whole Wan2.1-1.3B-architecture forward at 180k, with the
 #    forward without self-attention, so that wall - that is what self-attention costs in the model,
 #    and how many matrix-multiply kernels the profiler recorded (the 2026-11-29 trace's 14 ms
@@ -21,8 +22,8 @@ else
   echo "pytest is not installed here: the GPU gather tests did not run" | tee -a "$log"
 fi
 timeout 200 python3 benchmarks/attention.py --sizes 180k --inputs structured random --repeats 5 \
-  --backends moc-gather moc-gather-sdpa-forced dense-cudnn \
-  --json "$OUT/attention_merge_180k.json" 2>&1 | grep -v "Warning\|warn(" | tail -n 12 | tee -a "$log"
+  --backends moc-gather moc-gather-sdpa-forced dense-cudnn --kernels \
+  --json "$OUT/attention_merge_180k.json" 2>&1 | grep -v "Warning\|warn(" | tail -n 24 | tee -a "$log"
 for block in 128,64,8 64,128,4 128,128,8; do
   timeout 60 python3 benchmarks/attention.py --sizes 180k --inputs structured --repeats 3 --gather-block $block \
     --backends moc-gather-sdpa-forced --json "$OUT/attention_block_${block//,/_}.json" 2>&1 \

@@ -22,7 +22,7 @@ def test_tiny_run_times_gather_both_ways_and_the_forced_links_alone(tmp_path):
     from benchmarks import attention
     backends = ("moc-gather", "moc-gather-sdpa-forced", "forced-triton", "forced-sdpa")
     with interpreter_numpy_shim():
-        rows = attention.bench_size("tiny", "structured", backends, repeats=1)
+        rows = attention.bench_size("tiny", "structured", backends, repeats=1, kernels=True)
     by = {r["backend"]: r for r in rows}
     assert set(by) == set(backends)
     assert by["moc-gather-sdpa-forced"]["forced"] == "sdpa" and by["moc-gather"]["forced"] == "triton"
@@ -30,6 +30,10 @@ def test_tiny_run_times_gather_both_ways_and_the_forced_links_alone(tmp_path):
     assert by["forced-sdpa"]["lse_err_vs_triton"] < 1e-4
     assert by["forced-sdpa"]["fwd_bwd_ms"] is None and by["moc-gather"]["fwd_bwd_ms"] > 0
     assert by["forced-sdpa"]["density"] < by["moc-gather"]["density"]  # the forced links are part of it
+    for r in rows:  # the per-kernel split of one forward, heaviest first
+        split = r["kernels"]
+        assert split and all(k["ms"] > 0 and k["calls"] >= 1 for k in split)
+        assert [k["ms"] for k in split] == sorted((k["ms"] for k in split), reverse=True)
     lines = attention.summary([{**r, "device": "cpu", "date": ""} for r in rows])
     assert any("forced links alone" in line for line in lines)
     assert any("gather attention with forced=sdpa" in line for line in lines)
@@ -37,3 +41,11 @@ def test_tiny_run_times_gather_both_ways_and_the_forced_links_alone(tmp_path):
     attention.write_json(path, rows, "cpu", "")
     meta = json.loads(path.read_text(), parse_constant=reject)  # strict JSON: no NaN
     assert meta["heads"] == attention.TINY["heads"] and len(meta["rows"]) == len(backends)
+
+
+def test_the_summary_sets_gather_against_the_ideal_of_its_density():
+    from benchmarks import attention
+    rows = [{"size": "180k", "inputs": "random", "backend": "dense-cudnn", "attn_ms": 350.0, "density": 1.0},
+            {"size": "180k", "inputs": "random", "backend": "moc-gather", "attn_ms": 98.0, "density": 0.16}]
+    line = next(x for x in attention.summary(rows) if "ideal" in x)
+    assert "moc-gather attention 98.0 ms against the ideal 56.0 ms" in line and "1.75x the ideal" in line
