@@ -101,11 +101,13 @@ ROUTE_IDS = 1 + 8 * 512  # character_ids' range (shape classes up to 8, 512 colo
 
 
 def route_targets(ids: torch.Tensor, layout: TokenLayout, moc: MoCConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each token, the key chunks routing may pick for it that show the same character.
-    ids (B, N) as character_ids. Returns (positive (B, N, C) bool, allowed (N, C) bool): allowed
-    are the chunks top-k chooses among (MoC's candidate links: earlier chunks outside the own
-    shot); positive the allowed chunks with a token of the same id (none for background tokens, or
-    for a character's first appearance). No host synchronisation."""
+    """For each token, the key chunks routing may pick for it that show what it should recall.
+    ids (B, N) as character_ids. A character's token: the chunks showing the same character. A
+    background token: the chunks showing any character of its own shot (the quality benchmark's
+    "routing follows the story" counts every token of a shot). Returns (positive (B, N, C) bool,
+    allowed (N, C) bool): allowed are the chunks top-k chooses among (MoC's candidate links: earlier
+    chunks outside the own shot), positive a subset of them, empty where nothing earlier shows the
+    character (its first appearance). No host synchronisation."""
     from engine.moc.routing import links_on
     B, N = ids.shape
     if N != layout.num_tokens:
@@ -115,13 +117,22 @@ def route_targets(ids: torch.Tensor, layout: TokenLayout, moc: MoCConfig) -> tup
     device = ids.device
     lt = layout.tensors_on(device)
     C = layout.num_chunks
-    has = torch.zeros(B, ROUTE_IDS, C, dtype=torch.bool, device=device)  # does chunk c show id i
+    S = layout.num_shots
+    ids = ids.clamp(0, ROUTE_IDS - 1)
     b = torch.arange(B, device=device)[:, None].expand(B, N)
-    has[b, ids.clamp(0, ROUTE_IDS - 1), lt.token_chunk[None, :].expand(B, N)] = True
+    has = torch.zeros(B, ROUTE_IDS, C, dtype=torch.bool, device=device)  # does chunk c show id i
+    has[b, ids, lt.token_chunk[None, :].expand(B, N)] = True
     has[:, 0] = False  # background is no character
+    token_shot = lt.chunk_shot[lt.token_chunk].clamp_min(0)  # (N,) video tokens only in training layouts
+    in_shot = torch.zeros(B, S, ROUTE_IDS, device=device)  # does shot s show id i
+    in_shot[b, token_shot[None, :].expand(B, N), ids] = 1.0
+    in_shot[:, :, 0] = 0.0
+    shot_sees = torch.bmm(in_shot, has.float()) > 0  # (B, S, C): chunk c shows a character of shot s
     _, cand = links_on(layout, moc, device)
     allowed = cand[lt.token_chunk]  # (N, C)
-    positive = has.gather(1, ids.clamp(0, ROUTE_IDS - 1)[:, :, None].expand(B, N, C)) & allowed[None]
+    own = has.gather(1, ids[:, :, None].expand(B, N, C))  # (B, N, C): chunk shows the token's character
+    shot = shot_sees.gather(1, token_shot[None, :, None].expand(B, N, C))  # (B, N, C)
+    positive = torch.where((ids > 0)[:, :, None], own, shot) & allowed[None]
     return positive, allowed
 
 
@@ -135,20 +146,23 @@ class RouteProbe:
     whatever top-k brought. Per layer in `layers` (None: every layer), the scores routing ranks
     (query . mean key of a chunk, per head, over the candidate chunks) are scaled by 1/sqrt(D) and
     put through a softmax; the loss is -log of the probability mass on the positive chunks
-    (route_targets), averaged over heads and the character tokens that have any. Top-k itself is
-    not differentiated: the loss moves the scores it ranks. It has no parameters; the exported
-    model is the transformer alone."""
+    (route_targets), averaged over heads and the tokens that have any, a character's tokens weighted
+    1 + character_weight (they are about 1 in 15 of a frame, and theirs is the look to recall). Top-k
+    itself is not differentiated: the loss moves the scores it ranks. It has no parameters; the
+    exported model is the transformer alone."""
 
-    def __init__(self, layers: tuple[int, ...] | None = None):
+    def __init__(self, layers: tuple[int, ...] | None = None, character_weight: float = 4.0):
         self.layers = None if layers is None else tuple(layers)
-        self.targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # positive, allowed, valid
+        self.character_weight = character_weight
+        self.targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # positive, allowed, weight
         self.layout: TokenLayout | None = None
         self.losses: list[torch.Tensor] = []
         self.last: torch.Tensor | None = None  # the mean over layers of the last step, detached
 
     def start(self, ids: torch.Tensor, layout: TokenLayout, moc: MoCConfig) -> None:
         positive, allowed = route_targets(ids, layout, moc)
-        self.targets = (positive, allowed, positive.any(-1))  # valid: tokens with a positive chunk
+        weight = positive.any(-1).float() * (1 + self.character_weight * (ids > 0).float())  # (B, N); 0: no target
+        self.targets = (positive, allowed, weight)
         self.layout = layout
         self.losses = []
 
@@ -157,13 +171,13 @@ class RouteProbe:
         if self.targets is None or (self.layers is not None and layer not in self.layers):
             return
         from engine.moc.routing import chunk_descriptors
-        positive, allowed, valid = self.targets
+        positive, allowed, weight = self.targets
         desc = chunk_descriptors(k, self.layout)  # (B, H, C, D) float32, differentiable
         scores = torch.einsum("bhnd,bhcd->bhnc", q.float(), desc) * q.shape[-1] ** -0.5
         low = torch.tensor(-1e4, dtype=scores.dtype, device=scores.device)  # finite: no NaN gradients
         every = torch.logsumexp(torch.where(allowed[None, None], scores, low), dim=-1)
         good = torch.logsumexp(torch.where(positive[:, None], scores, low), dim=-1)
-        w = valid[:, None].float().expand_as(good)
+        w = weight[:, None].expand_as(good)
         self.losses.append(((every - good) * w).sum() / w.sum().clamp_min(1))
 
     def loss(self) -> torch.Tensor:

@@ -198,8 +198,9 @@ def test_character_ids_tell_looks_apart_and_background_is_zero():
 def test_route_targets_are_the_earlier_frames_outside_the_shot_that_show_the_character():
     """Shots of 2, 1 and 2 frames, 2 tokens a frame (5 chunks). Character 7 shows in frame 0 and in
     shot 2's frames 3 and 4; character 9 only in frame 2. A token of 7 in shot 2 may route to frame
-    0 (earlier, another shot), never to its own shot's frames (forced, not routed); character 9's
-    first appearance and background tokens have no target."""
+    0 (earlier, another shot), never to its own shot's frames (forced, not routed), and so should
+    shot 2's background token (its shot shows 7); character 9's first appearance, and the
+    background of shots whose characters were not shown before, have no target."""
     from engine.moc import MoCConfig, TokenLayout
     from engine.training import route_targets
     layout = TokenLayout(frame_tokens=2, shot_frames=(2, 1, 2))
@@ -209,8 +210,13 @@ def test_route_targets_are_the_earlier_frames_outside_the_shot_that_show_the_cha
     for t in (7, 8, 9):  # character 7 in shot 2
         assert positive[0, t].tolist() == [True, False, False, False, False]
     assert not positive[0, 4].any()  # character 9: first appearance
-    assert not positive[0, [1, 2, 3, 5, 6]].any()  # background
+    assert positive[0, 6].tolist() == [True, False, False, False, False]  # shot 2's background: 7's frame
+    assert not positive[0, [1, 2, 3, 5]].any()  # background of shots 0 and 1: nothing shown before
     assert not positive[0, 0].any()  # frame 0's own 7: nothing earlier
+    two = torch.tensor([[7, 0, 0, 9, 4, 0, 0, 0, 0, 9]])  # frames: [7 0] [0 9] [4 0] [0 0] [0 9]
+    positive, _ = route_targets(two, layout, MoCConfig(top_k=2))
+    assert positive[0, 7].tolist() == [False, True, False, False, False]  # shot 2 shows 9: frame 1 only
+    assert positive[0, 9].tolist() == [False, True, False, False, False]
     assert allowed[8].tolist() == [True, True, True, False, False]  # shot 2 routes among frames 0-2
     with pytest.raises(ValueError, match="tokens"):
         route_targets(ids[:, :8], layout, MoCConfig())
