@@ -122,11 +122,12 @@ def tiny_transformer(seed: int = 0):
     return StoryTransformer(WanTransformer3DModel(**TINY_WAN).half())
 
 
-def training_step_reads(backend: str, seed: int = 0) -> list[dict]:
+def training_step_reads(backend: str, seed: int = 0, route_probe: bool = False) -> list[dict]:
     """Reads of one training step (forward and backward, routing with drop-off / drop-in) of the
-    tiny Wan transformer on 2 stories of 3 shots of 2 frames, with `backend` ("triton", "gather")."""
+    tiny Wan transformer on 2 stories of 3 shots of 2 frames, with `backend` ("triton", "gather");
+    route_probe: with the routing probe's loss (training.RouteProbe) on random look labels."""
     from engine.moc import MoCConfig
-    from engine.training import StoryBatch, TrainingConfig, training_loss
+    from engine.training import RouteProbe, StoryBatch, TrainingConfig, training_loss
     from tests.engine.moc.conftest import interpreter_numpy_shim
     tr = tiny_transformer(seed)
     tr.model.train()
@@ -134,10 +135,15 @@ def training_step_reads(backend: str, seed: int = 0) -> list[dict]:
     stories, shots, frames = 2, 3, 2
     latents = torch.randn(stories, 4, shots * frames, 8, 12, generator=g)
     text = [[torch.randn(5, 32, generator=g) for _ in range(shots + 1)] for _ in range(stories)]
-    config = TrainingConfig(moc=MoCConfig(top_k=2, tile=16), backend=backend)
+    config = TrainingConfig(moc=MoCConfig(top_k=2, tile=16), backend=backend, route_weight=0.5 if route_probe else 0.0)
+    look = None
+    if route_probe:
+        shape = torch.randint(0, 3, (stories, shots * frames, 4, 6), generator=g)  # 4 x 6 tokens a frame
+        look = (shape, torch.rand(stories, shots * frames, 4, 6, 3, generator=g) * (shape > 0)[..., None])
     with interpreter_numpy_shim(), fused_routing(), HostReads() as reads:
-        loss = training_loss(tr, StoryBatch(latents, (frames,) * shots, text), config,
-                             generator=torch.Generator().manual_seed(seed + 1))
+        loss = training_loss(tr, StoryBatch(latents, (frames,) * shots, text, look=look), config,
+                             generator=torch.Generator().manual_seed(seed + 1),
+                             route_probe=RouteProbe() if route_probe else None)
         loss.backward()
     return reads.report()
 
@@ -179,6 +185,10 @@ def main(argv=None) -> dict:
             result["paths"][name] = rows
             print(f"{name:28} {sum(r['count'] for r in rows):>5}  "
                   + ("; ".join(f"{r['count']}x {r['op']} at {r['where']}" for r in rows) or "-"))
+    name = "training step, triton, routing probe"
+    rows = result["paths"][name] = training_step_reads("triton", route_probe=True)
+    print(f"{name:28} {sum(r['count'] for r in rows):>5}  "
+          + ("; ".join(f"{r['count']}x {r['op']} at {r['where']}" for r in rows) or "-"))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
         print(f"wrote {args.json}")

@@ -61,3 +61,8 @@ def test_a_forward_reads_nothing_back(backend):
 @pytest.mark.parametrize("backend", ["triton", "gather"])
 def test_a_training_step_reads_nothing_back(backend):
     assert training_step_reads(backend) == []
+
+
+def test_the_routing_probe_reads_nothing_back():
+    """The routing probe's targets and loss (training.route_targets, RouteProbe) stay on the device."""
+    assert training_step_reads("triton", route_probe=True) == []
