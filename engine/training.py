@@ -137,11 +137,12 @@ def route_targets(ids: torch.Tensor, layout: TokenLayout, moc: MoCConfig) -> tup
 
 
 class RouteProbe:
-    """A training-only loss on MoC's routing scores: a character's tokens should score the earlier
-    chunks that show the same character above the other candidates.
+    """A training-only loss on MoC's routing scores: a token should score the earlier chunks that
+    show its character (a background token: its shot's characters) above the other candidates.
 
-    Why: after 87 minutes of training the routing followed the story at 1.11x chance (the quality
-    benchmark's share of picks into shots showing the named character), and no run moved it: the
+    Why: after 102 minutes of training (runs 2 to 12) the routing followed the story at 1.11x chance
+    (the quality benchmark's share of picks into shots showing the named character), and no run
+    moved it: the
     flow loss never asks a query to find the chunks that hold its character, only to draw well with
     whatever top-k brought. Per layer in `layers` (None: every layer), the scores routing ranks
     (query . mean key of a chunk, per head, over the candidate chunks) are scaled by 1/sqrt(D) and
