@@ -142,9 +142,8 @@ class RouteProbe:
 
     Why: after 102 minutes of training (runs 2 to 12) the routing followed the story at 1.11x chance
     (the quality benchmark's share of picks into shots showing the named character), and no run
-    moved it: the
-    flow loss never asks a query to find the chunks that hold its character, only to draw well with
-    whatever top-k brought. Per layer in `layers` (None: every layer), the scores routing ranks
+    moved it: the flow loss never asks a query to find the chunks that hold its character, only to
+    draw well with whatever top-k brought. Per layer in `layers` (None: every layer), the scores routing ranks
     (query . mean key of a chunk, per head, over the candidate chunks) are scaled by 1/sqrt(D) and
     put through a softmax; the loss is -log of the probability mass on the positive chunks
     (route_targets), averaged over heads and the tokens that have any, a character's tokens weighted
