@@ -143,7 +143,7 @@ def load_engine(args, parallel, device: str, preview: bool):
     try:
         engine = StoryEngine.load(args.model, device=device, cache_dir=args.cache_dir, parallel=parallel,
                                   options=SamplerOptions(preview=preview))
-        if getattr(args, "compile", False):
+        if args.compile:
             engine.model.transformer.compile_blocks()
         return engine
     except (ModelError, OSError) as err:

@@ -39,7 +39,8 @@ class StoryTransformer:
         """torch.compile each Wan block (dynamic shapes): its norms, modulation, projections, RoPE
         and feed-forward fuse into fewer kernels. The processors' `_attend` methods (routing,
         attention, the plan) stay eager behind graph breaks, so one compiled block serves every
-        story shape and plan. Used by the trainer (TrainerConfig.compile); sampling runs eagerly."""
+        story shape and plan. Used by the trainer (TrainerConfig.compile) and, with `launch.py
+        --compile`, by sampling."""
         for block in self.model.blocks:
             block.compile(dynamic=True)
 

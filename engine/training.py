@@ -174,9 +174,9 @@ class RouteProbe:
         positive, allowed, weight = self.targets
         desc = chunk_descriptors(k, self.layout)  # (B, H, C, D) float32, differentiable
         scores = torch.einsum("bhnd,bhcd->bhnc", q.float(), desc) * q.shape[-1] ** -0.5
-        low = torch.tensor(-1e4, dtype=scores.dtype, device=scores.device)  # finite: no NaN gradients
-        every = torch.logsumexp(torch.where(allowed[None, None], scores, low), dim=-1)
-        good = torch.logsumexp(torch.where(positive[:, None], scores, low), dim=-1)
+        # masked with a finite floor, not -inf: a row with no candidate then has finite (zero) gradients
+        every = torch.logsumexp(torch.where(allowed[None, None], scores, -1e4), dim=-1)
+        good = torch.logsumexp(torch.where(positive[:, None], scores, -1e4), dim=-1)
         w = weight[:, None].expand_as(good)
         self.losses.append(((every - good) * w).sum() / w.sum().clamp_min(1))
 

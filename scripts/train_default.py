@@ -48,8 +48,9 @@ def main(argv=None) -> int:
                         "character shape and colour from block --look-layer (0: off)")
     p.add_argument("--look-layer", type=int, default=4, help="the block the look probe reads (0-based)")
     p.add_argument("--route-weight", type=float, default=0.0,
-                   help="weight of the routing probe's loss: a character's tokens should rank the earlier "
-                        "frames showing the same character first among MoC's candidates (0: off)")
+                   help="weight of the routing probe's loss: a token should rank first, among MoC's candidates, "
+                        "the earlier frames showing its character (a background token: its shot's characters) "
+                        "(0: off)")
     p.add_argument("--route-layers", type=_layers, default=(),
                    help="the blocks whose routing the probe trains, comma-separated (default: all)")
     p.add_argument("--compile", action="store_true",

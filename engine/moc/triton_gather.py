@@ -9,9 +9,9 @@ Not for: choosing a backend (attention.py).
 Forward, all on the GPU, no host synchronisation:
 1. Forced links (the own shot, the captions: contiguous and shared by whole query chunks, so
    coherent): out O_f and log-sum-exp L_f per query, computed one of two ways (`forced`):
-   "sdpa" (the default when rendering): one dense SDPA call (cuDNN) per group of query rows that share one forced
-       key set (forced.py: planned on the host from the layout), which runs dense blocks faster
-       than the tile kernel; it falls back to "triton" where that is not exact or not worth it,
+   "sdpa" (the default when rendering): one dense SDPA call (cuDNN) per group of query rows that
+       share one forced key set (forced.py: planned on the host from the layout), which runs dense
+       blocks faster than the tile kernel; it falls back to "triton" where that is not exact or not worth it,
        and says why in selection.info["forced_reason"];
    "triton": the tile-union kernel on a selection without routed chunks, which walks exactly them.
 2. Routed pairs: every (query, slot) with a routed chunk, sorted by chunk (`routed_pairs`); one
@@ -434,6 +434,6 @@ def heads_per_group(q: torch.Tensor, k: torch.Tensor, slots: int, grad: bool) ->
     return max(1, min(q.shape[1], GATHER_BUFFER_BYTES // head_buffer_bytes(q, k, slots, grad)))
 
 
-__all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "forced_default", "merge_partials", "RoutedPairs", "routed_pairs", "forced_attention", "forced_only",
-           "gather_moc_attention",
-           "head_buffer_bytes", "heads_per_group"]
+__all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "RoutedPairs", "forced_attention", "forced_default",
+           "forced_only", "gather_moc_attention", "head_buffer_bytes", "heads_per_group", "merge_partials",
+           "routed_pairs"]
