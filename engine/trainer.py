@@ -85,6 +85,7 @@ class TrainerConfig:
     # `route_layers` (empty: all), times route_weight; training only, no parameters
     route_weight: float = 0.0
     route_layers: tuple[int, ...] = ()
+    route_background: float = 1.0  # a background token's weight in the probe (a character's: 5)
     moc: bool = True  # MoC routing (False: dense attention, the baseline)
     backend: str = "triton"  # moc_attention backend on the GPU ("reference" on the CPU)
     moc_tile: int = 128  # query rows per kernel tile (MoCConfig.tile): speed only, the attention is the same
@@ -421,7 +422,7 @@ def make_route_probe(config: TrainerConfig):
     if bad:
         raise ValueError(f"route layers {bad} are not blocks of the {layers}-layer transformer")
     _token_cell(config)
-    return RouteProbe(tuple(config.route_layers) or None)
+    return RouteProbe(tuple(config.route_layers) or None, background_weight=config.route_background)
 
 
 def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Path | None = None,

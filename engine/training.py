@@ -147,13 +147,20 @@ class RouteProbe:
     (query . mean key of a chunk, per head, over the candidate chunks) are scaled by 1/sqrt(D) and
     put through a softmax; the loss is -log of the probability mass on the positive chunks
     (route_targets), averaged over heads and the tokens that have any, a character's tokens weighted
-    1 + character_weight (they are about 1 in 15 of a frame, and theirs is the look to recall). Top-k
+    1 + character_weight (they are about 1 in 15 of a frame, and theirs is the look to recall), a
+    background token's background_weight (0: characters only; run 13's loss sat near its floor from
+    the first step because most earlier frames show some character of a background token's shot). Top-k
     itself is not differentiated: the loss moves the scores it ranks. It has no parameters; the
     exported model is the transformer alone."""
 
-    def __init__(self, layers: tuple[int, ...] | None = None, character_weight: float = 4.0):
+    def __init__(self, layers: tuple[int, ...] | None = None, character_weight: float = 4.0,
+                 background_weight: float = 1.0):
+        if character_weight < -1 or background_weight < 0:
+            raise ValueError(f"the routing probe's weights must be >= 0 (a character's: 1 + {character_weight}, "
+                             f"a background token's: {background_weight})")
         self.layers = None if layers is None else tuple(layers)
         self.character_weight = character_weight
+        self.background_weight = background_weight
         self.targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # positive, allowed, weight
         self.layout: TokenLayout | None = None
         self.losses: list[torch.Tensor] = []
@@ -161,7 +168,8 @@ class RouteProbe:
 
     def start(self, ids: torch.Tensor, layout: TokenLayout, moc: MoCConfig) -> None:
         positive, allowed = route_targets(ids, layout, moc)
-        weight = positive.any(-1).float() * (1 + self.character_weight * (ids > 0).float())  # (B, N); 0: no target
+        per_token = torch.where(ids > 0, 1.0 + self.character_weight, self.background_weight)
+        weight = positive.any(-1).float() * per_token  # (B, N); 0: no target
         self.targets = (positive, allowed, weight)
         self.layout = layout
         self.losses = []

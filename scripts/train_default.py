@@ -53,6 +53,9 @@ def main(argv=None) -> int:
                         "(0: off)")
     p.add_argument("--route-layers", type=_layers, default=(),
                    help="the blocks whose routing the probe trains, comma-separated (default: all)")
+    p.add_argument("--route-background", type=float, default=1.0,
+                   help="a background token's weight in the routing probe, against 5 for a character's token "
+                        "(0: characters only)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks around the attention (speed only; the first steps compile)")
     p.add_argument("--device", default="cuda")
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
                            warmup=args.warmup, moc_tile=args.moc_tile, backend=args.moc_backend,
                            frames_choices=_frames_choices(args.frames_choices), train_shift=args.train_shift,
                            focus=args.focus, look_weight=args.look_weight, look_layer=args.look_layer,
-                           route_weight=args.route_weight, route_layers=args.route_layers, compile=args.compile)
+                           route_weight=args.route_weight, route_layers=args.route_layers,
+                           route_background=args.route_background, compile=args.compile)
     if args.tiny:
         config = tiny_config(config)
     if args.transformer:
@@ -86,6 +90,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--look-layer: {err}") from None
     if args.route_weight < 0:
         raise SystemExit(f"--route-weight must be >= 0, got {args.route_weight}")
+    if args.route_background < 0:
+        raise SystemExit(f"--route-background must be >= 0, got {args.route_background}")
     try:
         make_route_probe(config)
     except ValueError as err:

@@ -19,9 +19,10 @@ Backends:
                exact, its work follows the density; the CPU path at story sizes.
   "auto":      on CUDA, "sdpa" when the selection covers every (query, key) pair (plain dense
                SDPA is then exact, and cuDNN is faster than any sparse kernel at density 1), else
-               "triton" when it is importable, or "gather" when the tile unions would walk
-               GATHER_MIN_WALK times the attended pairs or more (incoherent routing) on a story
-               of GATHER_MIN_KEYS keys or more (`sparse_choice`); on the CPU "chunked", or "dense" (exact, SDPA with
+               "triton" when it is importable, or "gather" on a story of GATHER_MIN_KEYS keys or
+               more: always when rendering, and with gradients when the tile unions would walk
+               GATHER_MIN_WALK times the attended pairs or more (incoherent routing)
+               (`sparse_choice`); on the CPU "chunked", or "dense" (exact, SDPA with
                the mask) below CHUNKED_MIN_PAIRS (query, key) pairs, where its per-chunk steps cost
                more than they save. The choice and its reason are recorded in
                selection.info["backend"] / ["dispatch"] and in the statistics.
@@ -50,8 +51,8 @@ BACKENDS = ("auto", "reference", "flex", "triton", "dense", "chunked", "gather")
 DISPATCH_REASONS = {  # why "auto" picked a backend, as recorded in selection.info["dispatch"]
     "sdpa": "auto: the selection is fully dense, so unmasked SDPA (cuDNN/flash) computes it exactly and faster",
     "triton": "auto: sparse selection on CUDA, fused Triton kernel",
-    "gather": "auto: sparse selection on CUDA whose query tiles route apart (walk ratio >= GATHER_MIN_WALK), "
-              "fused kernels per key chunk",
+    "gather": "auto: sparse selection on CUDA over a long story, rendering (or with gradients, query tiles "
+              "that route apart: walk ratio >= GATHER_MIN_WALK), fused kernels per key chunk",
     "reference": "auto: not on a CUDA GPU (or Triton unavailable), float32 reference",
     "dense": "auto: on the CPU, a small selection as an exact mask through SDPA",
     "chunked": "auto: on the CPU, forced blocks dense and routed chunks gathered (work follows the density)",
@@ -164,7 +165,14 @@ CHUNKED_MIN_PAIRS = 1 << 20
 # 3.15 on random ones), "gather" about 92 ms at either, so they cross near 1.27. Below ~32k keys
 # the per-chunk programs hold few rows: "gather" lost the training step at 6k-token stories
 # (benchmarks/results/train_step_h200.json); between 6k and 180k keys nothing was measured yet.
+# Rendering (no gradients) takes "gather" from GATHER_MIN_KEYS keys on whatever the walk ratio, with
+# no probe and so no host synchronisation: since its merge became one kernel and its forced part
+# runs through cuDNN (2026-11-29, benchmarks/results/attention_merge_180k_h200.json), gather's
+# attention takes 69 ms at MoC-180k on either input, below the tile kernels' 72 ms at the lowest
+# walk ratio there is (1.0; 85 ms at structured inputs' 1.18). With gradients the tile kernels
+# still win at low walk ratios (forward + backward 386 against 415 ms on structured inputs).
 GATHER_MIN_WALK = 1.3
+GATHER_MIN_WALK_RENDER = 1.0  # at or below 1.0: always gather, without measuring the walk
 GATHER_MIN_KEYS = 32_768
 
 
@@ -216,7 +224,8 @@ def moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: 
         if q.shape[-1] not in TRITON_HEAD_DIMS or q.dtype not in TRITON_DTYPES:
             name, reason = "reference", "reference-shape"
         else:
-            name, plan = sparse_choice(selection)
+            grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            name, plan = sparse_choice(selection, grad)
             reason = name
     selection.info["backend"] = name
     selection.info["dispatch"] = DISPATCH_REASONS[reason] if backend == "auto" else "requested"
@@ -239,18 +248,23 @@ def moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: 
     return triton_moc_attention(q, k, v, selection, scale, plan=plan)
 
 
-def sparse_choice(selection: Selection):
+def sparse_choice(selection: Selection, grad: bool = True):
     """("triton", its kernel plan or None) or ("gather", None) for a sparse selection on the GPU:
-    "gather" when the tile unions would walk GATHER_MIN_WALK x the attended pairs or more on a story
-    of GATHER_MIN_KEYS keys or more. The walk ratio (one host synchronisation) is recorded in
-    selection.info["walk_ratio"]; the plan it was measured on is reused by the tile kernels."""
+    "gather" when the tile unions would walk GATHER_MIN_WALK x the attended pairs or more
+    (GATHER_MIN_WALK_RENDER without gradients) on a story of GATHER_MIN_KEYS keys or more. The walk
+    ratio (one host synchronisation) is recorded in selection.info["walk_ratio"]; the plan it was
+    measured on is reused by the tile kernels. A threshold of 1.0 or less needs no measuring (the
+    walk is never below the attended pairs): "gather" at once, with no walk ratio recorded."""
     if selection.num_keys < GATHER_MIN_KEYS or selection.tile < 16:  # gather takes tiles of 16 rows up
         return "triton", None
+    threshold = GATHER_MIN_WALK if grad else GATHER_MIN_WALK_RENDER
+    if threshold <= 1.0:
+        return "gather", None
     from .triton_attention import kernel_plan, walk_ratio
     plan = kernel_plan(selection)
     ratio = walk_ratio(selection, plan)
     selection.info["walk_ratio"] = round(ratio, 3)
-    return ("gather", None) if ratio >= GATHER_MIN_WALK else ("triton", plan)
+    return ("gather", None) if ratio >= threshold else ("triton", plan)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, config: MoCConfig, *,

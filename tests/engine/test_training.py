@@ -249,6 +249,36 @@ def test_the_routing_probe_moves_the_scores_towards_the_character_frames():
     assert probe.targets is None and probe.last is not None  # loss() closes the step
 
 
+def test_the_routing_probe_weighs_background_tokens_as_told():
+    """background_weight sets a background token's weight (0: characters only) and leaves the
+    characters' at 1 + character_weight; tokens with nothing earlier to recall weigh nothing; the
+    loss with background weight 0 is the characters' loss alone."""
+    from engine.moc import MoCConfig, TokenLayout
+    from engine.training import RouteProbe
+    layout = TokenLayout(frame_tokens=4, shot_frames=(2, 2, 2))
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    ids = torch.where(torch.rand(1, layout.num_tokens, generator=g) < 0.5,
+                      torch.randint(1, 3, (1, layout.num_tokens), generator=g), 0)
+    ids[0, :4] = 1  # shot 0's first frame shows character 1, so later shots have something to recall
+    ids[0, 8:10] = torch.tensor([1, 0])  # shot 1 shows it too, beside a background token
+    q, k = (torch.randn(1, 2, layout.num_tokens, 8, generator=g) for _ in range(2))
+    losses = {}
+    for bg in (1.0, 0.0, 2.5):
+        probe = RouteProbe(background_weight=bg)
+        probe.start(ids, layout, MoCConfig(top_k=2))
+        positive, _, weight = probe.targets
+        has = positive.any(-1)
+        assert torch.equal(weight[~has], torch.zeros_like(weight[~has]))
+        assert torch.all(weight[has & (ids > 0)] == 5.0)
+        assert torch.all(weight[has & (ids == 0)] == bg) and (has & (ids == 0)).any()
+        probe(0, q, k)
+        losses[bg] = float(probe.loss())
+    # characters only: the weighted mean over character tokens alone differs from the mixed ones
+    assert losses[0.0] != pytest.approx(losses[1.0]) and losses[2.5] != pytest.approx(losses[1.0])
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        RouteProbe(background_weight=-0.5)
+
+
 def test_the_routing_probe_adds_its_loss_in_the_layers_it_names(tiny_model):
     """With route_weight the loss is the flow loss (same draws) plus weight x the probe's loss;
     the probe's loss alone reaches the named block's query and key projections and nothing above

@@ -37,7 +37,8 @@ def test_the_detector_names_each_kind_of_read_and_its_call_site():
 
 
 def test_it_finds_the_one_read_auto_makes_on_purpose():
-    """The "auto" backend's walk ratio (attention.sparse_choice) is read on the host by design."""
+    """The "auto" backend's walk ratio (attention.sparse_choice) is read on the host by design, with
+    gradients only: rendering takes gather without weighing the walk."""
     g = torch.Generator().manual_seed(0)
     layout = TokenLayout(frame_tokens=40, shot_frames=(3, 2, 3))
     q, k = (torch.randn(1, 2, layout.num_tokens, 64, generator=g).half() for _ in range(2))
@@ -47,10 +48,13 @@ def test_it_finds_the_one_read_auto_makes_on_purpose():
     attention.GATHER_MIN_KEYS = 0  # weigh the walk at this tiny size
     try:
         with interpreter_numpy_shim(), HostReads() as reads:
-            sparse_choice(selection)
+            sparse_choice(selection, grad=True)
+        with interpreter_numpy_shim(), HostReads() as render_reads:
+            assert sparse_choice(selection, grad=False) == ("gather", None)
     finally:
         attention.GATHER_MIN_KEYS = keys
     assert any("walk_ratio" in row["where"] for row in reads.report()), reads.report()
+    assert render_reads.report() == []  # rendering does not weigh the walk
 
 
 @pytest.mark.parametrize("backend", ["triton", "gather"])
