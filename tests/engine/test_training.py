@@ -252,7 +252,7 @@ def test_the_routing_probe_moves_the_scores_towards_the_character_frames():
 def test_the_routing_probe_weighs_background_tokens_as_told():
     """background_weight sets a background token's weight (0: characters only) and leaves the
     characters' at 1 + character_weight; tokens with nothing earlier to recall weigh nothing; the
-    loss with background weight 0 is the characters' loss alone."""
+    loss is the weighted mean of the two groups (background weight 0: the characters' alone)."""
     from engine.moc import MoCConfig, TokenLayout
     from engine.training import RouteProbe
     layout = TokenLayout(frame_tokens=4, shot_frames=(2, 2, 2))
@@ -273,8 +273,13 @@ def test_the_routing_probe_weighs_background_tokens_as_told():
         assert torch.all(weight[has & (ids == 0)] == bg) and (has & (ids == 0)).any()
         probe(0, q, k)
         losses[bg] = float(probe.loss())
-    # characters only: the weighted mean over character tokens alone differs from the mixed ones
-    assert losses[0.0] != pytest.approx(losses[1.0]) and losses[2.5] != pytest.approx(losses[1.0])
+    # the loss is a weighted mean: with background weight 0 it is the characters' mean alone, and
+    # from that and weight 1 the background's mean follows, which must predict weight 2.5
+    has = positive.any(-1)  # the ids and layout are the same for every weight
+    wc, wb = 5.0 * float((has & (ids > 0)).sum()), float((has & (ids == 0)).sum())
+    background = (losses[1.0] * (wc + wb) - losses[0.0] * wc) / wb
+    assert losses[2.5] == pytest.approx((losses[0.0] * wc + 2.5 * wb * background) / (wc + 2.5 * wb), rel=1e-4)
+    assert background != pytest.approx(losses[0.0])  # the two groups differ, so the check has teeth
     with pytest.raises(ValueError, match="weights must be >= 0"):
         RouteProbe(background_weight=-0.5)
 
