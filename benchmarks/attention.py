@@ -170,7 +170,7 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
     reference_out, forced_out = None, None
     rows = []
     for backend in backends:
-        dispatch = None
+        dispatch = dispatch_grad = None  # what "auto" ran without and with gradients
         if backend == "forced-sdpa" and groups is None:
             print(f"forced-sdpa skipped: the forced groups do not fit SDPA here ({why})", flush=True)
             continue
@@ -184,6 +184,8 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
             with torch.no_grad():
                 chosen = model_attention(q, k, v, layout, config, backend="auto")[1]
             dispatch = "dense" if chosen is None else str(chosen.info["backend"])
+            chosen_grad = model_attention(q, k, v, layout, config, backend="auto")[1]  # q, k, v need grads
+            dispatch_grad = "dense" if chosen_grad is None else str(chosen_grad.info["backend"])
             density = 1.0 if chosen is None else sel.density()
             union = float(sel.layout.num_chunks) if chosen is None else stats.union_chunks_per_tile
             routed_union = float("nan") if chosen is None else stats.routed_chunks_per_tile
@@ -246,6 +248,7 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
             "rel_err_vs_triton": rounded(err, 5), "lse_err_vs_triton": rounded(lse_err, 5),
             "forced": sel.info.get("forced") if backend.startswith("moc-gather") else None,
             "dispatch": dispatch,
+            "dispatch_grad": dispatch_grad,
             **({"kernels": split} if split is not None else {}),
         })
         print(format_row(rows[-1]), flush=True)
@@ -292,8 +295,8 @@ def summary(rows: list[dict]) -> list[str]:
                          f"attention {t['attn_ms'] / gather['attn_ms']:.2f}x the tile kernel's speed")
             a = by.get((size, inputs, "moc-auto"))
             if a:
-                line += (f"; auto entry point ({a['dispatch']}): fwd {c['fwd_ms'] / a['fwd_ms']:.2f}x, "
-                         f"fwd+bwd {c['fwd_bwd_ms'] / a['fwd_bwd_ms']:.2f}x vs cuDNN")
+                line += (f"; auto entry point: fwd {c['fwd_ms'] / a['fwd_ms']:.2f}x ({a['dispatch']}), "
+                         f"fwd+bwd {c['fwd_bwd_ms'] / a['fwd_bwd_ms']:.2f}x ({a.get('dispatch_grad')}) vs cuDNN")
             out.append(line)
     return out
 

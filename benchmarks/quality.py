@@ -362,13 +362,22 @@ def memory_experiment(model: StoryModel, spec: StorySpec, config: BenchConfig, b
 
     def identity(frames: np.ndarray) -> list[bool]:
         return [bool(a.look_ok) for a in score_shot(spec, m, frames).appearances if not a.described]
+    # what a both-sided regeneration can copy: per look-less appearance of m, is its character drawn
+    # with its look in the later shots (True: in every later appearance, False: not in some, None:
+    # it does not come back)
+    later_looks: dict[int, list[bool]] = {}
+    for j in range(m + 1, len(spec.shots)):
+        for a in score_shot(spec, j, model.codec.decode(latents[j]).numpy()).appearances:
+            later_looks.setdefault(a.character, []).append(bool(a.look_ok))
+    later_right = [all(later_looks[a.character]) if a.character in later_looks else None
+                   for a in spec.shots[m].appearances if not a.described]
     earlier = identity(_regenerate(model, story, latents, m, seed, both_sides=False))
     both = identity(_regenerate(model, story, latents, m, seed, both_sides=True))
     pinned_story = Story.from_dict(story.to_dict())
     pinned_story.shots[m].pins = sorted({spec.first_shot(c) for c in named} - {m})
     pinned = identity(_regenerate(model, pinned_story.validate(), latents, m, seed, both_sides=False))
     return {"shot": m, "pins": pinned_story.shots[m].pins, "earlier_only": earlier, "both_sides": both,
-            "pinned": pinned}
+            "pinned": pinned, "later_right": later_right}
 
 
 def summarise_memory(rows: list[dict]) -> dict:
@@ -377,10 +386,19 @@ def summarise_memory(rows: list[dict]) -> dict:
     entries = [row["memory"] for row in rows if row.get("memory")]
     pool = lambda key: [ok for e in entries for ok in e[key]]  # noqa: E731
     missed = [p for e in entries for ok, p in zip(e["earlier_only"], e["pinned"]) if not ok]
+    # both sides against earlier only, split by what the later shots show of the character
+    # (entries written before the split have no "later_right" and count under neither)
+    split = {}
+    for name, want in (("later_right", True), ("later_wrong", False), ("not_later", None)):
+        pairs = [(b, e) for x in entries for b, e, r in zip(x["both_sides"], x["earlier_only"],
+                                                             x.get("later_right", [0] * len(x["both_sides"])))
+                 if r is want]
+        split[name] = {"appearances": len(pairs), "both_sides": sum(b for b, _ in pairs),
+                       "earlier_only": sum(e for _, e in pairs)}
     return {"stories": len(entries), "appearances": len(pool("earlier_only")),
             "identity_earlier_only": _mean(pool("earlier_only")), "identity_both_sides": _mean(pool("both_sides")),
             "identity_pinned": _mean(pool("pinned")), "missed_by_routing": len(missed),
-            "identity_pinned_where_missed": _mean(missed)}
+            "identity_pinned_where_missed": _mean(missed), "both_sides_by_later_shots": split}
 
 
 # ---- summary and targets -------------------------------------------------------------------------
@@ -645,6 +663,12 @@ def print_report(result: dict) -> None:
               f"{_fmt(memory['identity_both_sides'])}, pinned to the introductions {_fmt(memory['identity_pinned'])}; "
               f"where routing alone missed ({memory['missed_by_routing']}), pinned "
               f"{_fmt(memory['identity_pinned_where_missed'])}")
+        split = memory.get("both_sides_by_later_shots")
+        if split:
+            print("  kept with both sides / earlier only, by what the later shots show of the character: "
+                  + "; ".join(f"{label} {split[k]['both_sides']} / {split[k]['earlier_only']} of {split[k]['appearances']}"
+                              for k, label in (("later_right", "drawn right"), ("later_wrong", "drawn wrong"),
+                                               ("not_later", "not there"))))
     for t in result["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
         print(f"  {verdict:4} {t['target']:27} measured {_fmt(t['measured'])}  ({t['rule']})")

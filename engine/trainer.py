@@ -86,6 +86,10 @@ class TrainerConfig:
     route_weight: float = 0.0
     route_layers: tuple[int, ...] = ()
     route_background: float = 1.0  # a background token's weight in the probe (a character's: 5)
+    # share of the multi-shot steps trained as a both-sided regeneration of one shot (open_shot_of,
+    # engine/training.regeneration_step): it may route to the later shots, the others are fixed
+    # context at the sampler's context noise. 0: every step is a joint / LCT step, as up to run 14
+    open_shot: float = 0.0
     moc: bool = True  # MoC routing (False: dense attention, the baseline)
     backend: str = "triton"  # moc_attention backend on the GPU ("reference" on the CPU)
     moc_tile: int = 128  # query rows per kernel tile (MoCConfig.tile): speed only, the attention is the same
@@ -120,6 +124,16 @@ def story_batch_plan(config: TrainerConfig, step: int) -> tuple[list, int, int]:
         else:
             specs.append(sample_story(seed, num_shots=shots, frames=frames, names="train"))
     return specs, shots, frames
+
+
+def open_shot_of(config: TrainerConfig, step: int, shots: int) -> int | None:
+    """The shot step `step` regenerates with both sides as context (None: a joint / LCT step):
+    with probability config.open_shot, one of the shots that have a later one, uniformly. From
+    (seed, step) alone, on a stream of its own: the stories a step draws do not change with it."""
+    if shots < 2 or config.open_shot <= 0:
+        return None
+    rng = random.Random(f"{config.seed}:{step}:open")
+    return rng.randrange(shots - 1) if rng.random() < config.open_shot else None
 
 
 def _frame_tokens(config: TrainerConfig) -> int:
@@ -383,6 +397,8 @@ def training_config(config: TrainerConfig, device):
     from engine.moc import MoCConfig
     from engine.training import TrainingConfig
     backend = config.backend if torch.device(device).type == "cuda" else "reference"
+    if config.open_shot and not config.moc:
+        raise ValueError("open_shot (both-sided regeneration steps) needs MoC routing: the dense baseline has none")
     return TrainingConfig(moc=MoCConfig(tile=config.moc_tile) if config.moc else None, backend=backend,
                           shift=config.train_shift, look_weight=config.look_weight,
                           route_weight=config.route_weight)
@@ -473,6 +489,7 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
     pending = pool.submit(_prepare, config, step + 1, *ahead)
     last_ckpt = last_sample = time.time()
     window, window_t, probe_window, route_window = [], time.time(), [], []
+    open_steps = 0  # both-sided regeneration steps in the log window (config.open_shot)
     amp = device.type == "cuda"
     while state["elapsed"] < config.minutes * 60 and not (config.max_steps and step >= config.max_steps):
         t0 = time.time()
@@ -502,7 +519,10 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = training_loss(tr, batch, tcfg, generator=gen, look_probe=probe, route_probe=router)
+            opened = open_shot_of(config, step, shots)
+            loss = training_loss(tr, batch, tcfg, generator=gen, look_probe=probe, route_probe=router,
+                                 open_shot=opened)
+        open_steps += opened is not None
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -525,8 +545,10 @@ def train_transformer(config: TrainerConfig, work: Path, device, text_folder: Pa
                                             "stories": B, "shots": shots, "frames": frames,
                                             "sec_per_step": round(dt, 4), "minutes": round(state["elapsed"] / 60, 2),
                                             **_probe_record(probe_window, config.look_weight, losses,
-                                                            route_window, config.route_weight)})
+                                                            route_window, config.route_weight),
+                                            **({"open_steps": open_steps} if config.open_shot else {})})
             window, window_t, probe_window, route_window = [], time.time(), [], []
+            open_steps = 0
         if time.time() - last_ckpt > config.checkpoint_minutes * 60:
             save_checkpoint(ckpt, model, ema, opt, params, state, probe)
             # the EMA as a small fp16 model folder too: what a cut-off GPU session brings back and

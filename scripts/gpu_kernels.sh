@@ -19,7 +19,7 @@ log="$OUT/kernels_log.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
 if python3 -c "import pytest" 2>/dev/null; then
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/engine/moc/test_triton.py tests/engine/moc/test_host_reads.py \
-    -k "gather or merge or auto or reads" 2>&1 | tail -n 12 | tee -a "$log"
+    -k "gather or merge or auto or reads or regeneration" 2>&1 | tail -n 12 | tee -a "$log"
 else
   echo "pytest is not installed here: the GPU gather tests did not run" | tee -a "$log"
 fi

@@ -56,6 +56,9 @@ def main(argv=None) -> int:
     p.add_argument("--route-background", type=float, default=1.0,
                    help="a background token's weight in the routing probe, against 5 for a character's token "
                         "(0: characters only)")
+    p.add_argument("--open-shot", type=_chance, default=0.0,
+                   help="share of multi-shot steps that train a both-sided regeneration of one shot: it may "
+                        "route to the later shots, the others are fixed context (0 to 1; 0: none)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the blocks around the attention (speed only; the first steps compile)")
     p.add_argument("--device", default="cuda")
@@ -77,7 +80,8 @@ def main(argv=None) -> int:
                            frames_choices=_frames_choices(args.frames_choices), train_shift=args.train_shift,
                            focus=args.focus, look_weight=args.look_weight, look_layer=args.look_layer,
                            route_weight=args.route_weight, route_layers=args.route_layers,
-                           route_background=args.route_background, compile=args.compile)
+                           route_background=args.route_background, open_shot=args.open_shot,
+                           compile=args.compile)
     if args.tiny:
         config = tiny_config(config)
     if args.transformer:
@@ -92,6 +96,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--route-weight must be >= 0, got {args.route_weight}")
     if args.route_background < 0:
         raise SystemExit(f"--route-background must be >= 0, got {args.route_background}")
+    if args.open_shot and args.dense:
+        raise SystemExit("--open-shot trains MoC's both-sided regeneration: it cannot go with --dense")
     try:
         make_route_probe(config)
     except ValueError as err:

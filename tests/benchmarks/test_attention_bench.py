@@ -49,3 +49,12 @@ def test_the_summary_sets_gather_against_the_ideal_of_its_density():
             {"size": "180k", "inputs": "random", "backend": "moc-gather", "attn_ms": 98.0, "density": 0.16}]
     line = next(x for x in attention.summary(rows) if "ideal" in x)
     assert "moc-gather attention 98.0 ms against the ideal 56.0 ms" in line and "1.75x the ideal" in line
+
+
+def test_auto_rows_record_what_ran_with_and_without_gradients():
+    from benchmarks import attention
+    with interpreter_numpy_shim():
+        rows = attention.bench_size("tiny", "random", ("moc-auto",), repeats=1)
+    (row,) = rows
+    assert isinstance(row["dispatch"], str) and isinstance(row["dispatch_grad"], str)
+    assert row["fwd_bwd_ms"] > 0

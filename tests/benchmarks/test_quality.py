@@ -154,7 +154,28 @@ def test_memory_experiments_end_to_end(tiny_model_dir, tmp_path):
         if row.get("memory"):
             e = row["memory"]
             assert e["shot"] == row["num_shots"] // 2 and all(p < e["shot"] for p in e["pins"])
-            assert len(e["earlier_only"]) == len(e["both_sides"]) == len(e["pinned"])
+            assert len(e["earlier_only"]) == len(e["both_sides"]) == len(e["pinned"]) == len(e["later_right"])
+            assert all(r in (True, False, None) for r in e["later_right"])
+    split = memory["both_sides_by_later_shots"]
+    assert sum(v["appearances"] for v in split.values()) == memory["appearances"]
+    assert sum(v["both_sides"] for v in split.values()) == round(memory["identity_both_sides"] * memory["appearances"])
+
+
+def test_the_memory_summary_splits_both_sides_by_what_the_later_shots_show():
+    from benchmarks.quality import summarise_memory
+    rows = [{"memory": {"earlier_only": [True, False, False], "both_sides": [False, True, False],
+                        "pinned": [True, True, False], "later_right": [True, False, None]}},
+            {"memory": {"earlier_only": [True], "both_sides": [True], "pinned": [False], "later_right": [False]}},
+            {"memory": {"earlier_only": [False], "both_sides": [True], "pinned": [True]}},  # written before the split
+            {"memory": None}]
+    m = summarise_memory(rows)
+    assert m["stories"] == 3 and m["appearances"] == 5
+    assert m["identity_both_sides"] == pytest.approx(3 / 5) and m["identity_earlier_only"] == pytest.approx(2 / 5)
+    assert m["missed_by_routing"] == 3 and m["identity_pinned_where_missed"] == pytest.approx(2 / 3)
+    split = m["both_sides_by_later_shots"]
+    assert split["later_right"] == {"appearances": 1, "both_sides": 0, "earlier_only": 1}
+    assert split["later_wrong"] == {"appearances": 2, "both_sides": 2, "earlier_only": 1}
+    assert split["not_later"] == {"appearances": 1, "both_sides": 0, "earlier_only": 0}
 
 
 def test_shards_merge_into_the_whole_run(tiny_model_dir, tmp_path):

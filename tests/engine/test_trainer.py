@@ -270,6 +270,40 @@ def test_the_routing_probe_trains_with_the_run_and_is_logged(tmp_path):
         train_default.main(["--work", str(tmp_path / "x"), "--tiny", "--route-layers", "a,b"])
 
 
+def test_regeneration_steps_are_drawn_per_step_without_changing_the_stories():
+    """open_shot_of: None for one-shot stories and with the share 0; otherwise about that share of
+    steps, each a shot with a later one, the same for the same (seed, step); the stories a step
+    draws do not depend on it."""
+    from engine.trainer import open_shot_of
+    config = replace(TrainerConfig(), open_shot=0.3)
+    drawn = [open_shot_of(config, step, 5) for step in range(2000)]
+    opened = [d for d in drawn if d is not None]
+    assert 0.25 < len(opened) / len(drawn) < 0.35
+    assert set(opened) == {0, 1, 2, 3}  # every shot that has a later one, never the last
+    assert drawn == [open_shot_of(config, step, 5) for step in range(2000)]
+    assert all(open_shot_of(config, step, 1) is None for step in range(200))
+    assert all(open_shot_of(TrainerConfig(), step, 5) is None for step in range(200))
+    plain = [story_batch_plan(TrainerConfig(), step) for step in range(5)]
+    assert [story_batch_plan(config, step) for step in range(5)] == plain
+
+
+def test_a_run_with_regeneration_steps_trains_and_logs_them(tmp_path):
+    """--open-shot 1: every multi-shot step is a regeneration step (logged as open_steps); the
+    dense baseline refuses it before any training."""
+    work = tmp_path / "run"
+    train(_tiny(max_steps=3, open_shot=1.0), work, "cpu")
+    rows = [r for r in _log(work) if r["stage"] == "transformer"]
+    assert [r["step"] for r in rows] == [1, 2, 3] and any(r["shots"] > 1 for r in rows)
+    for r in rows:
+        assert r["open_steps"] == (1 if r["shots"] > 1 else 0)
+        assert r["loss"] > 0
+    with pytest.raises(SystemExit, match="--open-shot"):
+        train_default.main(["--work", str(tmp_path / "x"), "--tiny", "--open-shot", "0.5", "--dense"])
+    with pytest.raises(ValueError, match="MoC"):
+        from engine.trainer import training_config
+        training_config(_tiny(open_shot=0.5, moc=False), "cpu")
+
+
 def test_a_step_prepared_ahead_carries_the_captions_token_states():
     """The worker thread prepares step n + 1 with its own encoder: the same stories and captions
     as without one, and the captions' states as the training thread's encoder gives them."""

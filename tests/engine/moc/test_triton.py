@@ -311,6 +311,28 @@ def test_fused_routing_keeps_pins_and_blocks():
     assert mask[:, :, rows][..., shot == 0].all() and not mask[:, :, rows][..., shot == 1].any()
 
 
+def test_a_regeneration_step_routes_and_attends_like_the_reference():
+    """A both-sided regeneration training step (engine/training.regeneration_step: one open shot
+    that may look ahead, the later shots blocked from it) in training mode: the fused routing draws
+    the reference's selection, and the tile kernel and gather give its values and gradients."""
+    layout = LAYOUTS[1][1]  # three or four shots
+    S = len(layout.shot_frames)
+    q, k, v = random_qkv(layout, 2, 2, 64, DTYPES[0], seed=11, structured=True)
+    config = MoCConfig(top_k=2, tile=TILE, open_shots=(0,), blocks=tuple((j, 0) for j in range(1, S)))
+    gen = lambda: torch.Generator(device=DEVICE).manual_seed(4)  # noqa: E731
+    ref = route(q, k, layout, config, training=True, generator=gen(), impl="reference")
+    got = route(q, k, layout, config, training=True, generator=gen(), impl="triton")
+    assert torch.equal(ref.routed.cpu(), got.routed.cpu())
+    shot = layout.tensors.chunk_shot.to(got.routed.device)
+    mask = got.token_mask()
+    rows = shot[got.query_chunks.to(shot.device)]
+    video = ~layout.tensors.chunk_is_text.to(shot.device)
+    assert mask[:, :, rows == 0][..., (shot > 0) & video].any()  # the open shot looks ahead
+    assert not mask[:, :, rows > 0][..., shot == 0].any()  # no later shot sees it
+    check_against_reference(q, k, v, got)
+    check_gather(q, k, v, got)
+
+
 # ---- backend "gather": the routed part per key chunk -------------------------------------------
 
 def check_gather(q, k, v, sel, scale=None, forced=None):
