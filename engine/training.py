@@ -248,11 +248,11 @@ def training_loss(model, batch: StoryBatch, config: TrainingConfig, generator: t
                   route_probe: RouteProbe | None = None, open_shot: int | None = None) -> torch.Tensor:
     """Flow-matching loss over a batch of stories. shot_sigmas (B, S) in [0, 1]: noise level per
     story and shot (default: `draw_shot_sigmas`). open_shot: train a both-sided regeneration of
-    that shot instead (`regeneration_step`: it may route to later shots, the others are context). The generator (CPU or on the model's device)
-    draws noise levels, noise and drop-off / drop-in. look_probe: with config.look_weight > 0,
-    its loss on batch.look is added (the flow loss's target is unchanged). route_probe: with
-    config.route_weight > 0 and MoC, its loss on the routing scores (targets from batch.look) is
-    added too. Returns a scalar with gradients."""
+    that shot instead (`regeneration_step`: it may route to later shots, the others are context).
+    The generator (CPU or on the model's device) draws noise levels, noise and drop-off / drop-in.
+    look_probe: with config.look_weight > 0, its loss on batch.look is added (the flow loss's target
+    is unchanged). route_probe: with config.route_weight > 0 and MoC, its loss on the routing scores
+    (targets from batch.look) is added too. Returns a scalar with gradients."""
     tr = model.transformer if hasattr(model, "transformer") else model
     device = next(tr.model.parameters()).device
     x0 = batch.latents.to(device, torch.float32)  # (B, C, F, h, w)
