@@ -310,9 +310,11 @@ def forced_attention(q, k, v, selection: Selection, sm_scale: float, groups: tup
     return o_f, lse_f, forced, plan
 
 
-def _gather_forward(q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None):
+def _gather_forward(q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None,
+                    out: torch.Tensor | None = None):
     """(out, lse of the whole attention in row order (log2 units), the pairs, the forced part's
-    selection and plan (None where SDPA computed it))."""
+    selection and plan (None where SDPA computed it)). out: where to write the result (a head
+    slice of a wider tensor; default a new tensor)."""
     B, H, Nq, D = q.shape
     R = selection.routed.shape[-1]
     C = selection.layout.num_chunks
@@ -331,56 +333,91 @@ def _gather_forward(q, k, v, selection: Selection, sm_scale: float, groups: tupl
                       H, C, P, HEAD_DIM=D, C_PAD=max(triton.next_power_of_2(C), 2), BLOCK_M=block_m,
                       BLOCK_N=block_n, num_warps=warps)
     # 3. merge the forced and the R routed partial results by their log-sum-exp, one pass
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     lse_all = merge_partials(o_f, lse_f, o_r, lse_r, out)
     return out, lse_all, pairs, forced, plan
 
 
+def _head_groups(H: int, group: int) -> list[tuple[int, int]]:
+    return [(h0, min(h0 + group, H)) for h0 in range(0, H, group)]
+
+
+def _grouped_forward(q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None,
+                     group: int):
+    """The forward over head groups of `group` heads, each with its own per-pair buffers, written
+    into one output (no concatenation: at MoC-180k a copy of the output is 0.55 GB). Returns (out,
+    lse (B, H, Nq) float32, per group (h0, h1, its selection, pairs, forced selection, plan))."""
+    B, H, Nq, _ = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    states = []
+    for h0, h1 in _head_groups(H, group):
+        sel = selection if (h0, h1) == (0, H) else selection.heads(h0, h1)
+        _, lse_g, pairs, forced, plan = _gather_forward(q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], sel, sm_scale,
+                                                        groups, out=out[:, h0:h1])
+        lse[:, h0:h1] = lse_g
+        states.append((h0, h1, sel, pairs, forced, plan))
+    return out, lse, states
+
+
 class _GatherAttention(torch.autograd.Function):
+    """All head groups in one autograd node: the forward writes one output, the backward one dQ,
+    dK and dV (per-group nodes over head slices made autograd add a full-size gradient per group)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None):
-        out, lse, pairs, forced, plan = _gather_forward(q, k, v, selection, sm_scale, groups)
+    def forward(ctx, q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None,
+                group: int):
+        out, lse, states = _grouped_forward(q, k, v, selection, sm_scale, groups, group)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.selection, ctx.pairs, ctx.forced, ctx.plan, ctx.sm_scale = selection, pairs, forced, plan, sm_scale
+        ctx.states, ctx.sm_scale = states, sm_scale
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
-        selection, pairs, sm_scale = ctx.selection, ctx.pairs, ctx.sm_scale
         do = _last_dim_contiguous(do)
-        B, H, Nq, D = q.shape
-        R = selection.routed.shape[-1]
-        C = selection.layout.num_chunks
-        P = Nq * R
-        delta = _delta(out, do)
-        # forced links: the tile kernels' backward with the whole attention's statistics (out, lse
-        # and delta are the merged ones, so it needs only the forced selection's plan, built here
-        # when SDPA ran the forward's step 1)
-        forced, plan = ctx.forced, ctx.plan
-        if plan is None:
-            forced = forced_only(selection)
-            plan = kernel_plan(forced)
-        dq, dk, dv = _backward(q, k, v, do, lse.gather(-1, plan.perm.long()), delta, forced, plan, sm_scale)
-        # routed pairs: dQ per pair slot, dK / dV per key block over the queries that chose its chunk
-        block_m, block_n, warps = _blocks(q)
-        lt = selection.layout.tensors_on(q.device)
-        dq_r = torch.zeros(B * H, P, D, dtype=torch.float32, device=q.device)
-        _routed_bwd_dq[(triton.cdiv(P, block_m) + C, B * H)](
-            q, k, v, do, dq_r, lse, delta, pairs.query, pairs.slot, pairs.start, pairs.count, pairs.tile_end,
-            lt.chunk_start, lt.chunk_end, sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *do.stride()[:3], H, Nq, C, P, HEAD_DIM=D, C_PAD=max(triton.next_power_of_2(C), 2), BLOCK_M=block_m,
-            BLOCK_N=block_n, num_warps=warps)
-        kb_lo, kb_hi, kb_chunk = key_blocks(selection, block_n, q.device)
-        dk_r = torch.empty(k.shape, dtype=torch.float32, device=q.device)
-        dv_r = torch.empty(v.shape, dtype=torch.float32, device=q.device)
-        _routed_bwd_dkdv[(kb_lo.numel(), B * H)](
-            q, k, v, do, dk_r, dv_r, lse, delta, pairs.query, pairs.start, pairs.count, kb_lo, kb_hi, kb_chunk,
-            sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk_r.stride()[:3],
-            *dv_r.stride()[:3], H, Nq, C, P, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-        dq = (dq.float() + dq_r.view(B, H, Nq, R, D).sum(-2)).to(q.dtype)
-        return dq, (dk.float() + dk_r).to(k.dtype), (dv.float() + dv_r).to(v.dtype), None, None, None
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for h0, h1, selection, pairs, forced, plan in ctx.states:
+            dq[:, h0:h1], dk[:, h0:h1], dv[:, h0:h1] = _group_backward(
+                q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], out[:, h0:h1], lse[:, h0:h1].contiguous(), do[:, h0:h1],
+                selection, pairs, forced, plan, ctx.sm_scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def _group_backward(q, k, v, out, lse, do, selection: Selection, pairs: RoutedPairs, forced, plan,
+                    sm_scale: float):
+    """dQ, dK, dV (in q's dtype) of one head group: q, k, v, out, do head slices (any strides),
+    lse (B, H, Nq) contiguous (the kernels index it by batch x head)."""
+    B, H, Nq, D = q.shape
+    R = selection.routed.shape[-1]
+    C = selection.layout.num_chunks
+    P = Nq * R
+    delta = _delta(out, do)
+    # forced links: the tile kernels' backward with the whole attention's statistics (out, lse
+    # and delta are the merged ones, so it needs only the forced selection's plan, built here
+    # when SDPA ran the forward's step 1)
+    if plan is None:
+        forced = forced_only(selection)
+        plan = kernel_plan(forced)
+    dq, dk, dv = _backward(q, k, v, do, lse.gather(-1, plan.perm.long()), delta, forced, plan, sm_scale)
+    # routed pairs: dQ per pair slot, dK / dV per key block over the queries that chose its chunk
+    block_m, block_n, warps = _blocks(q)
+    lt = selection.layout.tensors_on(q.device)
+    dq_r = torch.zeros(B * H, P, D, dtype=torch.float32, device=q.device)
+    _routed_bwd_dq[(triton.cdiv(P, block_m) + C, B * H)](
+        q, k, v, do, dq_r, lse, delta, pairs.query, pairs.slot, pairs.start, pairs.count, pairs.tile_end,
+        lt.chunk_start, lt.chunk_end, sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *do.stride()[:3], H, Nq, C, P, HEAD_DIM=D, C_PAD=max(triton.next_power_of_2(C), 2), BLOCK_M=block_m,
+        BLOCK_N=block_n, num_warps=warps)
+    kb_lo, kb_hi, kb_chunk = key_blocks(selection, block_n, q.device)
+    dk_r = torch.empty(k.shape, dtype=torch.float32, device=q.device)
+    dv_r = torch.empty(v.shape, dtype=torch.float32, device=q.device)
+    _routed_bwd_dkdv[(kb_lo.numel(), B * H)](
+        q, k, v, do, dk_r, dv_r, lse, delta, pairs.query, pairs.start, pairs.count, kb_lo, kb_hi, kb_chunk,
+        sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk_r.stride()[:3],
+        *dv_r.stride()[:3], H, Nq, C, P, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    dq = (dq.float() + dq_r.view(B, H, Nq, R, D).sum(-2)).to(q.dtype)
+    return dq, (dk.float() + dk_r).to(k.dtype), (dv.float() + dv_r).to(v.dtype)
 
 
 def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection,
@@ -402,20 +439,11 @@ def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sele
     selection.info["forced"] = "triton" if groups is None else "sdpa"
     selection.info["forced_reason"] = (FALLBACK_REASONS[why] if groups is None
                                        else f"one SDPA call per forced group ({len(groups)})")
-    H = q.shape[1]
+    # heads in groups, each with its own buffers (views of q, k, v: no copies in), into one output
     group = heads_per_group(q, k, selection.routed.shape[-1], grad)
-    if group < H:  # heads in groups, each with its own buffers (views of q, k, v: no copies in)
-        return torch.cat([_gather(q[:, h0:h0 + group], k[:, h0:h0 + group], v[:, h0:h0 + group],
-                                  selection.heads(h0, min(h0 + group, H)), sm_scale, grad, groups)
-                          for h0 in range(0, H, group)], dim=1)
-    return _gather(q, k, v, selection, sm_scale, grad, groups)
-
-
-def _gather(q, k, v, selection: Selection, sm_scale: float, grad: bool,
-            groups: tuple[ForcedGroup, ...] | None) -> torch.Tensor:
     if grad:
-        return _GatherAttention.apply(q, k, v, selection, sm_scale, groups)
-    return _gather_forward(q, k, v, selection, sm_scale, groups)[0]
+        return _GatherAttention.apply(q, k, v, selection, sm_scale, groups, group)
+    return _grouped_forward(q, k, v, selection, sm_scale, groups, group)[0]
 
 
 def head_buffer_bytes(q: torch.Tensor, k: torch.Tensor, slots: int, grad: bool) -> int:

@@ -484,6 +484,9 @@ def test_gather_in_head_groups_matches_reference(monkeypatch, group_bytes):
     expect = 1 if group_bytes == 1 else 2
     assert triton_gather.heads_per_group(q, k, sel.routed.shape[-1], grad=True) == expect
     check_gather(q, k, v, sel)
+    # every group in one autograd node writing one output (no concatenation, one dQ / dK / dV)
+    out = triton_gather.gather_moc_attention(q.detach().requires_grad_(), k, v, sel)
+    assert type(out.grad_fn).__name__ == "_GatherAttentionBackward"
 
 
 def test_gather_equals_the_tile_kernel():
