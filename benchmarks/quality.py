@@ -390,9 +390,8 @@ def summarise_memory(rows: list[dict]) -> dict:
     # (entries written before the split have no "later_right" and count under neither)
     split = {}
     for name, want in (("later_right", True), ("later_wrong", False), ("not_later", None)):
-        pairs = [(b, e) for x in entries for b, e, r in zip(x["both_sides"], x["earlier_only"],
-                                                             x.get("later_right", [0] * len(x["both_sides"])))
-                 if r is want]
+        pairs = [(b, e) for x in entries if "later_right" in x
+                 for b, e, r in zip(x["both_sides"], x["earlier_only"], x["later_right"]) if r is want]
         split[name] = {"appearances": len(pairs), "both_sides": sum(b for b, _ in pairs),
                        "earlier_only": sum(e for _, e in pairs)}
     return {"stories": len(entries), "appearances": len(pool("earlier_only")),

@@ -338,26 +338,21 @@ def _gather_forward(q, k, v, selection: Selection, sm_scale: float, groups: tupl
     return out, lse_all, pairs, forced, plan
 
 
-def _head_groups(H: int, group: int) -> list[tuple[int, int]]:
-    return [(h0, min(h0 + group, H)) for h0 in range(0, H, group)]
-
-
 def _grouped_forward(q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None,
                      group: int):
     """The forward over head groups of `group` heads, each with its own per-pair buffers, written
     into one output (no concatenation: at MoC-180k a copy of the output is 0.55 GB). Returns (out,
-    lse (B, H, Nq) float32, per group (h0, h1, its selection, pairs, forced selection, plan))."""
-    B, H, Nq, _ = q.shape
+    per group (h0, h1, its selection, lse (B, h1 - h0, Nq) float32, pairs, forced selection, plan))."""
+    H = q.shape[1]
     out = torch.empty_like(q)
-    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
     states = []
-    for h0, h1 in _head_groups(H, group):
+    for h0 in range(0, H, group):
+        h1 = min(h0 + group, H)
         sel = selection if (h0, h1) == (0, H) else selection.heads(h0, h1)
-        _, lse_g, pairs, forced, plan = _gather_forward(q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], sel, sm_scale,
-                                                        groups, out=out[:, h0:h1])
-        lse[:, h0:h1] = lse_g
-        states.append((h0, h1, sel, pairs, forced, plan))
-    return out, lse, states
+        _, lse, pairs, forced, plan = _gather_forward(q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], sel, sm_scale,
+                                                      groups, out=out[:, h0:h1])
+        states.append((h0, h1, sel, lse, pairs, forced, plan))
+    return out, states
 
 
 class _GatherAttention(torch.autograd.Function):
@@ -367,19 +362,19 @@ class _GatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None,
                 group: int):
-        out, lse, states = _grouped_forward(q, k, v, selection, sm_scale, groups, group)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, states = _grouped_forward(q, k, v, selection, sm_scale, groups, group)
+        ctx.save_for_backward(q, k, v, out)
         ctx.states, ctx.sm_scale = states, sm_scale
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out = ctx.saved_tensors
         do = _last_dim_contiguous(do)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        for h0, h1, selection, pairs, forced, plan in ctx.states:
+        for h0, h1, selection, lse, pairs, forced, plan in ctx.states:
             dq[:, h0:h1], dk[:, h0:h1], dv[:, h0:h1] = _group_backward(
-                q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], out[:, h0:h1], lse[:, h0:h1].contiguous(), do[:, h0:h1],
+                q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], out[:, h0:h1], lse, do[:, h0:h1],
                 selection, pairs, forced, plan, ctx.sm_scale)
         return dq, dk, dv, None, None, None, None
 
@@ -387,7 +382,8 @@ class _GatherAttention(torch.autograd.Function):
 def _group_backward(q, k, v, out, lse, do, selection: Selection, pairs: RoutedPairs, forced, plan,
                     sm_scale: float):
     """dQ, dK, dV (in q's dtype) of one head group: q, k, v, out, do head slices (any strides),
-    lse (B, H, Nq) contiguous (the kernels index it by batch x head)."""
+    lse (B, H, Nq) float32 as the group's forward made it (contiguous: the kernels index it by
+    batch x head)."""
     B, H, Nq, D = q.shape
     R = selection.routed.shape[-1]
     C = selection.layout.num_chunks
