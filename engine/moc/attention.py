@@ -20,9 +20,9 @@ Backends:
   "auto":      on CUDA, "sdpa" when the selection covers every (query, key) pair (plain dense
                SDPA is then exact, and cuDNN is faster than any sparse kernel at density 1), else
                "triton" when it is importable, or "gather" on a story of GATHER_MIN_KEYS keys or
-               more: always when rendering, and with gradients when the tile unions would walk
-               GATHER_MIN_WALK times the attended pairs or more (incoherent routing)
-               (`sparse_choice`); on the CPU "chunked", or "dense" (exact, SDPA with
+               more (`sparse_choice`: always when rendering, GATHER_MIN_WALK_RENDER; with gradients
+               when the tile unions would walk GATHER_MIN_WALK times the attended pairs or more,
+               which at 1.0 is always, with no probe); on the CPU "chunked", or "dense" (exact, SDPA with
                the mask) below CHUNKED_MIN_PAIRS (query, key) pairs, where its per-chunk steps cost
                more than they save. The choice and its reason are recorded in
                selection.info["backend"] / ["dispatch"] and in the statistics.
@@ -51,8 +51,8 @@ BACKENDS = ("auto", "reference", "flex", "triton", "dense", "chunked", "gather")
 DISPATCH_REASONS = {  # why "auto" picked a backend, as recorded in selection.info["dispatch"]
     "sdpa": "auto: the selection is fully dense, so unmasked SDPA (cuDNN/flash) computes it exactly and faster",
     "triton": "auto: sparse selection on CUDA, fused Triton kernel",
-    "gather": "auto: sparse selection on CUDA over a long story, rendering (or with gradients, query tiles "
-              "that route apart: walk ratio >= GATHER_MIN_WALK), fused kernels per key chunk",
+    "gather": "auto: sparse selection on CUDA over a long story (GATHER_MIN_KEYS keys or more; with gradients "
+              "and GATHER_MIN_WALK above 1.0, only query tiles that route apart), fused kernels per key chunk",
     "reference": "auto: not on a CUDA GPU (or Triton unavailable), float32 reference",
     "dense": "auto: on the CPU, a small selection as an exact mask through SDPA",
     "chunked": "auto: on the CPU, forced blocks dense and routed chunks gathered (work follows the density)",
@@ -169,9 +169,14 @@ CHUNKED_MIN_PAIRS = 1 << 20
 # no probe and so no host synchronisation: since its merge became one kernel and its forced part
 # runs through cuDNN (2026-11-29, benchmarks/results/attention_merge_180k_h200.json), gather's
 # attention takes 69 ms at MoC-180k on either input, below the tile kernels' 72 ms at the lowest
-# walk ratio there is (1.0; 85 ms at structured inputs' 1.18). With gradients the tile kernels
-# still win at low walk ratios (forward + backward 386 against 415 ms on structured inputs).
-GATHER_MIN_WALK = 1.3
+# walk ratio there is (1.0; 85 ms at structured inputs' 1.18). With gradients too since its
+# backward adds the routed share straight into the gradients (no per-pair buffers; one H200, one
+# run, benchmarks/results/attention_180k_lean_h200.json): forward + backward on structured inputs,
+# gather 376.1 ms against `auto` with the walk probe then choosing the tile kernels 387.3 (the
+# tile kernels alone: 383-385 ms in the two runs before); on random ones 375.5 against 379.8 (the
+# probe alone costs 8-10 ms: the tile plan for the whole selection and a host synchronisation).
+# So with gradients too it is gather at once; the probe stays for a threshold above 1.0.
+GATHER_MIN_WALK = 1.0
 GATHER_MIN_WALK_RENDER = 1.0  # at or below 1.0: always gather, without measuring the walk
 GATHER_MIN_KEYS = 32_768
 

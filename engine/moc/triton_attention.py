@@ -472,9 +472,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, PERM, sm_scale,
     # 3. store
     dk *= sm_scale
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + cols64[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DTYPE), mask=col_ok[:, None])
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
     tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + cols64[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DTYPE), mask=col_ok[:, None])
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 _attn_bwd_dkdv_tuned = _tuned(_attn_bwd_dkdv, _dkdv_configs())
@@ -554,7 +554,7 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, PERM, sm_scale,
                                 offs_n, offs_d, BLOCK_N, DTYPE)
     dq *= sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows64[:, None] * stride_dqm + offs_d[None, :],
-             dq.to(DTYPE), mask=row_valid[:, None])
+             dq.to(DQ.dtype.element_ty), mask=row_valid[:, None])
 
 
 _attn_bwd_dq_tuned = _tuned(_attn_bwd_dq, _dq_configs())
@@ -621,17 +621,20 @@ def _delta(o: torch.Tensor, do: torch.Tensor) -> torch.Tensor:
     return delta
 
 
-def _backward(q, k, v, do, lse, delta, selection: Selection, plan: KernelPlan, sm_scale: float):
+def _backward(q, k, v, do, lse, delta, selection: Selection, plan: KernelPlan, sm_scale: float, out=None):
     """dQ, dK, dV of the attention over `selection`'s links, given the softmax statistics: lse in
     the plan's kernel row order (log2 units) and delta in row order. With the statistics of a larger
     attention (more links than the selection's), these are that attention's gradients restricted to
-    the selection's links (backend "gather" adds its routed links' share)."""
+    the selection's links (backend "gather" adds its routed links' share). out: (dq, dk, dv) to
+    write into (any strides with a contiguous last dimension, any float dtype: each is stored in
+    its own; gather passes a float32 dQ and head slices of the final dK, dV); default new tensors
+    like q, k, v."""
     ranges = plan.ranges
     B, H, Nq, D = q.shape
     C = selection.layout.num_chunks
     T = selection.tile_count.shape[-1]
     routed, qchunk, forced, R, R_PAD = _selection_args(selection)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)) if out is None else out
     lists = tile_lists(plan.tiles)
     block_kv = BLOCK_KV_BWD if q.is_cuda else CPU_META["BLOCK_N"]
     kb_lo, kb_hi, kb_chunk = key_blocks(selection, block_kv, q.device)

@@ -22,9 +22,11 @@ Forward, all on the GPU, no host synchronisation:
    is counted twice); the merged log-sum-exp is kept.
 Backward: with the merged statistics (the merged out and log-sum-exp: how step 1 computed O_f
 and L_f does not enter), the tile kernels' backward on the forced selection gives the forced
-links' gradients; dQ of the routed pairs per pair slot (summed over the slots), and dK,
-dV per key block over the queries that chose its chunk (each key block is one program's: no
-atomics). The grids are sized without knowing how many tiles the chunks need (that would need the
+links' gradients, written straight into the final dK, dV (head slices) and a float32 dQ; the
+routed pairs add their share to them. dQ: one launch per slot r over slot r's pairs sorted by
+chunk (`slot_pairs`): a query has one pair per slot, so every row belongs to one program of a
+launch and is added to with a plain load and store. dK, dV: per key block over the queries that
+chose its chunk (each key block is one program's). No atomics, no per-pair gradient buffers. The grids are sized without knowing how many tiles the chunks need (that would need the
 host to read GPU counts): ceil(pairs / BLOCK_M) + C programs per (batch, head) bound them, and the
 spare ones exit at once.
 """
@@ -43,10 +45,12 @@ from .triton_attention import (_attn_bwd_dq_range, check_inputs, _attn_fwd_range
                                _delta, _forward, _last_dim_contiguous, kernel_plan, key_blocks)
 
 GATHER_BLOCK = {"cuda": (64, 64, 4), "cpu": (16, 16, 1)}  # BLOCK_M, BLOCK_N, warps (CPU: the interpreter)
-# Heads run in groups whose per-pair buffers stay under this many bytes: the routed partial outputs
-# (q's dtype) and, with gradients, the float32 dQ per pair slot and dK / dV. All heads at once held
-# 15.3 GiB at MoC-180k forward + backward on the H200, against dense cuDNN's 6.9 (12 heads x 128,
-# benchmarks/results/attention_gather_180k_h200.json); one head there needs about 0.9 GB.
+# Heads run in groups whose buffers stay under this many bytes (head_buffer_bytes): the forward's
+# routed partial outputs (q's dtype, one per pair slot) and, with gradients, the backward's float32
+# dQ. All heads at once held 15.3 GiB at MoC-180k forward + backward on the H200, against dense
+# cuDNN's 6.9 (12 heads x 128, benchmarks/results/attention_gather_180k_h200.json, when the
+# backward also kept a float32 dQ per pair slot and dK / dV); one head's partial outputs there take
+# 0.23 GB, so four heads run at once.
 GATHER_BUFFER_BYTES = 1 << 30
 FORCED_IMPLS = ("sdpa", "triton")  # how step 1 computes the forced links (see the module docstring)
 # Step 1 by default, per (device type, with gradients). Measured on the H200 at MoC-180k (bf16,
@@ -89,6 +93,35 @@ def routed_pairs(routed: torch.Tensor, num_chunks: int, block_m: int) -> RoutedP
     return RoutedPairs((order // R).to(torch.int32).contiguous(), order.to(torch.int32).contiguous(),
                        start.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous(),
                        tiles.cumsum(-1).to(torch.int32).contiguous())
+
+
+@dataclass
+class SlotPairs:
+    """The same pairs sorted by (slot, chunk), queries ascending: per slot, its pairs by chunk."""
+
+    query: torch.Tensor  # (BH, Nq * R) int32 query row of each pair, slot-major then chunk-major
+    start: torch.Tensor  # (R, BH, C) int32 first pair of (slot, chunk) in `query`
+    count: torch.Tensor  # (R, BH, C) int32 pairs of (slot, chunk)
+    tile_end: torch.Tensor  # (R, BH, C) int32 cumulative BLOCK_M tiles within the slot, up to each chunk
+
+
+def slot_pairs(routed: torch.Tensor, num_chunks: int, block_m: int) -> SlotPairs:
+    """routed (B, H, Nq, R) int32 chunk ids (-1 empty) -> the pairs sorted by (slot, chunk): one
+    sort for all slots; slot r's tables are `start[r]`, `count[r]`, `tile_end[r]` (contiguous)."""
+    B, H, Nq, R = routed.shape
+    C = num_chunks
+    flat = routed.reshape(B * H, Nq * R).long()
+    slot = torch.arange(Nq * R, device=routed.device) % R
+    key = torch.where(flat >= 0, slot * C + flat, R * C)  # empty slots sort last
+    order = key.argsort(dim=-1, stable=True)
+    counts = torch.zeros(B * H, R * C + 1, dtype=torch.int64, device=routed.device)
+    counts.scatter_add_(1, key, torch.ones_like(key))
+    counts = counts[:, :R * C]
+    start = counts.cumsum(-1) - counts
+    counts, start = (x.view(B * H, R, C).transpose(0, 1) for x in (counts, start))
+    tiles = ((counts + block_m - 1) // block_m).cumsum(-1)
+    return SlotPairs((order // R).to(torch.int32).contiguous(), *(x.to(torch.int32).contiguous()
+                                                                  for x in (start, counts, tiles)))
 
 
 @triton.jit
@@ -155,13 +188,14 @@ def _pair_rows(pair_query, pair, row_valid, LSE, DELTA, stat_base):
 
 
 @triton.jit
-def _routed_bwd_dq(Q, K, V, DO, DQP, LSE, DELTA, pair_query, pair_slot, chunk_pair_start, chunk_pair_count,
+def _routed_bwd_dq(Q, K, V, DO, DQA, LSE, DELTA, pair_query, chunk_pair_start, chunk_pair_count,
                    chunk_tile_end, chunk_start, chunk_end, sm_scale,
                    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                    stride_dob, stride_doh, stride_dom,
                    H, NQ, C, P,
                    HEAD_DIM: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The routed pairs' share of dQ, per pair (into its slot; summed over the slots outside)."""
+    """One slot's routed pairs' share of dQ, added to the float32 dQ (B * H, NQ, D) contiguous.
+    A query has at most one pair in a slot, so no other program of this launch touches its row."""
     DTYPE: tl.constexpr = Q.dtype.element_ty
     t = tl.program_id(0)
     off_hz = tl.program_id(1)
@@ -169,7 +203,6 @@ def _routed_bwd_dq(Q, K, V, DO, DQP, LSE, DELTA, pair_query, pair_slot, chunk_pa
     off_h = (off_hz % H).to(tl.int64)
     c, pair, row_valid = _pair_tile(t, off_hz, chunk_tile_end, chunk_pair_start, chunk_pair_count, C, P, C_PAD, BLOCK_M)
     rows, lse, delta = _pair_rows(pair_query, pair, row_valid, LSE, DELTA, off_hz.to(tl.int64) * NQ)
-    slots = tl.load(pair_slot + pair, mask=row_valid, other=0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
@@ -183,8 +216,9 @@ def _routed_bwd_dq(Q, K, V, DO, DQP, LSE, DELTA, pair_query, pair_slot, chunk_pa
     dq = _attn_bwd_dq_range(dq, q, do, lse, delta, K + off_b * stride_kb + off_h * stride_kh,
                             V + off_b * stride_vb + off_h * stride_vh, lo, hi, stride_kn, stride_vn,
                             sm_scale * 1.44269504, offs_n, offs_d, BLOCK_N, DTYPE)
-    tl.store(DQP + (off_hz.to(tl.int64) * P + slots)[:, None] * HEAD_DIM + offs_d[None, :], dq * sm_scale,
-             mask=row_valid[:, None])
+    dq_ptrs = DQA + (off_hz.to(tl.int64) * NQ + rows)[:, None] * HEAD_DIM + offs_d[None, :]
+    dq_old = tl.load(dq_ptrs, mask=row_valid[:, None], other=0.0)
+    tl.store(dq_ptrs, dq_old + dq * sm_scale, mask=row_valid[:, None])
 
 
 @triton.jit
@@ -196,7 +230,8 @@ def _routed_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, pair_query, chunk_pair_sta
                      H, NQ, C, P,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The routed pairs' share of dK, dV of one key block (inside chunk c): over the queries that
-    chose c, BLOCK_M pairs at a time. Each key block is one program's alone: plain stores."""
+    chose c, BLOCK_M pairs at a time, added to what DK, DV hold (the forced links' share). Each key
+    block is one program's alone: a plain load and store."""
     DTYPE: tl.constexpr = Q.dtype.element_ty
     pid_n = tl.program_id(0)
     off_hz = tl.program_id(1)
@@ -225,10 +260,12 @@ def _routed_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, pair_query, chunk_pair_sta
         dv = tl.dot(pT.to(DTYPE), do, dv)
         dsT = pT * (tl.dot(v, tl.trans(do)).to(tl.float32) - delta[None, :])
         dk = tl.dot(dsT.to(DTYPE), q, dk)
-    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + cols64[:, None] * stride_dkn + offs_d[None, :],
-             dk * sm_scale, mask=col_ok[:, None])
-    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + cols64[:, None] * stride_dvn + offs_d[None, :],
-             dv, mask=col_ok[:, None])
+    dk_ptrs = DK + off_b * stride_dkb + off_h * stride_dkh + cols64[:, None] * stride_dkn + offs_d[None, :]
+    dv_ptrs = DV + off_b * stride_dvb + off_h * stride_dvh + cols64[:, None] * stride_dvn + offs_d[None, :]
+    dk_forced = tl.load(dk_ptrs, mask=col_ok[:, None], other=0.0).to(tl.float32)
+    dv_forced = tl.load(dv_ptrs, mask=col_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(dk_ptrs, (dk_forced + dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(dv_ptrs, (dv_forced + dv).to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
@@ -373,47 +410,48 @@ class _GatherAttention(torch.autograd.Function):
         do = _last_dim_contiguous(do)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for h0, h1, selection, lse, pairs, forced, plan in ctx.states:
-            dq[:, h0:h1], dk[:, h0:h1], dv[:, h0:h1] = _group_backward(
-                q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], out[:, h0:h1], lse, do[:, h0:h1],
-                selection, pairs, forced, plan, ctx.sm_scale)
+            heads = slice(h0, h1)
+            _group_backward(q[:, heads], k[:, heads], v[:, heads], out[:, heads], lse, do[:, heads], selection,
+                            pairs, forced, plan, ctx.sm_scale, dq[:, heads], dk[:, heads], dv[:, heads])
         return dq, dk, dv, None, None, None, None
 
 
 def _group_backward(q, k, v, out, lse, do, selection: Selection, pairs: RoutedPairs, forced, plan,
-                    sm_scale: float):
-    """dQ, dK, dV (in q's dtype) of one head group: q, k, v, out, do head slices (any strides),
-    lse (B, H, Nq) float32 as the group's forward made it (contiguous: the kernels index it by
-    batch x head)."""
+                    sm_scale: float, dq, dk, dv) -> None:
+    """Writes dQ, dK, dV of one head group into dq, dk, dv (head slices of the full gradients, in
+    q's dtype): q, k, v, out, do head slices (any strides), lse (B, H, Nq) float32 as the group's
+    forward made it (contiguous: the kernels index it by batch x head). Beside the gradients it
+    holds one float32 dQ of the group (the forced links' share, then each slot's added)."""
     B, H, Nq, D = q.shape
     R = selection.routed.shape[-1]
     C = selection.layout.num_chunks
-    P = Nq * R
     delta = _delta(out, do)
     # forced links: the tile kernels' backward with the whole attention's statistics (out, lse
     # and delta are the merged ones, so it needs only the forced selection's plan, built here
-    # when SDPA ran the forward's step 1)
+    # when SDPA ran the forward's step 1), into the final dK, dV and a float32 dQ
     if plan is None:
         forced = forced_only(selection)
         plan = kernel_plan(forced)
-    dq, dk, dv = _backward(q, k, v, do, lse.gather(-1, plan.perm.long()), delta, forced, plan, sm_scale)
-    # routed pairs: dQ per pair slot, dK / dV per key block over the queries that chose its chunk
+    dq_acc = torch.empty(B, H, Nq, D, dtype=torch.float32, device=q.device)
+    _backward(q, k, v, do, lse.gather(-1, plan.perm.long()), delta, forced, plan, sm_scale, out=(dq_acc, dk, dv))
+    # routed pairs: dQ one slot at a time (each launch owns its rows), dK / dV per key block over
+    # the queries that chose its chunk, both added to the forced links' share
     block_m, block_n, warps = _blocks(q)
     lt = selection.layout.tensors_on(q.device)
-    dq_r = torch.zeros(B * H, P, D, dtype=torch.float32, device=q.device)
-    _routed_bwd_dq[(triton.cdiv(P, block_m) + C, B * H)](
-        q, k, v, do, dq_r, lse, delta, pairs.query, pairs.slot, pairs.start, pairs.count, pairs.tile_end,
-        lt.chunk_start, lt.chunk_end, sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *do.stride()[:3], H, Nq, C, P, HEAD_DIM=D, C_PAD=max(triton.next_power_of_2(C), 2), BLOCK_M=block_m,
-        BLOCK_N=block_n, num_warps=warps)
+    by_slot = slot_pairs(selection.routed, C, block_m)
+    for r in range(R):
+        _routed_bwd_dq[(triton.cdiv(Nq, block_m) + C, B * H)](
+            q, k, v, do, dq_acc, lse, delta, by_slot.query, by_slot.start[r], by_slot.count[r], by_slot.tile_end[r],
+            lt.chunk_start, lt.chunk_end, sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *do.stride()[:3], H, Nq, C, Nq * R, HEAD_DIM=D, C_PAD=max(triton.next_power_of_2(C), 2),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    del by_slot
     kb_lo, kb_hi, kb_chunk = key_blocks(selection, block_n, q.device)
-    dk_r = torch.empty(k.shape, dtype=torch.float32, device=q.device)
-    dv_r = torch.empty(v.shape, dtype=torch.float32, device=q.device)
     _routed_bwd_dkdv[(kb_lo.numel(), B * H)](
-        q, k, v, do, dk_r, dv_r, lse, delta, pairs.query, pairs.start, pairs.count, kb_lo, kb_hi, kb_chunk,
-        sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk_r.stride()[:3],
-        *dv_r.stride()[:3], H, Nq, C, P, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-    dq = (dq.float() + dq_r.view(B, H, Nq, R, D).sum(-2)).to(q.dtype)
-    return dq, (dk.float() + dk_r).to(k.dtype), (dv.float() + dv_r).to(v.dtype)
+        q, k, v, do, dk, dv, lse, delta, pairs.query, pairs.start, pairs.count, kb_lo, kb_hi, kb_chunk,
+        sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
+        *dv.stride()[:3], H, Nq, C, Nq * R, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    dq.copy_(dq_acc)
 
 
 def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection,
@@ -443,13 +481,12 @@ def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sele
 
 
 def head_buffer_bytes(q: torch.Tensor, k: torch.Tensor, slots: int, grad: bool) -> int:
-    """One head's per-pair buffers: the partial outputs, and with `grad` the float32 dQ per pair
-    slot and dK / dV."""
+    """One head's buffers beside the inputs and outputs: the forward's routed partial outputs (q's
+    dtype, one per pair slot), and with `grad` the backward's float32 dQ (they never coexist:
+    the larger counts)."""
     B, _, Nq, D = q.shape
-    per_head = B * Nq * slots * D * q.element_size()
-    if grad:
-        per_head += B * Nq * slots * D * 4 + 2 * B * k.shape[2] * D * 4
-    return per_head
+    partials = B * Nq * slots * D * q.element_size()
+    return max(partials, B * Nq * D * 4) if grad else partials
 
 
 def heads_per_group(q: torch.Tensor, k: torch.Tensor, slots: int, grad: bool) -> int:
@@ -458,6 +495,6 @@ def heads_per_group(q: torch.Tensor, k: torch.Tensor, slots: int, grad: bool) ->
     return max(1, min(q.shape[1], GATHER_BUFFER_BYTES // head_buffer_bytes(q, k, slots, grad)))
 
 
-__all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "RoutedPairs", "forced_attention", "forced_default",
-           "forced_only", "gather_moc_attention", "head_buffer_bytes", "heads_per_group", "merge_partials",
-           "routed_pairs"]
+__all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "RoutedPairs", "SlotPairs", "forced_attention",
+           "forced_default", "forced_only", "gather_moc_attention", "head_buffer_bytes", "heads_per_group",
+           "merge_partials", "routed_pairs", "slot_pairs"]

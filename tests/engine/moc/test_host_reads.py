@@ -36,23 +36,25 @@ def test_the_detector_names_each_kind_of_read_and_its_call_site():
     assert "HostReads" not in torch.Tensor.tolist.__qualname__  # the methods are restored on exit
 
 
-def test_it_finds_the_one_read_auto_makes_on_purpose():
-    """The "auto" backend's walk ratio (attention.sparse_choice) is read on the host by design, with
-    gradients only: rendering takes gather without weighing the walk."""
+def test_it_finds_the_one_read_auto_makes_on_purpose(monkeypatch):
+    """The "auto" backend's walk-ratio probe (attention.sparse_choice) reads the ratio on the host
+    by design, and only where it runs: with gradients and a threshold above 1.0. With the shipped
+    thresholds (1.0 with and without gradients) gather is taken at once and nothing is read."""
     g = torch.Generator().manual_seed(0)
     layout = TokenLayout(frame_tokens=40, shot_frames=(3, 2, 3))
     q, k = (torch.randn(1, 2, layout.num_tokens, 64, generator=g).half() for _ in range(2))
     selection = route(q, k, layout, MoCConfig(top_k=2, tile=16))
     import engine.moc.attention as attention
-    keys = attention.GATHER_MIN_KEYS
-    attention.GATHER_MIN_KEYS = 0  # weigh the walk at this tiny size
-    try:
-        with interpreter_numpy_shim(), HostReads() as reads:
-            sparse_choice(selection, grad=True)
-        with interpreter_numpy_shim(), HostReads() as render_reads:
-            assert sparse_choice(selection, grad=False) == ("gather", None)
-    finally:
-        attention.GATHER_MIN_KEYS = keys
+    monkeypatch.setattr(attention, "GATHER_MIN_KEYS", 0)  # weigh the walk at this tiny size
+    for grad in (True, False):
+        with interpreter_numpy_shim(), HostReads() as shipped:
+            assert sparse_choice(selection, grad=grad) == ("gather", None)
+        assert shipped.report() == [], grad  # no probe, no read
+    monkeypatch.setattr(attention, "GATHER_MIN_WALK", 1.3)
+    with interpreter_numpy_shim(), HostReads() as reads:
+        sparse_choice(selection, grad=True)
+    with interpreter_numpy_shim(), HostReads() as render_reads:
+        assert sparse_choice(selection, grad=False) == ("gather", None)
     assert any("walk_ratio" in row["where"] for row in reads.report()), reads.report()
     assert render_reads.report() == []  # rendering does not weigh the walk
 
