@@ -44,7 +44,7 @@ def test_it_finds_the_one_read_auto_makes_on_purpose(monkeypatch):
     layout = TokenLayout(frame_tokens=40, shot_frames=(3, 2, 3))
     q, k = (torch.randn(1, 2, layout.num_tokens, 64, generator=g).half() for _ in range(2))
     selection = route(q, k, layout, MoCConfig(top_k=2, tile=16))
-    import engine.moc.attention as attention
+    from engine.moc import attention
     monkeypatch.setattr(attention, "GATHER_MIN_KEYS", 0)  # weigh the walk at this tiny size
     for grad in (True, False):
         with interpreter_numpy_shim(), HostReads() as shipped:
