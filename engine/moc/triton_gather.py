@@ -26,9 +26,10 @@ links' gradients, written straight into the final dK, dV (head slices) and a flo
 routed pairs add their share to them. dQ: one launch per slot r over slot r's pairs sorted by
 chunk (`slot_pairs`): a query has one pair per slot, so every row belongs to one program of a
 launch and is added to with a plain load and store. dK, dV: per key block over the queries that
-chose its chunk (each key block is one program's). No atomics, no per-pair gradient buffers. The grids are sized without knowing how many tiles the chunks need (that would need the
-host to read GPU counts): ceil(pairs / BLOCK_M) + C programs per (batch, head) bound them, and the
-spare ones exit at once.
+chose its chunk (each key block is one program's). No atomics, no per-pair gradient buffers.
+The grids are sized without knowing how many tiles the chunks need (that would need the host to
+read GPU counts): ceil(pairs / BLOCK_M) + C programs per (batch, head) bound them, and the spare
+ones exit at once.
 """
 
 from __future__ import annotations
