@@ -86,6 +86,8 @@ class BenchConfig:
     frames: int = 8  # latent frames per shot
     seed_offset: int = 0  # first seed is HELDOUT_SEED_START + seed_offset
     memory: bool = False  # also the regeneration experiments (memory_experiment) on stories of 3+ shots
+    open_top_k: int = 0  # > 0: the memory experiments also regenerate both-sided with this many later
+    #                      chunks routed in a top-k of their own (SamplerOptions.open_top_k)
     shard: tuple[int, int] = (0, 1)  # (i, n): run stories i, i + n, i + 2n, ... (parallel processes; --merge)
     time_limit: float = 0.0  # seconds; start no story after this (0: none); the stories done are reported
 
@@ -329,10 +331,11 @@ def run_story(model: StoryModel, spec: StorySpec, names: str, config: BenchConfi
 
 @torch.no_grad()
 def _regenerate(model: StoryModel, story: Story, latents: dict[int, torch.Tensor], m: int, seed: int,
-                both_sides: bool) -> np.ndarray:
+                both_sides: bool, open_top_k: int = 0) -> np.ndarray:
     """Shot m sampled again (seed `seed`) with the other shots' latents as fixed context, as the
-    engine regenerates: earlier shots only, or (both_sides) the later ones too."""
-    sampler = StorySampler(model, story, options=SamplerOptions(preview=False))
+    engine regenerates: earlier shots only, or (both_sides) the later ones too (open_top_k:
+    SamplerOptions.open_top_k)."""
+    sampler = StorySampler(model, story, options=SamplerOptions(preview=False, open_top_k=open_top_k))
     seeds = [shot.seed for shot in story.shots]
     for j in range(m):
         sampler.encode_context(j, latents[j], context_noise_seed(seeds[j]))
@@ -348,8 +351,9 @@ def memory_experiment(model: StoryModel, spec: StorySpec, config: BenchConfig, b
     """Issue 9's comparisons on one story (shot by shot, MoC): its middle shot m, if it names a
     character without its look, regenerated with a new seed three ways: earlier shots as context;
     earlier and later shots (both sides); earlier shots with memory pins on the shots where its
-    characters were introduced. Identity = the share of m's look-less appearances that keep
-    their look (score_shot's look_ok)."""
+    characters were introduced; and with config.open_top_k > 0 a fourth, both sides with the later
+    chunks in a top-k of their own ("both_sides_split"). Identity = the share of m's look-less
+    appearances that keep their look (score_shot's look_ok)."""
     m = len(spec.shots) // 2
     named = [a.character for a in spec.shots[m].appearances if not a.described]
     if len(spec.shots) < 3 or not named:
@@ -376,8 +380,13 @@ def memory_experiment(model: StoryModel, spec: StorySpec, config: BenchConfig, b
     pinned_story = Story.from_dict(story.to_dict())
     pinned_story.shots[m].pins = sorted({spec.first_shot(c) for c in named} - {m})
     pinned = identity(_regenerate(model, pinned_story.validate(), latents, m, seed, both_sides=False))
-    return {"shot": m, "pins": pinned_story.shots[m].pins, "earlier_only": earlier, "both_sides": both,
-            "pinned": pinned, "later_right": later_right}
+    row = {"shot": m, "pins": pinned_story.shots[m].pins, "earlier_only": earlier, "both_sides": both,
+           "pinned": pinned, "later_right": later_right}
+    if config.open_top_k:
+        row["both_sides_split"] = identity(_regenerate(model, story, latents, m, seed, both_sides=True,
+                                                       open_top_k=config.open_top_k))
+        row["open_top_k"] = config.open_top_k
+    return row
 
 
 def summarise_memory(rows: list[dict]) -> dict:
@@ -394,10 +403,19 @@ def summarise_memory(rows: list[dict]) -> dict:
                  for b, e, r in zip(x["both_sides"], x["earlier_only"], x["later_right"]) if r is want]
         split[name] = {"appearances": len(pairs), "both_sides": sum(b for b, _ in pairs),
                        "earlier_only": sum(e for _, e in pairs)}
-    return {"stories": len(entries), "appearances": len(pool("earlier_only")),
-            "identity_earlier_only": _mean(pool("earlier_only")), "identity_both_sides": _mean(pool("both_sides")),
-            "identity_pinned": _mean(pool("pinned")), "missed_by_routing": len(missed),
-            "identity_pinned_where_missed": _mean(missed), "both_sides_by_later_shots": split}
+    out = {"stories": len(entries), "appearances": len(pool("earlier_only")),
+           "identity_earlier_only": _mean(pool("earlier_only")), "identity_both_sides": _mean(pool("both_sides")),
+           "identity_pinned": _mean(pool("pinned")), "missed_by_routing": len(missed),
+           "identity_pinned_where_missed": _mean(missed), "both_sides_by_later_shots": split}
+    split_runs = [e for e in entries if "both_sides_split" in e]
+    if split_runs:  # the fourth way, on the stories that ran it (their earlier-only beside it)
+        out["both_sides_split"] = {
+            "open_top_k": sorted({e["open_top_k"] for e in split_runs}),
+            "appearances": sum(len(e["both_sides_split"]) for e in split_runs),
+            "identity": _mean([ok for e in split_runs for ok in e["both_sides_split"]]),
+            "identity_earlier_only": _mean([ok for e in split_runs for ok in e["earlier_only"]]),
+            "identity_both_sides": _mean([ok for e in split_runs for ok in e["both_sides"]])}
+    return out
 
 
 # ---- summary and targets -------------------------------------------------------------------------
@@ -553,6 +571,7 @@ def run_benchmark(model: StoryModel, config: BenchConfig, log=sys.stderr, checkp
             "seed_offset": config.seed_offset, "shard": f"{index}/{count}",
             "names": "train for even story indices, heldout for odd", "length_cycle": list(LENGTH_CYCLE),
             "modes": list(config.modes), "variants": list(config.variants), "moc": asdict(moc),
+            "open_top_k": config.open_top_k,
             "moc_backend": why,
             "isolated": "one render per story, reported under every mode (1-shot stories: the modes agree)",
             "seconds": round(time.perf_counter() - started, 1)})
@@ -668,6 +687,11 @@ def print_report(result: dict) -> None:
                   + "; ".join(f"{label} {split[k]['both_sides']} / {split[k]['earlier_only']} of {split[k]['appearances']}"
                               for k, label in (("later_right", "drawn right"), ("later_wrong", "drawn wrong"),
                                                ("not_later", "not there"))))
+        split_way = memory.get("both_sides_split")
+        if split_way:
+            print(f"  both sides with the later chunks in a top-{'/'.join(map(str, split_way['open_top_k']))} of "
+                  f"their own: identity {_fmt(split_way['identity'])} of {split_way['appearances']} (earlier only "
+                  f"{_fmt(split_way['identity_earlier_only'])}, both sides {_fmt(split_way['identity_both_sides'])})")
     for t in result["targets"]:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
         print(f"  {verdict:4} {t['target']:27} measured {_fmt(t['measured'])}  ({t['rule']})")
@@ -692,6 +716,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--merge", type=Path, nargs="+", help="pool these shard JSONs into --json; renders nothing")
     parser.add_argument("--memory", action="store_true",
                         help="also regenerate each story's middle shot: earlier-only, both sides, pinned")
+    parser.add_argument("--open-top-k", type=int, default=0,
+                        help="with --memory: also both sides with the later chunks in a top-k of this size of "
+                             "their own (the earlier top-k kept as it is)")
     args = parser.parse_args(argv)
     if args.merge:
         result = merge_results([json.loads(p.read_text()) for p in args.merge])
@@ -704,7 +731,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = BenchConfig(stories=args.stories, steps=args.steps, guidance=args.guidance,
                          modes=tuple(args.modes.split(",")), variants=tuple(args.variants.split(",")),
                          height=args.height, width=args.width, frames=args.frames, seed_offset=args.seed_offset,
-                         memory=args.memory, shard=shard, time_limit=args.time_limit)
+                         memory=args.memory, shard=shard, time_limit=args.time_limit, open_top_k=args.open_top_k)
     model = StoryModel.load(args.model, device=args.device)
     return _finish(run_benchmark(model, config, checkpoint=args.json), args.json)
 

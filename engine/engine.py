@@ -225,7 +225,8 @@ class StoryEngine:
             moc["backend"] = resolve_backend(s.moc.backend, self.model.device)
         return _hash("common", KEY_VERSION, self.model.identity, str(self.model.dtype), self.model.device.type,
                      s.steps, s.guidance, s.height, s.width, s.mode, s.context_noise, s.negative_caption, moc,
-                     story.global_caption, self.options.context_cache)
+                     story.global_caption, self.options.context_cache,
+                     *([["open_top_k", self.options.open_top_k]] if self.options.open_top_k else []))
 
     def _sees_later(self, story: Story) -> bool:
         moc = story.settings.moc

@@ -34,6 +34,10 @@ from engine.story import Story
 class SamplerOptions:
     context_cache: bool = True  # False: recompute the context tokens every step (the baseline)
     preview: bool = True  # decode a preview of the clean estimate every step
+    # both-sided regeneration: 0 = the later shots' chunks compete in the one top-k; k' > 0 = the
+    # regenerated shot keeps its causal top-k and routes k' more among the later chunks
+    # (MoCConfig.open_top_k). An experiment of benchmarks/quality.py --memory --open-top-k so far.
+    open_top_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -227,7 +231,7 @@ class StorySampler:
         q_end = layout.shot_range(run.end - 1)[1]
         moc = None
         if context_after and self.moc_config is not None:
-            moc = replace(self.moc_config, open_shots=tuple(run.shots))
+            moc = replace(self.moc_config, open_shots=tuple(run.shots), open_top_k=self.options.open_top_k)
         noise = [torch.randn(self.shot_latent_shape(s), generator=torch.Generator().manual_seed(seed))
                  for s, seed in zip(run.shots, run.seeds)]
         x = torch.cat(noise, dim=1).to(self.device)  # (C, F_live, h, w), frames in story order

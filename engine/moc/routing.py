@@ -14,6 +14,10 @@ Rules, exactly (MOC.md §1):
       i's shot is in open_shots (both-sided regeneration: the later shots are fixed context), and
       not blocked: (shot of i, shot of j) is not in blocks (a shot never recalls a blocked shot).
   routed(t): the top min(k, #candidates) candidates of t's chunk by q_t · mean(K_j), per head.
+      With open_top_k = k' > 0, an open shot's later chunks do not compete in that top-k: its
+      queries route top-k among the causal candidates, exactly as without open_shots, plus the
+      top min(k', #later candidates) among the later ones (k + k' slots; other queries leave the
+      k' slots empty). A both-sided regeneration then keeps every earlier recall.
 Descriptors are taken from whichever keys the caller passes: the Wan processor passes post-RoPE
 q and k by default (MoCConfig.descriptor_rope), so scores rank chunks the way attention will.
 """
@@ -21,7 +25,7 @@ q and k by default (MoCConfig.descriptor_rope), so scores rank chunks the way at
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,6 +49,7 @@ class MoCConfig:
     pins: tuple[tuple[int, int], ...] = ()  # (query shot, key shot): always attended, like the own-shot anchor
     blocks: tuple[tuple[int, int], ...] = ()  # (query shot, key shot): never routed to
     open_shots: tuple[int, ...] = ()  # query shots that may also route to later chunks (fixed later shots)
+    open_top_k: int = 0  # > 0: open shots route their later chunks in a top-k of this size of their own
     tile: int = 128  # query rows per tile of the selection's key-range union (= kernel BLOCK_M)
     route_block: int = 4096  # query tokens scored at once (bounds the fp32 score buffer)
 
@@ -61,6 +66,9 @@ class MoCConfig:
             raise ValueError(f"drop_in must be in [0, 64] (Poisson rate of added chunks), got {self.drop_in}")
         if int(self.tile) <= 0 or int(self.tile) & (int(self.tile) - 1):
             raise ValueError(f"tile must be a power of two >= 1, got {self.tile}")
+        if not 0 <= int(self.open_top_k) <= 64:
+            raise ValueError(f"open_top_k must be in [0, 64] (0: later chunks compete in the one top-k), "
+                             f"got {self.open_top_k}")
         if int(self.route_block) <= 0:
             raise ValueError(f"route_block must be >= 1, got {self.route_block}")
         for name in ("pins", "blocks"):
@@ -75,9 +83,20 @@ class MoCConfig:
             raise ValueError(f"a shot pair cannot be pinned and blocked at once: {sorted(both)}")
 
     @property
+    def open_slots(self) -> int:
+        """Slots for the open shots' own top-k over later chunks (0: none, they share the top-k)."""
+        return int(self.open_top_k) if self.open_shots else 0
+
+    @property
+    def routed_slots(self) -> int:
+        """Slots per token in Selection.routed without training: top_k plus open_slots."""
+        return self.top_k + self.open_slots
+
+    @property
     def max_routed(self) -> int:
-        """Slots per token in Selection.routed: top_k plus up to top_k dropped-in chunks."""
-        return 2 * self.top_k if self.drop_in > 0 else self.top_k
+        """Slots per token in Selection.routed in training: routed_slots plus up to top_k
+        dropped-in chunks."""
+        return self.routed_slots + self.top_k if self.drop_in > 0 else self.routed_slots
 
 
 def forced_links(layout: TokenLayout, config: MoCConfig) -> torch.Tensor:
@@ -108,6 +127,17 @@ def links_on(layout: TokenLayout, config: MoCConfig, device) -> tuple[torch.Tens
         forced = forced_links(layout, config)
         return forced.to(device), candidate_links(layout, config, forced).to(device)
     return layout.memo(("links", config, str(device)), make)
+
+
+def split_candidates(layout: TokenLayout, config: MoCConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, C) bool (first, later) on `device`: the candidates of the top-k, and those of the open
+    shots' own top-k over later chunks (all False unless open_top_k > 0; then `first` is the
+    causal candidates, as without open_shots, and `later` the rest of candidate_links)."""
+    _, cand = links_on(layout, config, device)
+    if not config.open_slots:
+        return cand, torch.zeros_like(cand)
+    _, early = links_on(layout, replace(config, open_shots=(), open_top_k=0), device)
+    return early, cand & ~early
 
 
 def candidate_links(layout: TokenLayout, config: MoCConfig, forced: torch.Tensor) -> torch.Tensor:
@@ -175,22 +205,27 @@ def route(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: MoCConf
     device = q.device
     lt = layout.tensors_on(device)
     forced, cand = links_on(layout, config, device)
+    early, later = split_candidates(layout, config, device)
     desc = chunk_descriptors(k, layout) if descriptors is None else descriptors.float()
     kk = min(config.top_k, layout.num_chunks)
-    slots = config.max_routed if training else config.top_k
+    slots = config.max_routed if training else config.routed_slots
     routed = torch.full((B, H, Nq, slots), -1, dtype=torch.int32, device=device)
+
+    def top(scores, allowed, n):
+        val, idx = scores.masked_fill(~allowed, float("-inf")).topk(n, dim=-1)  # (B, H, T, n)
+        return torch.where(torch.isfinite(val), idx, -1)  # fewer candidates than n: keep what exists
 
     for t0 in range(0, Nq, config.route_block):
         t1 = min(t0 + config.route_block, Nq)
         qc = lt.token_chunk[q_offset + t0:q_offset + t1]  # (T,) query chunk of every token
-        allowed = cand[qc]  # (T, C)
         scores = torch.einsum("bhtd,bhcd->bhtc", q[:, :, t0:t1].float(), desc)  # (B, H, T, C)
-        scores.masked_fill_(~allowed, float("-inf"))
-        val, idx = scores.topk(kk, dim=-1)  # (B, H, T, kk)
-        idx = torch.where(torch.isfinite(val), idx, -1)  # fewer candidates than k: keep what exists
+        idx = top(scores, early[qc], kk)
+        if config.open_slots:  # the later chunks' own top-k, after k slots (-1 padded to k)
+            pad = idx.new_full((*idx.shape[:-1], config.top_k - kk), -1)
+            idx = torch.cat([idx, pad, top(scores, later[qc], min(config.open_slots, layout.num_chunks))], -1)
         if training:
             idx = _drop_off(idx, config.drop_off, generator)
-            extra = _drop_in(idx, allowed, config, generator)
+            extra = _drop_in(idx, cand[qc], config, generator)
             idx = torch.cat([idx, extra], dim=-1)
         routed[:, :, t0:t1, :idx.shape[-1]] = idx.to(torch.int32)
 
@@ -260,4 +295,4 @@ def expected_density(layout: TokenLayout, config: MoCConfig) -> float:
 
 
 __all__ = ["MoCConfig", "ROUTE_IMPLS", "route", "forced_links", "candidate_links", "chunk_descriptors",
-           "expected_density"]
+           "expected_density", "split_candidates"]

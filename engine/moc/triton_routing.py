@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .layout import TokenLayout
-from .routing import MoCConfig, _drop_in, _drop_off, check_qk, links_on
+from .routing import MoCConfig, _drop_in, _drop_off, check_qk, links_on, split_candidates
 from .selection import Selection
 from .triton_attention import token_chunks
 
@@ -141,34 +141,40 @@ def route_triton(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: 
         q = q.contiguous()
     device = q.device
     forced, cand = links_on(layout, config, device)
-    cand_i8 = layout.memo(("links_int8", config, str(device)), lambda: cand.to(torch.int8))
+    first, later = layout.memo(("links_int8", config, str(device)), lambda: tuple(
+        x.to(torch.int8) for x in split_candidates(layout, config, device)))
     C = layout.num_chunks
     if descriptors is not None and tuple(descriptors.shape) != (B, H, C, D):
         raise ValueError(f"descriptors must be (B={B}, H={H}, C={C}, D={D}), got {tuple(descriptors.shape)}")
     desc = triton_chunk_descriptors(k, layout) if descriptors is None else descriptors.float().contiguous()
     qchunk = token_chunks(layout, q_offset, q_offset + Nq, device)
     kk = min(config.top_k, C)
-    routed = torch.full((B, H, Nq, config.max_routed if training else config.top_k), -1, dtype=torch.int32,
+    routed = torch.full((B, H, Nq, config.max_routed if training else config.routed_slots), -1, dtype=torch.int32,
                         device=device)
-    k_pad = max(triton.next_power_of_2(kk), 2)
-    block_c = max(min(max(triton.next_power_of_2(C), 16), 64), k_pad)  # tl.topk needs K_PAD <= BLOCK_C
 
     def grid(meta):
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
-    args = (q, desc, routed, qchunk, cand_i8, *q.stride()[:3], *routed.stride()[:3],
-            H, Nq, C)
-    meta = dict(HEAD_DIM=D, TOP_K=kk, K_PAD=k_pad, BLOCK_C=block_c)
-    if q.is_cuda:
-        _route_topk_tuned[grid](*args, **meta)
-    else:  # the CPU interpreter (tests)
-        _route_topk[grid](*args, **meta, BLOCK_M=16)
+    def top(out, allowed, n):
+        k_pad = max(triton.next_power_of_2(n), 2)
+        block_c = max(min(max(triton.next_power_of_2(C), 16), 64), k_pad)  # tl.topk needs K_PAD <= BLOCK_C
+        args = (q, desc, out, qchunk, allowed, *q.stride()[:3], *out.stride()[:3], H, Nq, C)
+        meta = dict(HEAD_DIM=D, TOP_K=n, K_PAD=k_pad, BLOCK_C=block_c)
+        if q.is_cuda:
+            _route_topk_tuned[grid](*args, **meta)
+        else:  # the CPU interpreter (tests)
+            _route_topk[grid](*args, **meta, BLOCK_M=16)
+
+    top(routed, first, kk)
+    if config.open_slots:  # the open shots' own top-k over later chunks, after top_k slots
+        top(routed[..., config.top_k:], later, min(config.open_slots, C))
     if training:
         # the reference samplers, in the reference's blocks, so a seeded generator draws the same
         allowed_all = cand
+        width = config.top_k + min(config.open_slots, C) if config.open_slots else kk  # the reference's top-k width
         for t0 in range(0, Nq, config.route_block):
             t1 = min(t0 + config.route_block, Nq)
-            idx = routed[:, :, t0:t1, :kk].long()
+            idx = routed[:, :, t0:t1, :width].long()
             idx = _drop_off(idx, config.drop_off, generator)
             extra = _drop_in(idx, allowed_all[qchunk[t0:t1].long()], config, generator)
             idx = torch.cat([idx, extra], dim=-1)

@@ -137,12 +137,13 @@ def test_benchmark_end_to_end(tiny_model_dir, tmp_path):
 
 
 def test_memory_experiments_end_to_end(tiny_model_dir, tmp_path):
-    """--memory regenerates each story's middle shot three ways and pools identity; on a random
-    model the numbers mean nothing, so this checks the layout, ranges and what was pinned."""
+    """--memory regenerates each story's middle shot three ways (four with --open-top-k) and pools
+    identity; on a random model the numbers mean nothing, so this checks the layout, ranges and
+    what was pinned."""
     out = tmp_path / "memory.json"
     main(["--model", str(tiny_model_dir), "--stories", "6", "--steps", "2", "--height", "32", "--width", "48",
           "--frames", "3", "--device", "cpu", "--modes", "shot_by_shot", "--variants", "moc", "--memory",
-          "--json", str(out)])
+          "--open-top-k", "2", "--json", str(out)])
     saved = json.loads(out.read_text())
     memory = saved["summary"]["memory"]
     entries = [row["memory"] for row in saved["stories"] if row.get("memory")]
@@ -155,7 +156,12 @@ def test_memory_experiments_end_to_end(tiny_model_dir, tmp_path):
             e = row["memory"]
             assert e["shot"] == row["num_shots"] // 2 and all(p < e["shot"] for p in e["pins"])
             assert len(e["earlier_only"]) == len(e["both_sides"]) == len(e["pinned"]) == len(e["later_right"])
+            assert len(e["both_sides_split"]) == len(e["earlier_only"]) and e["open_top_k"] == 2
             assert all(r in (True, False, None) for r in e["later_right"])
+    assert saved["config"]["open_top_k"] == 2
+    four = memory["both_sides_split"]
+    assert four["open_top_k"] == [2] and four["appearances"] == memory["appearances"]
+    assert four["identity_earlier_only"] == memory["identity_earlier_only"] and 0.0 <= four["identity"] <= 1.0
     split = memory["both_sides_by_later_shots"]
     assert sum(v["appearances"] for v in split.values()) == memory["appearances"]
     assert sum(v["both_sides"] for v in split.values()) == round(memory["identity_both_sides"] * memory["appearances"])
@@ -176,6 +182,11 @@ def test_the_memory_summary_splits_both_sides_by_what_the_later_shots_show():
     assert split["later_right"] == {"appearances": 1, "both_sides": 0, "earlier_only": 1}
     assert split["later_wrong"] == {"appearances": 2, "both_sides": 2, "earlier_only": 1}
     assert split["not_later"] == {"appearances": 1, "both_sides": 0, "earlier_only": 0}
+    assert "both_sides_split" not in m  # no story ran the fourth way
+    rows[1]["memory"].update(both_sides_split=[False], open_top_k=2)
+    four = summarise_memory(rows)["both_sides_split"]
+    assert four == {"open_top_k": [2], "appearances": 1, "identity": 0.0, "identity_earlier_only": 1.0,
+                    "identity_both_sides": 1.0}
 
 
 def test_shards_merge_into_the_whole_run(tiny_model_dir, tmp_path):

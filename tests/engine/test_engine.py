@@ -305,6 +305,25 @@ def test_regenerate_with_both_sides_as_context(make_engine, mode):
     assert np.allclose(np.array(one.routing["frame_selection"]["all"])[3:5, 5:], 0.0)
 
 
+def test_both_sides_with_the_later_chunks_in_a_top_k_of_their_own(make_engine):
+    """SamplerOptions.open_top_k: a both-sided regeneration keeps its causal top-k and routes that
+    many more into the later shot; its takes get keys of their own (a plain engine's keys are
+    unchanged by the option's existence), and the later shot stays as it was."""
+    from engine.sampler import SamplerOptions
+    plain, split = make_engine("plain"), make_engine("split", options=SamplerOptions(open_top_k=2))
+    story = tiny_story("joint", top_k=1)
+    assert plain._common(story) == make_engine("zero", options=SamplerOptions(open_top_k=0))._common(story)
+    assert plain._common(story) != split._common(story)
+    for engine in (plain, split):
+        engine.render(story)
+    a = plain.render(story, regenerate=1, both_sides=True)
+    b = split.render(story, regenerate=1, both_sides=True)
+    assert [s.status for s in b.shots] == ["cached", "generated", "cached"] and a.shots[1].key != b.shots[1].key
+    sel_a, sel_b = (np.array(r.routing["frame_selection"]["all"]) for r in (a, b))  # shot 2 = frames 3-4
+    assert sel_b[3:5, 5:].sum() > 0  # it routes into the later shot
+    assert sel_b[3:5, :3].sum() >= sel_a[3:5, :3].sum() - 1e-6  # and keeps its earlier recall
+
+
 def test_both_sides_says_why_not(make_engine):
     engine = make_engine()
     story = tiny_story("shot_by_shot")

@@ -123,3 +123,45 @@ def test_context_cache_hole():
     kv.close_hole()
     with pytest.raises(ValueError, match="inside the finished context"):
         kv.open_hole(8, 12)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_open_shots_with_their_own_top_k_keep_every_causal_pick(training):
+    """open_top_k = k' > 0: an open shot keeps the top-k it has without open_shots, slot for slot,
+    and routes k' more among the later chunks only, the best by q . mean(K); other shots leave
+    those slots empty. In training the drop-off / drop-in then act on all of them (pins and blocks
+    still hold)."""
+    q, k, _ = qkv(4, shun_shot0=False)
+    top_k, extra = 2, 3
+    open_config = MoCConfig(top_k=top_k, open_shots=(1,), open_top_k=extra, pins=PINS, blocks=BLOCKS)
+    assert open_config.routed_slots == top_k + extra and open_config.max_routed == 2 * top_k + extra
+    closed = route(q, k, LAYOUT, MoCConfig(top_k=top_k, pins=PINS, blocks=BLOCKS), impl="reference")
+    lt = LAYOUT.tensors
+    qshot = shot_of_tokens()
+    video = ~lt.chunk_is_text
+    open_video = (qshot == 1) & video[lt.token_chunk]  # its caption's queries also look ahead: from chunk 2 on
+    if not training:
+        got = route(q, k, LAYOUT, open_config, impl="reference")
+        assert got.routed.shape[-1] == top_k + extra
+        assert torch.equal(got.routed[..., :top_k], closed.routed)  # the causal picks, slot for slot
+        later = got.routed[..., top_k:]
+        assert (later[:, :, qshot != 1] == -1).all()  # only the open shot has later slots
+        picked = later[:, :, open_video].long()
+        assert (picked >= 0).all() and (lt.chunk_shot[picked] >= 2).all() and video[picked].all()  # later only
+        # they are the best later candidates by score
+        desc = torch.stack([k[:, :, s:e].mean(2) for s, e, *_ in LAYOUT.chunks], dim=2)
+        scores = torch.einsum("bhtd,bhcd->bhtc", q[:, :, open_video], desc)
+        later_cols = (lt.chunk_shot >= 2) & video
+        best = scores.masked_fill(~later_cols, float("-inf")).topk(extra, dim=-1).indices
+        assert torch.equal(picked.sort(-1).values, best.sort(-1).values)
+    else:
+        gen = torch.Generator().manual_seed(5)
+        got = route(q, k, LAYOUT, open_config, training=True, generator=gen, impl="reference")
+        assert got.routed.shape[-1] == open_config.max_routed
+        mask = got.token_mask()
+        cshot = lt.chunk_shot
+        assert mask[:, :, qshot == 3][..., (cshot == 0) & video].all()  # pinned
+        assert not mask[:, :, qshot == 3][..., cshot == 1].any()  # blocked
+        assert not mask[:, :, qshot == 2][..., (cshot == 3) & video].any()  # a closed shot never looks ahead
+    with pytest.raises(ValueError, match="open_top_k"):
+        MoCConfig(open_top_k=-1)

@@ -11,6 +11,7 @@ Every case draws fresh random inputs; layouts have odd sizes and chunk edges off
 """
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -330,6 +331,28 @@ def test_a_regeneration_step_routes_and_attends_like_the_reference():
     video = ~layout.tensors.chunk_is_text.to(shot.device)
     assert mask[:, :, rows == 0][..., (shot > 0) & video].any()  # the open shot looks ahead
     assert not mask[:, :, rows > 0][..., shot == 0].any()  # no later shot sees it
+    check_against_reference(q, k, v, got)
+    check_gather(q, k, v, got)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_open_shots_with_their_own_top_k_route_and_attend_like_the_reference(training):
+    """A both-sided regeneration whose later chunks have a top-k of their own (open_top_k): the
+    fused routing writes the reference's selection (the causal top-k, then the later one), in
+    training the same draws, and the tile kernel and gather give its values and gradients."""
+    layout = LAYOUTS[1][1]
+    S = len(layout.shot_frames)
+    q, k, v = random_qkv(layout, 2, 2, 64, DTYPES[0], seed=12, structured=False)
+    config = MoCConfig(top_k=2, tile=TILE, open_shots=(0,), open_top_k=3,
+                       blocks=tuple((j, 0) for j in range(1, S)))
+    gen = (lambda: torch.Generator(device=DEVICE).manual_seed(6)) if training else (lambda: None)
+    ref = route(q, k, layout, config, training=training, impl="reference", generator=gen())
+    got = route(q, k, layout, config, training=training, impl="triton", generator=gen())
+    assert got.routed.shape[-1] == (config.max_routed if training else config.routed_slots)
+    assert torch.equal(ref.routed.cpu(), got.routed.cpu())
+    if not training:
+        closed = route(q, k, layout, replace(config, open_shots=(), open_top_k=0), impl="triton")
+        assert torch.equal(got.routed[..., :2].cpu(), closed.routed.cpu())  # every causal pick kept
     check_against_reference(q, k, v, got)
     check_gather(q, k, v, got)
 
