@@ -92,6 +92,13 @@ class MoCConfig:
         """Slots per token in Selection.routed without training: top_k plus open_slots."""
         return self.top_k + self.open_slots
 
+    def topk_width(self, num_chunks: int) -> int:
+        """Slots the top-k fills before training adds any: min(k, C), or with open slots k (padded)
+        plus min(k', C)."""
+        if self.open_slots:
+            return self.top_k + min(self.open_slots, num_chunks)
+        return min(self.top_k, num_chunks)
+
     @property
     def max_routed(self) -> int:
         """Slots per token in Selection.routed in training: routed_slots plus up to top_k
@@ -129,13 +136,13 @@ def links_on(layout: TokenLayout, config: MoCConfig, device) -> tuple[torch.Tens
     return layout.memo(("links", config, str(device)), make)
 
 
-def split_candidates(layout: TokenLayout, config: MoCConfig, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, C) bool (first, later) on `device`: the candidates of the top-k, and those of the open
-    shots' own top-k over later chunks (all False unless open_top_k > 0; then `first` is the
-    causal candidates, as without open_shots, and `later` the rest of candidate_links)."""
+def split_candidates(layout: TokenLayout, config: MoCConfig, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(first, later) (C, C) bool on `device`: the candidates of the top-k, and those of the open
+    shots' own top-k over later chunks (None unless config.open_slots; then `first` is the causal
+    candidates, as without open_shots, and `later` the rest of candidate_links)."""
     _, cand = links_on(layout, config, device)
     if not config.open_slots:
-        return cand, torch.zeros_like(cand)
+        return cand, None
     _, early = links_on(layout, replace(config, open_shots=(), open_top_k=0), device)
     return early, cand & ~early
 
@@ -211,18 +218,20 @@ def route(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: MoCConf
     slots = config.max_routed if training else config.routed_slots
     routed = torch.full((B, H, Nq, slots), -1, dtype=torch.int32, device=device)
 
-    def top(scores, allowed, n):
-        val, idx = scores.masked_fill(~allowed, float("-inf")).topk(n, dim=-1)  # (B, H, T, n)
+    def top(scores, allowed, n):  # masks `scores` in place
+        val, idx = scores.masked_fill_(~allowed, float("-inf")).topk(n, dim=-1)  # (B, H, T, n)
         return torch.where(torch.isfinite(val), idx, -1)  # fewer candidates than n: keep what exists
 
     for t0 in range(0, Nq, config.route_block):
         t1 = min(t0 + config.route_block, Nq)
         qc = lt.token_chunk[q_offset + t0:q_offset + t1]  # (T,) query chunk of every token
         scores = torch.einsum("bhtd,bhcd->bhtc", q[:, :, t0:t1].float(), desc)  # (B, H, T, C)
-        idx = top(scores, early[qc], kk)
-        if config.open_slots:  # the later chunks' own top-k, after k slots (-1 padded to k)
-            pad = idx.new_full((*idx.shape[:-1], config.top_k - kk), -1)
-            idx = torch.cat([idx, pad, top(scores, later[qc], min(config.open_slots, layout.num_chunks))], -1)
+        if later is None:
+            idx = top(scores, early[qc], kk)
+        else:  # the later chunks' own top-k, after k slots (-1 padded to k)
+            ahead = top(scores.clone(), later[qc], min(config.open_slots, layout.num_chunks))
+            idx = top(scores, early[qc], kk)
+            idx = torch.cat([idx, idx.new_full((*idx.shape[:-1], config.top_k - kk), -1), ahead], -1)
         if training:
             idx = _drop_off(idx, config.drop_off, generator)
             extra = _drop_in(idx, cand[qc], config, generator)

@@ -79,17 +79,24 @@ class RoutedPairs:
     tile_end: torch.Tensor  # (BH, C) int32 cumulative BLOCK_M tiles up to and including each chunk
 
 
+def _sorted_by(key: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """key (BH, P) int64 group ids in [0, groups], `groups` meaning none (sorted last) -> (order:
+    a stable argsort of each row, so pairs keep their order within a group; count and start of
+    every group (BH, groups) int64)."""
+    order = key.argsort(dim=-1, stable=True)
+    counts = torch.zeros(key.shape[0], groups + 1, dtype=torch.int64, device=key.device)
+    counts.scatter_add_(1, key, torch.ones_like(key))
+    counts = counts[:, :groups]
+    return order, counts, counts.cumsum(-1) - counts
+
+
 def routed_pairs(routed: torch.Tensor, num_chunks: int, block_m: int) -> RoutedPairs:
     """routed (B, H, Nq, R) int32 chunk ids (-1 empty) -> the pairs sorted by chunk, then query."""
     B, H, Nq, R = routed.shape
     C = num_chunks
     flat = routed.reshape(B * H, Nq * R).long()
-    key = torch.where(flat >= 0, flat, C)  # empty slots sort last, into a spare chunk C
-    order = key.argsort(dim=-1, stable=True)  # slot order = query-major, so queries ascend per chunk
-    counts = torch.zeros(B * H, C + 1, dtype=torch.int64, device=routed.device)
-    counts.scatter_add_(1, key, torch.ones_like(key))
-    counts = counts[:, :C]
-    start = counts.cumsum(-1) - counts
+    # slot order is query-major, so queries ascend per chunk; empty slots go to a spare chunk C
+    order, counts, start = _sorted_by(torch.where(flat >= 0, flat, C), C)
     tiles = (counts + block_m - 1) // block_m
     return RoutedPairs((order // R).to(torch.int32).contiguous(), order.to(torch.int32).contiguous(),
                        start.to(torch.int32).contiguous(), counts.to(torch.int32).contiguous(),
@@ -113,12 +120,7 @@ def slot_pairs(routed: torch.Tensor, num_chunks: int, block_m: int) -> SlotPairs
     C = num_chunks
     flat = routed.reshape(B * H, Nq * R).long()
     slot = torch.arange(Nq * R, device=routed.device) % R
-    key = torch.where(flat >= 0, slot * C + flat, R * C)  # empty slots sort last
-    order = key.argsort(dim=-1, stable=True)
-    counts = torch.zeros(B * H, R * C + 1, dtype=torch.int64, device=routed.device)
-    counts.scatter_add_(1, key, torch.ones_like(key))
-    counts = counts[:, :R * C]
-    start = counts.cumsum(-1) - counts
+    order, counts, start = _sorted_by(torch.where(flat >= 0, slot * C + flat, R * C), R * C)  # empty: last
     counts, start = (x.view(B * H, R, C).transpose(0, 1) for x in (counts, start))
     tiles = ((counts + block_m - 1) // block_m).cumsum(-1)
     return SlotPairs((order // R).to(torch.int32).contiguous(), *(x.to(torch.int32).contiguous()
@@ -475,13 +477,13 @@ def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sele
     selection.info["forced_reason"] = (FALLBACK_REASONS[why] if groups is None
                                        else f"one SDPA call per forced group ({len(groups)})")
     # heads in groups, each with its own buffers (views of q, k, v: no copies in), into one output
-    group = heads_per_group(q, k, selection.routed.shape[-1], grad)
+    group = heads_per_group(q, selection.routed.shape[-1], grad)
     if grad:
         return _GatherAttention.apply(q, k, v, selection, sm_scale, groups, group)
     return _grouped_forward(q, k, v, selection, sm_scale, groups, group)[0]
 
 
-def head_buffer_bytes(q: torch.Tensor, k: torch.Tensor, slots: int, grad: bool) -> int:
+def head_buffer_bytes(q: torch.Tensor, slots: int, grad: bool) -> int:
     """One head's buffers beside the inputs and outputs: the forward's routed partial outputs (q's
     dtype, one per pair slot), and with `grad` the backward's float32 dQ (they never coexist:
     the larger counts)."""
@@ -490,10 +492,10 @@ def head_buffer_bytes(q: torch.Tensor, k: torch.Tensor, slots: int, grad: bool) 
     return max(partials, B * Nq * D * 4) if grad else partials
 
 
-def heads_per_group(q: torch.Tensor, k: torch.Tensor, slots: int, grad: bool) -> int:
+def heads_per_group(q: torch.Tensor, slots: int, grad: bool) -> int:
     """How many heads run at once so that one group's buffers stay under GATHER_BUFFER_BYTES (at
     least one)."""
-    return max(1, min(q.shape[1], GATHER_BUFFER_BYTES // head_buffer_bytes(q, k, slots, grad)))
+    return max(1, min(q.shape[1], GATHER_BUFFER_BYTES // head_buffer_bytes(q, slots, grad)))
 
 
 __all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "RoutedPairs", "SlotPairs", "forced_attention",

@@ -142,7 +142,7 @@ def route_triton(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: 
     device = q.device
     forced, cand = links_on(layout, config, device)
     first, later = layout.memo(("links_int8", config, str(device)), lambda: tuple(
-        x.to(torch.int8) for x in split_candidates(layout, config, device)))
+        None if x is None else x.to(torch.int8) for x in split_candidates(layout, config, device)))
     C = layout.num_chunks
     if descriptors is not None and tuple(descriptors.shape) != (B, H, C, D):
         raise ValueError(f"descriptors must be (B={B}, H={H}, C={C}, D={D}), got {tuple(descriptors.shape)}")
@@ -166,12 +166,12 @@ def route_triton(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: 
             _route_topk[grid](*args, **meta, BLOCK_M=16)
 
     top(routed, first, kk)
-    if config.open_slots:  # the open shots' own top-k over later chunks, after top_k slots
+    if later is not None:  # the open shots' own top-k over later chunks, after top_k slots
         top(routed[..., config.top_k:], later, min(config.open_slots, C))
     if training:
         # the reference samplers, in the reference's blocks, so a seeded generator draws the same
         allowed_all = cand
-        width = config.top_k + min(config.open_slots, C) if config.open_slots else kk  # the reference's top-k width
+        width = config.topk_width(C)  # what the reference's top-k gave
         for t0 in range(0, Nq, config.route_block):
             t1 = min(t0 + config.route_block, Nq)
             idx = routed[:, :, t0:t1, :width].long()

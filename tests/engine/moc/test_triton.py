@@ -502,10 +502,10 @@ def test_gather_in_head_groups_matches_reference(monkeypatch, group_bytes):
     q = q[:, :, q_offset:]
     sel = route(q, k, layout, MoCConfig(top_k=2, tile=TILE), q_offset=q_offset, impl="reference")
     if group_bytes == "two heads":  # the budget of two heads' buffers with gradients, exactly
-        group_bytes = 2 * triton_gather.head_buffer_bytes(q, k, sel.routed.shape[-1], grad=True)
+        group_bytes = 2 * triton_gather.head_buffer_bytes(q, sel.routed.shape[-1], grad=True)
     monkeypatch.setattr(triton_gather, "GATHER_BUFFER_BYTES", group_bytes)
     expect = 1 if group_bytes == 1 else 2
-    assert triton_gather.heads_per_group(q, k, sel.routed.shape[-1], grad=True) == expect
+    assert triton_gather.heads_per_group(q, sel.routed.shape[-1], grad=True) == expect
     check_gather(q, k, v, sel)
     # every group in one autograd node writing one output (no concatenation, one dQ / dK / dV)
     out = triton_gather.gather_moc_attention(q.detach().requires_grad_(), k, v, sel)
