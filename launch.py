@@ -67,6 +67,16 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def _open_top_k(value: str) -> int:
+    try:
+        k = int(value)
+    except ValueError:
+        k = -1
+    if not 0 <= k <= 64:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a whole number of chunks from 0 to 64")
+    return k
+
+
 def is_loopback(host: str) -> bool:
     if host in LOOPBACK:
         return True
@@ -84,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--one-sided", action="store_true",
                    help="with --regenerate: only earlier shots are context (default: the later shots too, "
                         "which then keep their takes and are not stale)")
+    p.add_argument("--open-top-k", type=_open_top_k, default=2, metavar="K",
+                   help="both-sided regeneration: the regenerated shot keeps its top-k over the earlier "
+                        "shots and routes K more chunks among the later ones (default 2; 0: the later "
+                        "chunks compete with the earlier ones in the one top-k)")
     p.add_argument("--model", type=Path, help="local model folder (default: the shipped model in assets/default_model)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--cache-dir", type=Path, help="shot cache folder (default: ./cache)")
@@ -142,7 +156,7 @@ def load_engine(args, parallel, device: str, preview: bool):
 
     try:
         engine = StoryEngine.load(args.model, device=device, cache_dir=args.cache_dir, parallel=parallel,
-                                  options=SamplerOptions(preview=preview))
+                                  options=SamplerOptions(preview=preview, open_top_k=args.open_top_k))
         if args.compile:
             engine.model.transformer.compile_blocks()
         return engine

@@ -225,8 +225,7 @@ class StoryEngine:
             moc["backend"] = resolve_backend(s.moc.backend, self.model.device)
         return _hash("common", KEY_VERSION, self.model.identity, str(self.model.dtype), self.model.device.type,
                      s.steps, s.guidance, s.height, s.width, s.mode, s.context_noise, s.negative_caption, moc,
-                     story.global_caption, self.options.context_cache,
-                     *([["open_top_k", self.options.open_top_k]] if self.options.open_top_k else []))
+                     story.global_caption, self.options.context_cache)
 
     def _sees_later(self, story: Story) -> bool:
         moc = story.settings.moc
@@ -328,7 +327,10 @@ class StoryEngine:
                 if self._sees_later(story):
                     mates = [(story.shots[j].caption, story.shots[j].frames, seed)
                              for j, seed in zip(runs[p.run].shots, runs[p.run].seeds)]
-                later = ["after", [q.key for q in plans[p.index + 1:]]] if both_sides and p.index == regenerate else []
+                later = []
+                if both_sides and p.index == regenerate:  # the later shots' takes, and how it routes to them
+                    later = ["after", [q.key for q in plans[p.index + 1:]],
+                             *([["open_top_k", self.options.open_top_k]] if self.options.open_top_k else [])]
                 p.key = _hash("take", p.slot, p.seed, p.run_offset, mates, *later)
             keys.append(p.key)
         if both_sides:

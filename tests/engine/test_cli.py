@@ -102,3 +102,10 @@ def test_routing_demo_flag_prints_the_routing():
     out = subprocess.run([sys.executable, "launch.py", "--routing-demo"], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parents[2]).stdout
     assert "density" in out and "shot 3 frame 2:" in out
+
+
+def test_open_top_k_flag_is_checked():
+    from launch import parse_args
+    assert parse_args([]).open_top_k == 2 and parse_args(["--open-top-k", "0"]).open_top_k == 0
+    proc = run_cli("--open-top-k", "-1", "--routing-demo")
+    assert proc.returncode == 2 and "--open-top-k" in proc.stderr and "from 0 to 64" in proc.stderr

@@ -306,19 +306,20 @@ def test_regenerate_with_both_sides_as_context(make_engine, mode):
 
 
 def test_both_sides_with_the_later_chunks_in_a_top_k_of_their_own(make_engine):
-    """SamplerOptions.open_top_k: a both-sided regeneration keeps its causal top-k and routes that
-    many more into the later shot; its takes get keys of their own (a plain engine's keys are
-    unchanged by the option's existence), and the later shot stays as it was."""
+    """SamplerOptions.open_top_k (2 by default): a both-sided regeneration keeps its causal top-k and
+    routes that many more into the later shot; only its take's key depends on the option (an
+    ordinary render's keys do not), and the later shot stays as it was."""
     from engine.sampler import SamplerOptions
-    plain, split = make_engine("plain"), make_engine("split", options=SamplerOptions(open_top_k=2))
+    shared, split = make_engine("shared", options=SamplerOptions(open_top_k=0)), make_engine("split")
+    assert split.options.open_top_k == 2
     story = tiny_story("joint", top_k=1)
-    assert plain._common(story) == make_engine("zero", options=SamplerOptions(open_top_k=0))._common(story)
-    assert plain._common(story) != split._common(story)
-    for engine in (plain, split):
-        engine.render(story)
-    a = plain.render(story, regenerate=1, both_sides=True)
+    assert shared._common(story) == split._common(story)
+    first = [engine.render(story) for engine in (shared, split)]
+    assert [s.key for s in first[0].shots] == [s.key for s in first[1].shots]
+    a = shared.render(story, regenerate=1, both_sides=True)
     b = split.render(story, regenerate=1, both_sides=True)
     assert [s.status for s in b.shots] == ["cached", "generated", "cached"] and a.shots[1].key != b.shots[1].key
+    assert b.shots[2].key == first[1].shots[2].key
     sel_a, sel_b = (np.array(r.routing["frame_selection"]["all"]) for r in (a, b))  # shot 2 = frames 3-4
     assert sel_b[3:5, 5:].sum() > 0  # it routes into the later shot
     assert sel_b[3:5, :3].sum() >= sel_a[3:5, :3].sum() - 1e-6  # and keeps its earlier recall
