@@ -193,8 +193,17 @@ def dense_is_faster(batch: int, heads: int, num_queries: int, num_keys: int, hea
 
 
 def is_fully_dense(selection: Selection) -> bool:
-    """Every query attends every key: each tile's union holds all chunks, each one full."""
+    """Every query attends every key: each tile's union holds all chunks, each one full. Where the
+    host knows the forced links and some query chunk cannot reach every chunk (its forced row plus
+    R routed slots fall short of C), no: the tile unions are then neither built nor read back."""
     C = selection.layout.num_chunks
+    forced = selection.forced_host
+    if forced is not None:
+        _, _, Nq = selection.shape
+        token_chunk = selection.layout.tensors.token_chunk
+        first, last = int(token_chunk[selection.q_offset]), int(token_chunk[selection.q_offset + Nq - 1])
+        if int(forced[first:last + 1].sum(1).min()) + selection.routed.shape[-1] < C:
+            return False
     return bool(((selection.tile_count == C) & selection.tile_full.all(-1)).all())
 
 

@@ -36,6 +36,36 @@ class RoutingStats:
         return float(self.density_per_head.mean())
 
 
+def _tile_unions(layout: TokenLayout, tile: int, forced: torch.Tensor, routed: torch.Tensor,
+                 q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tile_count, tile_chunks, tile_full) of a selection (see Selection's properties)."""
+    B, H, Nq, R = routed.shape
+    C = layout.num_chunks
+    device = routed.device
+    qchunk = layout.tensors_on(device).token_chunk[q_offset:q_offset + Nq]  # (Nq,)
+    T = -(-Nq // tile)
+    tile_of = torch.arange(Nq, device=device) // tile  # (Nq,)
+    # routed selections counted per (tile, chunk); empty slots land in spare column C
+    slot = torch.where(routed >= 0, routed.long(), C) + (tile_of * (C + 1))[None, None, :, None]
+    counts = torch.zeros(B, H, T * (C + 1), dtype=torch.int32, device=device)
+    counts.scatter_add_(2, slot.reshape(B, H, -1), torch.ones_like(slot, dtype=torch.int32).reshape(B, H, -1))
+    counts = counts.view(B, H, T, C + 1)[..., :C]
+    # forced links counted per tile (same for every head); routed and forced are disjoint
+    forced_counts = torch.zeros(T, C, dtype=torch.int32, device=device)
+    forced_counts.index_add_(0, tile_of, forced[qchunk].to(torch.int32))
+    total = counts + forced_counts  # (B, H, T, C) tokens of the tile attending each chunk
+    # tokens per tile: `tile`, the last one the rest (not bincount: its size waits for the GPU)
+    tile_tokens = torch.full((T,), tile, dtype=torch.int32, device=device)
+    tile_tokens[-1:].fill_(Nq - (T - 1) * tile)  # fill_: a kernel argument, not a blocking host copy
+    union = total > 0
+    full = total == tile_tokens[:, None]
+    ids = torch.arange(C, device=device)
+    order = torch.where(union, ids, C + ids).argsort(-1)  # union chunks first, ascending
+    tile_chunks = torch.where(union.gather(-1, order), order, -1).to(torch.int32)
+    tile_full = full.gather(-1, order) & (tile_chunks >= 0)
+    return union.sum(-1, dtype=torch.int32), tile_chunks, tile_full
+
+
 @dataclass
 class Selection:
     layout: TokenLayout
@@ -43,11 +73,12 @@ class Selection:
     q_offset: int  # queries are layout tokens [q_offset, q_offset + Nq)
     forced: torch.Tensor  # (C, C) bool: query chunk i always attends key chunk j
     routed: torch.Tensor  # (B, H, Nq, R) int32 routed chunk ids, -1 = empty slot
-    tile_count: torch.Tensor  # (B, H, T) int32 chunks in each tile's union
-    tile_chunks: torch.Tensor  # (B, H, T, C) int32 union chunk ids ascending, then -1
-    tile_full: torch.Tensor  # (B, H, T, C) bool, aligned with tile_chunks: no per-token mask needed
     info: dict = field(default_factory=dict)  # what ran on it (backend, dispatch reason)
     forced_host: torch.Tensor | None = None  # (C, C) bool: `forced` on the host, when known there
+    # the tile unions (tile_count, tile_chunks, tile_full), built on first use: the tile kernels,
+    # flex and the statistics read them, "gather" does not (at MoC-180k they cost a sort and a
+    # scatter with 128-fold collisions, about 1 ms of the forward)
+    _tiles: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @staticmethod
     def build(layout: TokenLayout, tile: int, forced: torch.Tensor, routed: torch.Tensor,
@@ -57,32 +88,27 @@ class Selection:
         reading the GPU back. A host `forced` is its own host copy."""
         if forced_host is None and forced.device.type == "cpu":
             forced_host = forced
-        B, H, Nq, R = routed.shape
-        C = layout.num_chunks
-        device = routed.device
-        qchunk = layout.tensors_on(device).token_chunk[q_offset:q_offset + Nq]  # (Nq,)
-        T = -(-Nq // tile)
-        tile_of = torch.arange(Nq, device=device) // tile  # (Nq,)
-        # routed selections counted per (tile, chunk); empty slots land in spare column C
-        slot = torch.where(routed >= 0, routed.long(), C) + (tile_of * (C + 1))[None, None, :, None]
-        counts = torch.zeros(B, H, T * (C + 1), dtype=torch.int32, device=device)
-        counts.scatter_add_(2, slot.reshape(B, H, -1), torch.ones_like(slot, dtype=torch.int32).reshape(B, H, -1))
-        counts = counts.view(B, H, T, C + 1)[..., :C]
-        # forced links counted per tile (same for every head); routed and forced are disjoint
-        forced_counts = torch.zeros(T, C, dtype=torch.int32, device=device)
-        forced_counts.index_add_(0, tile_of, forced[qchunk].to(torch.int32))
-        total = counts + forced_counts  # (B, H, T, C) tokens of the tile attending each chunk
-        # tokens per tile: `tile`, the last one the rest (not bincount: its size waits for the GPU)
-        tile_tokens = torch.full((T,), tile, dtype=torch.int32, device=device)
-        tile_tokens[-1:].fill_(Nq - (T - 1) * tile)  # fill_: a kernel argument, not a blocking host copy
-        union = total > 0
-        full = total == tile_tokens[:, None]
-        ids = torch.arange(C, device=device)
-        order = torch.where(union, ids, C + ids).argsort(-1)  # union chunks first, ascending
-        tile_chunks = torch.where(union.gather(-1, order), order, -1).to(torch.int32)
-        tile_full = full.gather(-1, order) & (tile_chunks >= 0)
-        return Selection(layout, tile, q_offset, forced.to(device), routed, union.sum(-1, dtype=torch.int32),
-                         tile_chunks, tile_full, forced_host=forced_host)
+        return Selection(layout, tile, q_offset, forced.to(routed.device), routed, forced_host=forced_host)
+
+    @property
+    def tile_count(self) -> torch.Tensor:
+        """(B, H, T) int32 chunks in each tile's union."""
+        return self._tile_tables()[0]
+
+    @property
+    def tile_chunks(self) -> torch.Tensor:
+        """(B, H, T, C) int32 union chunk ids ascending, then -1."""
+        return self._tile_tables()[1]
+
+    @property
+    def tile_full(self) -> torch.Tensor:
+        """(B, H, T, C) bool, aligned with tile_chunks: no per-token mask needed."""
+        return self._tile_tables()[2]
+
+    def _tile_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._tiles is None:
+            self._tiles = _tile_unions(self.layout, self.tile, self.forced, self.routed, self.q_offset)
+        return self._tiles
 
     # ---- sizes -------------------------------------------------------------------------------
 
@@ -105,9 +131,9 @@ class Selection:
 
     def heads(self, h0: int, h1: int) -> "Selection":
         """The selection of heads [h0, h1) alone (what a backend running heads in groups takes)."""
+        tiles = None if self._tiles is None else tuple(x[:, h0:h1].contiguous() for x in self._tiles)
         return Selection(self.layout, self.tile, self.q_offset, self.forced, self.routed[:, h0:h1].contiguous(),
-                         self.tile_count[:, h0:h1].contiguous(), self.tile_chunks[:, h0:h1].contiguous(),
-                         self.tile_full[:, h0:h1].contiguous(), forced_host=self.forced_host)
+                         forced_host=self.forced_host, _tiles=tiles)
 
     def token_mask(self) -> torch.Tensor:
         """(B, H, Nq, C) bool: token attends chunk (forced or routed)."""

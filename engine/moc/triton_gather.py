@@ -80,21 +80,25 @@ class RoutedPairs:
 
 
 def _sorted_by(key: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """key (BH, P) int64 group ids in [0, groups], `groups` meaning none (sorted last) -> (order:
+    """key (BH, P) integer group ids in [0, groups], `groups` meaning none (sorted last) -> (order:
     a stable argsort of each row, so pairs keep their order within a group; count and start of
-    every group (BH, groups) int64)."""
-    order = key.argsort(dim=-1, stable=True)
-    counts = torch.zeros(key.shape[0], groups + 1, dtype=torch.int64, device=key.device)
-    counts.scatter_add_(1, key, torch.ones_like(key))
-    counts = counts[:, :groups]
-    return order, counts, counts.cumsum(-1) - counts
+    every group (BH, groups) int64). The sort runs on the narrowest integer type that holds the ids
+    (a radix sort's passes grow with the key's bits), and the counts come from binary
+    searches in the sorted ids, not from a scatter-add: at MoC-180k a row's 900k pairs fall into
+    ~120 groups, and the scatter's colliding atomics took 1.9 ms of the forward on the H200."""
+    dtype = next(t for t in (torch.int16, torch.int32, torch.int64) if groups <= torch.iinfo(t).max)
+    ids, order = key.to(dtype).sort(dim=-1, stable=True)
+    bounds = torch.arange(groups + 1, device=key.device, dtype=dtype).expand(key.shape[0], -1).contiguous()
+    bounds = torch.searchsorted(ids, bounds)  # (BH, groups + 1): first pair of each group, then the end
+    start = bounds[:, :groups]
+    return order, bounds[:, 1:] - start, start
 
 
 def routed_pairs(routed: torch.Tensor, num_chunks: int, block_m: int) -> RoutedPairs:
     """routed (B, H, Nq, R) int32 chunk ids (-1 empty) -> the pairs sorted by chunk, then query."""
     B, H, Nq, R = routed.shape
     C = num_chunks
-    flat = routed.reshape(B * H, Nq * R).long()
+    flat = routed.reshape(B * H, Nq * R)
     # slot order is query-major, so queries ascend per chunk; empty slots go to a spare chunk C
     order, counts, start = _sorted_by(torch.where(flat >= 0, flat, C), C)
     tiles = (counts + block_m - 1) // block_m

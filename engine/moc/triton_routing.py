@@ -5,7 +5,8 @@ For: `route(..., impl="triton")` (routing.py dispatches here). Two kernels:
       program per (chunk, batch*head) reads the chunk's keys once.
   _route_topk: one program per (BLOCK_M query tokens, batch*head) scores the tokens against
       BLOCK_C descriptors at a time in registers, masks forced links and the causal rule, and keeps
-      a running top-k, so no (heads x tokens x chunks) score tensor ever reaches memory.
+      a running top-k (k rounds of a row maximum per block), so no (heads x tokens x chunks) score
+      tensor ever reaches memory.
 The result is the same Selection as the reference `route` (ties aside: scores are summed in
 another order). Training-time drop-off / drop-in reuse the reference's samplers, block by block.
 Not for: the routing rules themselves (routing.py states them) or attention.
@@ -95,18 +96,31 @@ def _route_topk(Q, DESC, ROUTED, qchunk, cand, stride_qb, stride_qh, stride_qm,
         allowed = tl.load(cand + qc[:, None] * C + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                           other=0) != 0
         key = tl.where(allowed, _packed_keys(s, cols), NONE)
-        both = tl.reshape(tl.join(top, tl.topk(key, K_PAD, dim=1)), [BLOCK_M, 2 * K_PAD])
-        top = tl.topk(both, K_PAD, dim=1)
+        # merge the block into the running top-k: TOP_K rounds of "take the larger of the two
+        # maxima"; packed keys are unique (the chunk id is in them), so each round removes exactly
+        # the one it took. k row reductions instead of tl.topk's bitonic sort of the whole block.
+        merged = tl.full([BLOCK_M, K_PAD], NONE, tl.int64)
+        for r in tl.static_range(TOP_K):
+            best = tl.maximum(tl.max(key, axis=1), tl.max(top, axis=1))[:, None]
+            merged = tl.where(slot == r, best, merged)
+            key = tl.where(key == best, NONE, key)
+            top = tl.where(top == best, NONE, top)
+        top = merged
     # write the TOP_K best, best first; NONE (fewer candidates than k) becomes -1
     chunk = 2147483647 - (top & 0xFFFFFFFF).to(tl.int32)
     out = ROUTED + off_b * stride_rb + off_h * stride_rh + rows64[:, None] * stride_rm + slot
     tl.store(out, tl.where(top > NONE, chunk, -1), mask=row_ok[:, None] & (slot < TOP_K))
 
 
+# Chunks scored at once: a story with more runs the blocks in turn, merging each into the running
+# top-k. 256 holds MoC-180k's 129 chunks in one block.
+BLOCK_C_MAX = 256
+
 _route_topk_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
-             for bm, w, st in [(64, 4, 2), (32, 4, 2), (128, 8, 2), (64, 8, 1), (32, 2, 1), (16, 2, 1)]],
-    # keyed on BLOCK_C (the chunk count's power-of-two bucket, 16 to 64), not C: keyed on C, training
+             for bm, w, st in [(64, 4, 2), (32, 4, 2), (128, 8, 2), (64, 8, 1), (32, 8, 1), (32, 2, 1),
+                               (16, 2, 1), (16, 4, 1)]],
+    # keyed on BLOCK_C (the chunk count's power-of-two bucket, 16 to 256), not C: keyed on C, training
     # on stories of many lengths re-tuned at each new chunk count (up to 24 of them); run 2's first
     # 200 steps averaged 1.4 s a step against 0.41 s once the lengths had all been seen
     key=["HEAD_DIM", "BLOCK_C", "TOP_K"])(_route_topk)
@@ -157,7 +171,7 @@ def route_triton(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: 
 
     def top(out, allowed, n):
         k_pad = max(triton.next_power_of_2(n), 2)
-        block_c = max(min(max(triton.next_power_of_2(C), 16), 64), k_pad)  # tl.topk needs K_PAD <= BLOCK_C
+        block_c = min(max(triton.next_power_of_2(C), 16), BLOCK_C_MAX)
         args = (q, desc, out, qchunk, allowed, *q.stride()[:3], *out.stride()[:3], H, Nq, C)
         meta = dict(HEAD_DIM=D, TOP_K=n, K_PAD=k_pad, BLOCK_C=block_c)
         if q.is_cuda:

@@ -52,3 +52,22 @@ def test_slot_pairs_group_each_slot_by_chunk_with_each_query_once():
             assert torch.equal(pairs.tile_end[r, bh].long(), tiles.cumsum(0))
             assert pairs.start[r].is_contiguous() and pairs.tile_end[r].is_contiguous()
         assert seen == int((flat[bh] >= 0).sum())
+
+
+def test_sorted_by_counts_and_orders_like_a_stable_sort_at_both_id_widths():
+    """_sorted_by sorts on int16 or int32 ids by how many groups there are, and counts by
+    binary search: the same order as a stable int64 argsort and the same counts as a histogram,
+    with the spare group (`groups`, none) last and uncounted."""
+    from engine.moc.triton_gather import _sorted_by
+    g = torch.Generator().manual_seed(2)
+    for groups in (5, 32_767, 40_000):  # int16 ids (up to its largest), int32 ids
+        used = torch.tensor([0, 1, groups // 2, groups - 1, groups])  # a few ids spread over the range
+        key = used[torch.randint(0, len(used), (3, 211), generator=g)]
+        order, counts, start = _sorted_by(key, groups)
+        assert torch.equal(order, key.argsort(dim=-1, stable=True))
+        for row in range(key.shape[0]):
+            for gid in used[:-1].tolist():
+                want = int((key[row] == gid).sum())
+                assert int(counts[row, gid]) == want
+                assert int(start[row, gid]) == int((key[row] < gid).sum())
+            assert int(counts[row].sum()) == int((key[row] < groups).sum())

@@ -197,6 +197,24 @@ def test_fused_routing_equals_reference(name, layout, q_offset, anchor, causal):
     assert_same_routing(q[:, :, :], k, layout, config, ref, got, q_offset)
 
 
+def test_fused_routing_merges_chunk_blocks_like_one(monkeypatch):
+    """More chunks than one block scores (BLOCK_C_MAX made 16 here): the running top-k merges
+    block after block and gives the reference's top-k, best first, with k = 5 over 20 chunks."""
+    import engine.moc.triton_routing as fused
+    monkeypatch.setattr(fused, "BLOCK_C_MAX", 16)
+    layout = TokenLayout(frame_tokens=64 if CUDA else 6, shot_frames=(4, 5, 4, 7))
+    q, k, _ = random_qkv(layout, 1, 2, 64 if CUDA else 16, DTYPES[0], seed=21)
+    config = MoCConfig(top_k=5, anchor="chunk", causal=True, tile=TILE)
+    ref = route(q, k, layout, config, impl="reference")
+    got = route(q, k, layout, config, impl="triton")
+    assert layout.num_chunks > 16 and (got.routed >= 0).sum(-1).max() == 5
+    assert_same_routing(q, k, layout, config, ref, got)
+    from engine.moc.routing import chunk_descriptors
+    scores = torch.einsum("bhtd,bhcd->bhtc", q.double(), chunk_descriptors(k.double(), layout).double())
+    picked = torch.where(got.routed >= 0, scores.gather(-1, got.routed.long().clamp(min=0)), -torch.inf)
+    assert (picked[..., :-1] >= picked[..., 1:] - 1e-3).all()  # best first
+
+
 def test_fused_routing_training_draws_like_the_reference():
     layout = LAYOUTS[1][1]
     q, k, _ = random_qkv(layout, 1, 2, 64 if CUDA else 16, DTYPES[0], seed=9, structured=True)
