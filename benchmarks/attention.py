@@ -14,6 +14,8 @@ faster, the tile kernel with them);
 "forced-sdpa" and "forced-triton" time that step alone (no routing, forward), to set against
 "dense-cudnn" (its block-diagonal share is the ideal); their rel_err / lse_err compare the two
 ways of computing it (lse in log2 units: the cuDNN convention converted).
+"moc-gather-graph" is routing + gather's forward replayed from one CUDA graph (engine/moc/graphed.py;
+q, k, v copied into its buffers each call): MoC without its launch and host work, forward only.
 
 Columns: fwd_ms is routing + attention forward (for dense: attention); fwd_bwd_ms adds the
 backward (dq, dk, dv); routing_ms is the fused routing alone (descriptors, top-k, Selection);
@@ -54,6 +56,7 @@ from engine.moc import attend as model_attention  # noqa: E402  (the model's ent
 from engine.moc.flex import build_block_mask, flex_moc_attention  # noqa: E402
 from engine.moc.triton_attention import kernel_plan, triton_moc_attention  # noqa: E402
 from engine.moc.forced import sdpa_forced_attention, sdpa_forced_plan  # noqa: E402
+from engine.moc.graphed import GraphedAttention  # noqa: E402
 from engine.moc.triton_gather import GATHER_BLOCK, forced_attention, forced_only, gather_moc_attention  # noqa: E402
 
 FRAME_TOKENS = {"16k": 136, "64k": 544, "180k": 1500}
@@ -61,9 +64,11 @@ HEADS, HEAD_DIM, TOP_K = 12, 128, 5
 # --device cpu: a tiny story of the same structure (3 shots x 3 frames x 19 tokens, 2 heads x 64,
 # float32: the interpreter miscomputes bf16 dots), to check that the script runs, not to time it
 TINY = {"shots": 3, "frames_per_shot": 3, "frame_tokens": 19, "heads": 2, "head_dim": 64}
-BACKENDS = ("moc-triton", "moc-gather", "moc-gather-sdpa-forced", "moc-flex", "moc-auto", "forced-triton",
-            "forced-sdpa", "dense-cudnn", "dense-flash")
-FORWARD_ONLY = ("forced-triton", "forced-sdpa")  # backends without a backward (their fwd_bwd columns stay empty)
+BACKENDS = ("moc-triton", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-graph", "moc-flex", "moc-auto",
+            "forced-triton", "forced-sdpa", "dense-cudnn", "dense-flash")
+# backends without a backward (their fwd_bwd columns stay empty); moc-gather-graph: routing and
+# gather's forward replayed from one CUDA graph (engine/moc/graphed.py), the inputs copied in
+FORWARD_ONLY = ("forced-triton", "forced-sdpa", "moc-gather-graph")
 CPU_BACKENDS = ("forced-sdpa",)  # what --device cpu runs without Triton; the rest need TRITON_INTERPRET=1
 CPU_INTERPRETED = ("moc-triton", "moc-gather", "moc-gather-sdpa-forced", "forced-triton")
 
@@ -178,6 +183,10 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
             step = forced_steps[backend]
             fwd = attn = lambda step=step: step()[0]  # noqa: E731
             density, union, routed_union = forced_density, float("nan"), float("nan")
+        elif backend == "moc-gather-graph":
+            graphed = GraphedAttention(layout, config, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
+            fwd = attn = lambda: graphed(q.detach(), k.detach(), v.detach())  # noqa: E731
+            density, union, routed_union = sel.density(), stats.union_chunks_per_tile, stats.routed_chunks_per_tile
         elif backend == "moc-auto":
             # the model's entry point: dense SDPA when the cost model says it is faster, else MoC
             fwd = attn = lambda: model_attention(q, k, v, layout, config, backend="auto")[0]  # noqa: E731
@@ -205,7 +214,7 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
         with torch.no_grad():
             out = attn()  # also compiles / autotunes
         err, lse_err = float("nan"), float("nan")
-        if backend in ("moc-flex", "moc-gather", "moc-gather-sdpa-forced") and reference_out is not None:
+        if backend in ("moc-flex", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-graph") and reference_out is not None:
             err = float((out.float() - reference_out).norm() / reference_out.norm())
         if backend == "moc-triton":
             reference_out = out.float()
@@ -279,6 +288,12 @@ def summary(rows: list[dict]) -> list[str]:
     for size in ("tiny", *FRAME_TOKENS):
         for inputs in ("structured", "random"):
             out += forced_summary(by, size, inputs)
+            graph, cudnn = by.get((size, inputs, "moc-gather-graph")), by.get((size, inputs, "dense-cudnn"))
+            if graph and cudnn:
+                eager = by.get((size, inputs, "moc-gather-sdpa-forced"))
+                out.append(f"{size} {inputs}: routing + gather forward from one CUDA graph {graph['fwd_ms']:.3f} ms, "
+                           f"{cudnn['fwd_ms'] / graph['fwd_ms']:.2f}x vs cuDNN"
+                           + (f" (eagerly {eager['fwd_ms']:.3f} ms)" if eager else ""))
             t, c, f = (by.get((size, inputs, b)) for b in ("moc-triton", "dense-cudnn", "moc-flex"))
             if not (t and c):
                 continue

@@ -225,3 +225,10 @@ def test_attend_routes_then_attends_like_the_two_calls():
     want = route(q[:, :, s0:s1], k, layout, MoCConfig(top_k=1), q_offset=s0)
     assert torch.equal(sel.routed, want.routed)
     torch.testing.assert_close(out, moc_attention(q[:, :, s0:s1], k, v, want, backend="reference"))
+
+
+def test_graphed_attention_says_it_needs_cuda():
+    from engine.moc.graphed import GraphedAttention
+    layout = TokenLayout(frame_tokens=8, shot_frames=(2, 2))
+    with pytest.raises(ValueError, match="needs a CUDA device.*engine.moc.attend"):
+        GraphedAttention(layout, MoCConfig(top_k=1), (1, 1, 32, 16), (1, 1, 32, 16), torch.float32, "cpu")

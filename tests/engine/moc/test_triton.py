@@ -538,6 +538,31 @@ def test_gather_equals_the_tile_kernel():
     assert rel(check_gather(q, k, v, sel), tiles) < tolerance(q.dtype)
 
 
+@gpu_only
+def test_graphed_gather_replays_the_eager_forward_on_new_inputs():
+    """GraphedAttention (engine/moc/graphed.py): routing + gather captured once in a CUDA graph and
+    replayed on inputs it has not seen (two fresh draws, random then structured, with captions and
+    a context offset) gives the eager path's output and the float32 reference's, each time."""
+    from engine.moc import attend
+    from engine.moc.graphed import GraphedAttention
+    layout = LAYOUTS[2][1]  # captions, chunk edges off the tile grid
+    q_offset = 211 + 5
+    config = MoCConfig(top_k=2, tile=TILE)
+    B, H, D = 1, 3, 64
+    Nq = layout.num_tokens - q_offset
+    graphed = GraphedAttention(layout, config, (B, H, Nq, D), (B, H, layout.num_tokens, D), torch.bfloat16,
+                               DEVICE, q_offset=q_offset)
+    for seed, structured in ((31, False), (32, True)):
+        q, k, v = random_qkv(layout, B, H, D, torch.bfloat16, seed=seed, structured=structured)
+        q = q[:, :, q_offset:].contiguous()
+        got = graphed(q, k, v).clone()
+        want, sel = attend(q, k, v, layout, config, backend="gather", q_offset=q_offset)
+        assert rel(got, want) < 1e-3
+        assert rel(got, reference_attention(q.float(), k.float(), v.float(), sel)) < tolerance(q.dtype)
+    with pytest.raises(ValueError, match="as captured"):
+        graphed(q[:, :, 1:], k, v)
+
+
 def test_auto_sends_tiles_that_route_apart_to_gather(monkeypatch):
     """sparse_choice ("auto" on the GPU): the walk ratio is the plan's tile rows x union keys over
     the attended pairs; routing shared by whole chunks (structured inputs) walks less than routing
