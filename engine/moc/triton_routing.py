@@ -80,7 +80,7 @@ def _route_topk(Q, DESC, ROUTED, qchunk, cand, stride_qb, stride_qh, stride_qm,
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows64[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
     qc = tl.load(qchunk + offs_m, mask=row_ok, other=0).to(tl.int64)  # (BLOCK_M,) query chunk
-    # running top-k: (BLOCK_M, K_PAD) packed keys, best first, merged with each block's own top-k
+    # running top-k: (BLOCK_M, K_PAD) packed keys, best first, each block merged into it below
     top = tl.full([BLOCK_M, K_PAD], NONE, tl.int64)
     desc_base = DESC + off_hz.to(tl.int64) * C * HEAD_DIM
     for c0 in range(0, C, BLOCK_C):
@@ -113,7 +113,7 @@ def _route_topk(Q, DESC, ROUTED, qchunk, cand, stride_qb, stride_qh, stride_qm,
 
 
 # Chunks scored at once: a story with more runs the blocks in turn, merging each into the running
-# top-k. 256 holds MoC-180k's 129 chunks in one block.
+# top-k. 256 holds MoC-180k's 120 chunks in one block.
 BLOCK_C_MAX = 256
 
 _route_topk_tuned = triton.autotune(
