@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokens-per-step", type=int, default=49152)
     p.add_argument("--lr", type=float, default=4e-4, help="peak transformer learning rate")
     p.add_argument("--warmup", type=int, default=300, help="learning-rate warm-up steps")
+    p.add_argument("--min-lr-ratio", type=_chance, default=0.1,
+                   help="the cosine decay ends at this fraction of --lr after --minutes (0 to 1); a run split "
+                        "over two machines ends its first leg high and starts the second there")
     p.add_argument("--dense", action="store_true", help="dense attention instead of MoC (the baseline)")
     p.add_argument("--moc-tile", type=int, default=128,
                    help="query rows per MoC kernel tile (16-128, a power of two): speed only")
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
     config = TrainerConfig(minutes=args.minutes, max_steps=args.max_steps, codec_steps=args.codec_steps, codec_gate=args.codec_gate,
                            codec_lr=args.codec_lr,
                            tokens_per_step=args.tokens_per_step, moc=not args.dense, lr=args.lr,
-                           warmup=args.warmup, moc_tile=args.moc_tile, backend=args.moc_backend,
+                           warmup=args.warmup, min_lr_ratio=args.min_lr_ratio, moc_tile=args.moc_tile, backend=args.moc_backend,
                            frames_choices=_frames_choices(args.frames_choices), train_shift=args.train_shift,
                            focus=args.focus, look_weight=args.look_weight, look_layer=args.look_layer,
                            route_weight=args.route_weight, route_layers=args.route_layers,
