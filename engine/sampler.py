@@ -36,10 +36,10 @@ class SamplerOptions:
     preview: bool = True  # decode a preview of the clean estimate every step
     # both-sided regeneration: k' > 0 = the regenerated shot keeps its causal top-k slot for slot and
     # routes k' more among the later chunks (MoCConfig.open_top_k); 0 = the later shots' chunks
-    # compete with the earlier ones in the one top-k. 2 by default: on 86 held-out stories
-    # (benchmarks/quality.py --memory --open-top-k 2; 48 on an H200, 38 on the CPU) it kept the look
-    # in 15 of 66 regenerations against 9 with the one shared top-k, never losing one that the shared
-    # top-k kept (earlier shots only: 18).
+    # compete with the earlier ones in the one top-k. 2 by default: with the shipped model (run 16)
+    # on 68 held-out stories (benchmarks/quality.py --memory --open-top-k 2; 30 on an H200, 38 on the
+    # CPU) it kept the look in 17 of 48 regenerations, against 13 with the one shared top-k and 18
+    # with earlier shots only (model card, "Regenerating a middle shot").
     open_top_k: int = 2
 
 

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from benchmarks.quality import (BenchConfig, main, moc_backend, render, routed_by_shot, routing_follows_story,
-                                story_settings)
+                                score_frames, story_settings)
 from engine.default_model import write_default_model
 from engine.model import StoryModel
 from engine.moc import MoCConfig, Selection, TokenLayout, forced_links
 from engine.routing_report import RoutingRecorder
-from engine.shapestory.world import Appearance, Character, ShotSpec, StorySpec, sample_story, to_story
+from engine.shapestory.world import (HELDOUT_SEED_START, Appearance, Character, ShotSpec, StorySpec, sample_story,
+                                    to_story)
 
 TINY_TRANSFORMER = dict(num_attention_heads=2, attention_head_dim=12, num_layers=2, ffn_dim=32, freq_dim=32)
 FRACTIONS = ("adherence", "identity", "identity_no_global", "background", "smoothness", "sparsity_8_shots")
@@ -248,8 +249,6 @@ def _whole_looks(model: StoryModel, count: int = 6) -> tuple[int, int]:
     """(appearances, drawn with the whole look: colour, size and shape in at least half the frames)
     over `count` one-shot held-out stories of 4 latent frames, rendered as the benchmark renders
     MoC joint."""
-    from benchmarks.quality import score_frames
-    from engine.shapestory.world import HELDOUT_SEED_START
     totals = np.zeros(2, dtype=int)
     for k in range(count):
         spec = sample_story(HELDOUT_SEED_START + 500 + k, num_shots=1, frames=4, names="heldout")

@@ -320,12 +320,12 @@ def test_a_step_prepared_ahead_carries_the_captions_token_states():
             torch.testing.assert_close(a, b)
 
 
-def test_min_lr_ratio_sets_where_the_cosine_ends(monkeypatch):
+def test_min_lr_ratio_sets_where_the_cosine_ends(monkeypatch, capsys):
     """--min-lr-ratio: the decay ends at that fraction of --lr (a run split over two machines ends
     its first leg high, the second starts there); out of range is refused with the flag's name."""
+    import engine.trainer
     from engine.trainer import _lr_at
     seen = {}
-    import engine.trainer
     monkeypatch.setattr(engine.trainer, "train", lambda config, *a, **k: seen.setdefault("config", config))
     train_default.main(["--work", "/tmp/unused", "--lr", "2e-4", "--warmup", "10", "--minutes", "10",
                         "--min-lr-ratio", "0.5"])
@@ -337,3 +337,4 @@ def test_min_lr_ratio_sets_where_the_cosine_ends(monkeypatch):
     assert _lr_at(replace(config, min_lr_ratio=0.1), 100, 10 * 60) == pytest.approx(2e-5)
     with pytest.raises(SystemExit):
         train_default.main(["--work", "/tmp/unused", "--min-lr-ratio", "1.5"])
+    assert "--min-lr-ratio" in capsys.readouterr().err
