@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # On the lent GPU, one call (about 6 minutes on an H200): the checks and timings issue 10 waits on.
 # 1. the MoC kernel tests on the GPU (tests/engine/moc/test_triton.py, test_host_reads.py,
-#    test_gather_pairs.py: every kernel, the CUDA-graph replay and auto's choice against the float32
-#    reference, values and gradients; every test runs, no -x, so one failure does not hide the rest);
+#    test_gather_pairs.py, test_forced.py: every kernel, cuDNN's backward from merged statistics,
+#    the CUDA-graph replay and auto's choice against the float32 reference, values and gradients;
+#    every test runs, no -x, so one failure does not hide the rest);
 # 2. benchmarks/attention.py at 16k, 64k and 180k tokens, structured and random inputs, in one run:
-#    the tile kernels, gather (step 1 on cuDNN), gather replayed from one CUDA graph (MoC without its
-#    launch and host work), auto, dense cuDNN, each row split by kernel (--kernels).
+#    the tile kernels, gather (step 1 and its backward on the tile kernel, and on cuDNN), gather
+#    replayed from one CUDA graph (MoC without its launch and host work), auto, dense cuDNN, each
+#    row split by kernel (--kernels).
 # The whole Wan forward at 180k is separate (about 4 minutes):
 #    python3 benchmarks/forward_gaps.py --shots 8 --variants moc-auto,dense-cudnn,no-self-attention [--compile]
 # Carry .whl (diffusers: forward_gaps only). Results under $OUT: attention.json, kernels_log.txt.
@@ -17,11 +19,11 @@ log="$OUT/kernels_log.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$log"
 if python3 -c "import pytest" 2>/dev/null; then
   timeout 270 python3 -m pytest -q -p no:cacheprovider tests/engine/moc/test_triton.py tests/engine/moc/test_host_reads.py \
-    tests/engine/moc/test_gather_pairs.py 2>&1 | tail -n 12 | tee -a "$log"
+    tests/engine/moc/test_gather_pairs.py tests/engine/moc/test_forced.py 2>&1 | tail -n 12 | tee -a "$log"
 else
   echo "pytest is not installed here: the GPU kernel tests did not run" | tee -a "$log"
 fi
 timeout $((580 - SECONDS)) python3 benchmarks/attention.py --sizes 16k 64k 180k --inputs structured random --repeats 5 \
-  --backends moc-triton moc-gather-sdpa-forced moc-gather-graph moc-auto dense-cudnn --kernels \
+  --backends moc-triton moc-gather moc-gather-sdpa-forced moc-gather-graph moc-auto dense-cudnn --kernels \
   --json "$OUT/attention.json" 2>&1 | grep -v "Warning\|warn(" | tail -n 70 | cut -c1-400 | tee -a "$log"
 ls -la "$OUT"

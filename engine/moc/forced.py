@@ -7,8 +7,13 @@ key set, densely. With the shot anchor that is one group per shot (its frames an
 over its video and caption tokens plus the global caption) and one for the global caption. Each
 group is one SDPA call that also returns the log-sum-exp (cuDNN on CUDA, PyTorch's CPU flash
 kernel on the CPU), so the caller can merge it with the routed part.
-Not for: the routed links, or gradients (the gather backward recomputes the forced links' share
-from the merged statistics with the tile kernels).
+Backward (`sdpa_forced_backward`): the same groups through the same library's backward (cuDNN's on
+CUDA, the CPU flash kernel's backward here), given the *merged* out and log-sum-exp of the whole
+attention instead of the group's own. A block's gradients need only the rows' final statistics:
+with P = exp(S - L) over the block's keys and delta = rowsum(dO * O) from the merged O and L, dV =
+P^T dO, dS = P * (dO V^T - delta), dQ = dS K, dK = dS^T Q are exactly that block's share of the
+whole attention's gradients, which is what a dense backward computes when handed (O, L).
+Not for: the routed links.
 
 The groups come from the layout and the host copy of the forced links (Selection.forced_host),
 both known on the host: planning reads nothing back from the GPU. When they are not usable
@@ -19,6 +24,7 @@ Shapes: B batch, H heads, Nq queries (layout tokens [q_offset, q_offset + Nq)), 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -127,6 +133,37 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, lse.reshape(B, H, n)  # cuDNN versions differ: (B, H, n) or (B, H, n, 1)
 
 
+@functools.cache
+def _cudnn_extras(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(philox seed, philox offset, log-sum-exp rank) as cuDNN's SDPA forward returns them on
+    `device`: its backward takes the forward's dropout state (unused at dropout 0) and its
+    log-sum-exp in the forward's shape, (B, H, n) or (B, H, n, 1) by cuDNN version. One tiny
+    forward per device and process."""
+    x = torch.zeros(1, 1, 8, 64, dtype=torch.bfloat16, device=device)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(x, x, x, None, True, 0.0, False, False)
+    return res[6], res[7], res[1].dim()
+
+
+def attention_backward_with_lse(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                out: torch.Tensor, lse: torch.Tensor,
+                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of the block softmax(q k^T * scale) v within a larger attention whose rows have
+    output `out` (B, H, n, D) and natural-log log-sum-exp `lse` (B, H, n) float32 over all their
+    keys: the block's share of that attention's gradients. q, do, out (B, H, n, D) and k, v
+    (B, H, m, D) with a contiguous last dim; do must have out's strides (cuDNN's requirement)."""
+    n = q.shape[2]
+    lse = lse.contiguous()
+    if q.is_cuda:
+        seed, offset, rank = _cudnn_extras(q.device)
+        stats = lse.unsqueeze(-1) if rank == 4 else lse
+        # (grad_out, q, k, v, out, logsumexp, philox_seed, philox_offset, attn_bias, cum_seq_q,
+        #  cum_seq_k, max_q, max_k, dropout_p, is_causal, *, scale)
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            do, q, k, v, out, stats, seed, offset, None, None, None, n, k.shape[2], 0.0, False, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do, q, k, v, out, lse, 0.0, False, scale=scale)
+
+
 def _take(x: torch.Tensor, ranges: tuple[tuple[int, int], ...]) -> torch.Tensor:
     """x[:, :, ranges] along the token dim: a view for one range, one copy for several."""
     if len(ranges) == 1:
@@ -151,5 +188,32 @@ def sdpa_forced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gro
     return out, lse
 
 
-__all__ = ["FALLBACK_REASONS", "FORCED_SDPA_MAX_GROUPS", "ForcedGroup", "attention_with_lse", "forced_groups",
-           "sdpa_forced_attention", "sdpa_forced_plan"]
+def sdpa_forced_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                         do: torch.Tensor, groups: tuple[ForcedGroup, ...], scale: float,
+                         dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """The forced links' share of the gradients, one library backward per query range of each
+    group, from the whole attention's out and log-sum-exp `lse` (B, H, Nq) float32 in log2 units
+    (the gather kernels' convention). Writes every row of dq (B, H, Nq, D) (the groups' query
+    ranges cover every row once) and sets dk, dv (B, H, N, D) to the forced share: zero where no
+    group reads a key, summed over the groups that share one (the captions)."""
+    if do.stride() != out.stride():
+        do = torch.empty_like(out).copy_(do)  # cuDNN's backward takes do in out's layout
+    lse_nat = lse * (1.0 / LOG2E)
+    dk.zero_()
+    dv.zero_()
+    for group in groups:
+        kg, vg = _take(k, group.keys), _take(v, group.keys)
+        for a, b in group.queries:
+            dq_g, dk_g, dv_g = attention_backward_with_lse(do[:, :, a:b], q[:, :, a:b], kg, vg, out[:, :, a:b],
+                                                           lse_nat[:, :, a:b], scale)
+            dq[:, :, a:b] = dq_g
+            at = 0
+            for ka, kb in group.keys:
+                dk[:, :, ka:kb] += dk_g[:, :, at:at + kb - ka]
+                dv[:, :, ka:kb] += dv_g[:, :, at:at + kb - ka]
+                at += kb - ka
+
+
+__all__ = ["FALLBACK_REASONS", "FORCED_SDPA_MAX_GROUPS", "ForcedGroup", "attention_backward_with_lse",
+           "attention_with_lse", "forced_groups", "sdpa_forced_attention", "sdpa_forced_backward",
+           "sdpa_forced_plan"]

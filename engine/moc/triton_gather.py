@@ -21,9 +21,11 @@ Forward, all on the GPU, no host synchronisation:
    partial results weighted by their log-sum-exp (routed and forced chunks are disjoint, so nothing
    is counted twice); the merged log-sum-exp is kept.
 Backward: with the merged statistics (the merged out and log-sum-exp: how step 1 computed O_f
-and L_f does not enter), the tile kernels' backward on the forced selection gives the forced
-links' gradients, written straight into the final dK, dV (head slices) and a float32 dQ; the
-routed pairs add their share to them. dQ: one launch per slot r over slot r's pairs sorted by
+and L_f does not enter), the forced links' gradients come the way step 1 ran: where it ran
+"sdpa", from the same library's backward per forced group handed the merged statistics
+(forced.sdpa_forced_backward: cuDNN's backward on the GPU); where it ran "triton", from the tile
+kernels' backward on the forced selection. Either writes straight into the final dK, dV (head
+slices) and a float32 dQ; the routed pairs add their share to them. dQ: one launch per slot r over slot r's pairs sorted by
 chunk (`slot_pairs`): a query has one pair per slot, so every row belongs to one program of a
 launch and is added to with a plain load and store. dK, dV: per key block over the queries that
 chose its chunk (each key block is one program's). No atomics, no per-pair gradient buffers.
@@ -40,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .forced import FALLBACK_REASONS, ForcedGroup, sdpa_forced_attention, sdpa_forced_plan
+from .forced import FALLBACK_REASONS, ForcedGroup, sdpa_forced_attention, sdpa_forced_backward, sdpa_forced_plan
 from .selection import Selection
 from .triton_attention import (_attn_bwd_dq_range, check_inputs, _attn_fwd_range, _backward, _key_block,
                                _delta, _forward, _last_dim_contiguous, kernel_plan, key_blocks)
@@ -408,7 +410,7 @@ class _GatherAttention(torch.autograd.Function):
                 group: int):
         out, states = _grouped_forward(q, k, v, selection, sm_scale, groups, group)
         ctx.save_for_backward(q, k, v, out)
-        ctx.states, ctx.sm_scale = states, sm_scale
+        ctx.states, ctx.sm_scale, ctx.groups = states, sm_scale, groups
         return out
 
     @staticmethod
@@ -419,12 +421,12 @@ class _GatherAttention(torch.autograd.Function):
         for h0, h1, selection, lse, pairs, forced, plan in ctx.states:
             heads = slice(h0, h1)
             _group_backward(q[:, heads], k[:, heads], v[:, heads], out[:, heads], lse, do[:, heads], selection,
-                            pairs, forced, plan, ctx.sm_scale, dq[:, heads], dk[:, heads], dv[:, heads])
+                            pairs, forced, plan, ctx.groups, ctx.sm_scale, dq[:, heads], dk[:, heads], dv[:, heads])
         return dq, dk, dv, None, None, None, None
 
 
 def _group_backward(q, k, v, out, lse, do, selection: Selection, pairs: RoutedPairs, forced, plan,
-                    sm_scale: float, dq, dk, dv) -> None:
+                    groups: tuple[ForcedGroup, ...] | None, sm_scale: float, dq, dk, dv) -> None:
     """Writes dQ, dK, dV of one head group into dq, dk, dv (head slices of the full gradients, in
     q's dtype): q, k, v, out, do head slices (any strides), lse (B, H, Nq) float32 as the group's
     forward made it (contiguous: the kernels index it by batch x head). Beside the gradients it
@@ -433,14 +435,18 @@ def _group_backward(q, k, v, out, lse, do, selection: Selection, pairs: RoutedPa
     R = selection.routed.shape[-1]
     C = selection.layout.num_chunks
     delta = _delta(out, do)
-    # forced links: the tile kernels' backward with the whole attention's statistics (out, lse
-    # and delta are the merged ones, so it needs only the forced selection's plan, built here
-    # when SDPA ran the forward's step 1), into the final dK, dV and a float32 dQ
-    if plan is None:
-        forced = forced_only(selection)
-        plan = kernel_plan(forced)
     dq_acc = torch.empty(B, H, Nq, D, dtype=torch.float32, device=q.device)
-    _backward(q, k, v, do, lse.gather(-1, plan.perm.long()), delta, forced, plan, sm_scale, out=(dq_acc, dk, dv))
+    # forced links, with the whole attention's statistics (out, lse and delta are the merged
+    # ones), into the final dK, dV and a float32 dQ: where SDPA ran step 1, the library's backward
+    # per forced group; else the tile kernels' backward on the forced selection's plan
+    if groups is not None:
+        sdpa_forced_backward(q, k, v, out, lse, do, groups, sm_scale, dq_acc, dk, dv)
+    else:
+        if plan is None:
+            forced = forced_only(selection)
+            plan = kernel_plan(forced)
+        _backward(q, k, v, do, lse.gather(-1, plan.perm.long()), delta, forced, plan, sm_scale,
+                  out=(dq_acc, dk, dv))
     # routed pairs: dQ one slot at a time (each launch owns its rows), dK / dV per key block over
     # the queries that chose its chunk, both added to the forced links' share
     block_m, block_n, warps = _blocks(q)

@@ -1,6 +1,7 @@
 """The forced links as dense groups (forced.py, step 1 of backend "gather" with forced="sdpa"), on
 the CPU without Triton: the groups against a token-by-token statement of the forced rule, the
-grouped SDPA against the float32 reference (values and log-sum-exp), and when planning declines."""
+grouped SDPA against the float32 reference (values and log-sum-exp), its backward from a larger
+attention's merged statistics against autograd, and when planning declines."""
 
 import dataclasses
 import math
@@ -10,7 +11,13 @@ import torch
 
 from engine.moc import MoCConfig, TokenLayout, forced_links, route
 from engine.moc.attention import reference_attention
-from engine.moc.forced import FALLBACK_REASONS, forced_groups, sdpa_forced_attention, sdpa_forced_plan
+from engine.moc.forced import (
+    FALLBACK_REASONS,
+    forced_groups,
+    sdpa_forced_attention,
+    sdpa_forced_backward,
+    sdpa_forced_plan,
+)
 from engine.moc.triton_gather import forced_only
 
 from .conftest import random_layout
@@ -96,6 +103,65 @@ def test_sdpa_forced_attention_matches_the_reference(name, layout, config, q_off
     assert out.dtype == q.dtype and lse.dtype == torch.float32
     assert float((out.float() - ref).norm() / ref.norm()) < tol
     assert float((lse - ref_lse).abs().max()) < 50 * tol
+
+
+# the CPU flash kernel's backward in both dtypes here; cuDNN's (bf16, fp16 only) where a GPU is
+BACKWARD_CASES = [("cpu", torch.float32), ("cpu", torch.bfloat16)] + (
+    [("cuda", torch.bfloat16), ("cuda", torch.float16)] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device,dtype", BACKWARD_CASES, ids=[f"{d}-{t}" for d, t in BACKWARD_CASES])
+@pytest.mark.parametrize("name,layout,config,q_offset", CASES, ids=CASE_IDS)
+def test_sdpa_forced_backward_is_the_forced_share_of_a_larger_attention(name, layout, config, q_offset, device,
+                                                                         dtype):
+    """Gather's backward of the forced links: the rows attend their forced keys plus a random
+    extra set (as routed chunks add keys), and sdpa_forced_backward, handed that whole attention's
+    out and log-sum-exp, must give what autograd gives for it minus the extra keys' share: dQ of
+    every row, dK / dV on the forced keys, and zero on keys no group reads."""
+    head_dim = 32 if device == "cpu" else 64  # cuDNN: head dims in multiples of 8
+    q, k, v = random_qkv(layout, 2, 3, head_dim, seed=70 + CASE_IDS.index(name), dtype=dtype)
+    q = q[:, :, q_offset:]
+    sel = route(q, k, layout, config, q_offset=q_offset, impl="reference")
+    groups, why = sdpa_forced_plan(q, sel)
+    assert why == "sdpa"
+    scale = 0.3
+    forced = forced_only(sel).dense_mask()  # (Nq, N)
+    g = torch.Generator().manual_seed(7 + CASE_IDS.index(name))
+    extra = (torch.rand(forced.shape, generator=g) < 0.3) & ~forced  # the "routed" keys
+    qf, kf, vf = (x.float().clone().requires_grad_() for x in (q, k, v))
+    do = torch.randn(qf.shape, generator=g)
+
+    def attention(keys):
+        scores = torch.einsum("bhtd,bhnd->bhtn", qf, kf) * scale
+        return torch.softmax(scores.masked_fill(~keys, float("-inf")), -1) @ vf, scores.masked_fill(~keys, float("-inf"))
+
+    whole, scores = attention(forced | extra)
+    lse = (torch.logsumexp(scores, -1) / math.log(2.0)).detach()  # log2 units, as gather keeps it
+    # the forced share by autograd: the whole attention's gradients with the extra keys' part
+    # removed, i.e. the gradients through P restricted to the forced keys with the whole rows' P
+    p = torch.softmax(scores, -1).detach()
+    dp = do @ vf.detach().transpose(-1, -2)
+    ds = p * (dp - (do * whole.detach()).sum(-1, keepdim=True)) * forced
+    want_dq = ds @ kf.detach() * scale
+    want_dk = ds.transpose(-1, -2) @ qf.detach() * scale
+    want_dv = (p * forced).transpose(-1, -2) @ do
+    # the same by autograd on the whole attention, to check the statement above: its dQ is the
+    # forced share plus the extra share
+    whole.backward(do)
+    ds_extra = p * (dp - (do * whole.detach()).sum(-1, keepdim=True)) * extra
+    assert torch.allclose(want_dq + ds_extra @ kf.detach() * scale, qf.grad, atol=1e-4)
+    out = whole.detach().to(dtype)
+    on = [x.to(device) for x in (q, k, v, out, lse, do.to(dtype))]
+    dq = torch.full(q.shape, float("nan"), device=device)  # float32, as gather's dQ accumulator
+    dk, dv = (torch.full(x.shape, float("nan"), dtype=dtype, device=device) for x in (k, v))
+    sdpa_forced_backward(*on[:5], on[5], groups, scale, dq, dk, dv)
+    dq, dk, dv = dq.cpu(), dk.cpu(), dv.cpu()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for got, want in ((dq, want_dq), (dk, want_dk), (dv, want_dv)):
+        assert torch.isfinite(got).all()
+        assert float((got.float() - want).norm() / want.norm()) < tol
+    unread = ~forced.any(0)  # keys no query is forced to: exactly zero
+    assert (dk[:, :, unread] == 0).all() and (dv[:, :, unread] == 0).all()
 
 
 def test_plan_declines_and_says_why(monkeypatch):
