@@ -131,7 +131,8 @@ def dense_fn(backend: SDPBackend):
 
 def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, kernels: bool = False) -> list[dict]:
     """One row per backend at `size` ("tiny": the CPU story of TINY). kernels: each row also gets
-    the per-kernel split of one forward incl. routing (kernel_split)."""
+    the per-kernel split of one forward incl. routing (kernel_split), and the gather and auto rows
+    above 16k that of one forward + backward."""
     if size == "tiny":
         layout = moc_layout(TINY["shots"], TINY["frames_per_shot"], TINY["frame_tokens"])
         heads, head_dim, device, dtype, impl = TINY["heads"], TINY["head_dim"], "cpu", torch.float32, "reference"
@@ -184,7 +185,11 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
             fwd = attn = lambda step=step: step()[0]  # noqa: E731
             density, union, routed_union = forced_density, float("nan"), float("nan")
         elif backend == "moc-gather-graph":
-            graphed = GraphedAttention(layout, config, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
+            try:
+                graphed = GraphedAttention(layout, config, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
+            except RuntimeError as err:  # a failed capture costs this row, not the run's other rows
+                print(f"{size} {inputs} moc-gather-graph skipped: capture failed: {err}", flush=True)
+                continue
             fwd = attn = lambda: graphed(q.detach(), k.detach(), v.detach())  # noqa: E731
             density, union, routed_union = sel.density(), stats.union_chunks_per_tile, stats.routed_chunks_per_tile
         elif backend == "moc-auto":
@@ -235,12 +240,17 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
         peak = peak_gib(fwd_bwd) if backward else float("nan")
         with torch.no_grad():
             fwd_peak = peak_gib(fwd)
-        split = None
+        split = split_bwd = None
         if kernels:
             with torch.no_grad():
                 split = kernel_split(fwd)
             print(f"{size} {inputs} {backend}, one forward by kernel: "
                   + "; ".join(f"{k['name'][:48]} {k['ms']:.2f} ms x{k['calls']}" for k in split[:6]), flush=True)
+            if backward and backend.startswith(("moc-gather", "moc-auto")) and size != "16k":
+                split_bwd = kernel_split(fwd_bwd, top=14)
+                print(f"{size} {inputs} {backend}, one forward + backward by kernel: "
+                      + "; ".join(f"{k['name'][:40]} {k['ms']:.2f} ms x{k['calls']}" for k in split_bwd[:10]),
+                      flush=True)
         moc_flops, dense_flops = sel.attention_flops(head_dim)
         flops = dense_flops if backend.startswith("dense") or dispatch == "dense" else moc_flops
         if backend in forced_steps:
@@ -259,6 +269,7 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
             "dispatch": dispatch,
             "dispatch_grad": dispatch_grad,
             **({"kernels": split} if split is not None else {}),
+            **({"kernels_fwd_bwd": split_bwd} if split_bwd is not None else {}),
         })
         print(format_row(rows[-1]), flush=True)
         del out

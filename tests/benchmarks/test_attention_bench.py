@@ -34,6 +34,10 @@ def test_tiny_run_times_gather_both_ways_and_the_forced_links_alone(tmp_path):
         split = r["kernels"]
         assert split and all(k["ms"] > 0 and k["calls"] >= 1 for k in split)
         assert [k["ms"] for k in split] == sorted((k["ms"] for k in split), reverse=True)
+    for name in ("moc-gather", "moc-gather-sdpa-forced"):  # and of one forward + backward
+        both = by[name]["kernels_fwd_bwd"]
+        assert both and sum(k["ms"] for k in both) > 0
+    assert "kernels_fwd_bwd" not in by["forced-sdpa"]  # forward only
     lines = attention.summary([{**r, "device": "cpu", "date": ""} for r in rows])
     assert any("forced links alone" in line for line in lines)
     assert any("gather attention with forced=sdpa" in line for line in lines)
