@@ -176,105 +176,113 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
     reference_out, forced_out = None, None
     rows = []
     for backend in backends:
-        dispatch = dispatch_grad = None  # what "auto" ran without and with gradients
-        if backend == "forced-sdpa" and groups is None:
-            print(f"forced-sdpa skipped: the forced groups do not fit SDPA here ({why})", flush=True)
-            continue
-        if backend in forced_steps:
-            step = forced_steps[backend]
-            fwd = attn = lambda step=step: step()[0]  # noqa: E731
-            density, union, routed_union = forced_density, float("nan"), float("nan")
-        elif backend == "moc-gather-graph":
-            try:
-                graphed = GraphedAttention(layout, config, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
-            except RuntimeError as err:  # a failed capture costs this row, not the run's other rows
-                print(f"{size} {inputs} moc-gather-graph skipped: capture failed: {err}", flush=True)
+        try:
+            dispatch = dispatch_grad = None  # what "auto" ran without and with gradients
+            if backend == "forced-sdpa" and groups is None:
+                print(f"forced-sdpa skipped: the forced groups do not fit SDPA here ({why})", flush=True)
                 continue
-            fwd = attn = lambda: graphed(q.detach(), k.detach(), v.detach())  # noqa: E731
-            density, union, routed_union = sel.density(), stats.union_chunks_per_tile, stats.routed_chunks_per_tile
-        elif backend == "moc-auto":
-            # the model's entry point: dense SDPA when the cost model says it is faster, else MoC
-            fwd = attn = lambda: model_attention(q, k, v, layout, config, backend="auto")[0]  # noqa: E731
-            with torch.no_grad():
-                chosen = model_attention(q, k, v, layout, config, backend="auto")[1]
-            dispatch = "dense" if chosen is None else str(chosen.info["backend"])
-            chosen_grad = model_attention(q, k, v, layout, config, backend="auto")[1]  # q, k, v need grads
-            dispatch_grad = "dense" if chosen_grad is None else str(chosen_grad.info["backend"])
-            density = 1.0 if chosen is None else sel.density()
-            union = float(sel.layout.num_chunks) if chosen is None else stats.union_chunks_per_tile
-            routed_union = float("nan") if chosen is None else stats.routed_chunks_per_tile
-        elif backend in moc_attend:
-            attend = moc_attend[backend]
-            fwd = lambda: attend(routing())  # noqa: E731
-            attn = lambda: attend(sel)  # noqa: E731
-            density, union, routed_union = sel.density(), stats.union_chunks_per_tile, stats.routed_chunks_per_tile
-        else:
-            kind = SDPBackend.CUDNN_ATTENTION if backend == "dense-cudnn" else SDPBackend.FLASH_ATTENTION
-            fwd = attn = lambda kind=kind: dense_fn(kind)(q, k, v)  # noqa: E731
-            density, union, routed_union = 1.0, float(sel.layout.num_chunks), float("nan")
+            if backend in forced_steps:
+                step = forced_steps[backend]
+                fwd = attn = lambda step=step: step()[0]  # noqa: E731
+                density, union, routed_union = forced_density, float("nan"), float("nan")
+            elif backend == "moc-gather-graph":
+                try:
+                    graphed = GraphedAttention(layout, config, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
+                except RuntimeError as err:  # a failed capture costs this row, not the run's other rows
+                    print(f"{size} {inputs} moc-gather-graph skipped: capture failed: {err}", flush=True)
+                    continue
+                fwd = attn = lambda: graphed(q.detach(), k.detach(), v.detach())  # noqa: E731
+                density, union, routed_union = sel.density(), stats.union_chunks_per_tile, stats.routed_chunks_per_tile
+            elif backend == "moc-auto":
+                # the model's entry point: dense SDPA when the cost model says it is faster, else MoC
+                fwd = attn = lambda: model_attention(q, k, v, layout, config, backend="auto")[0]  # noqa: E731
+                with torch.no_grad():
+                    chosen = model_attention(q, k, v, layout, config, backend="auto")[1]
+                dispatch = "dense" if chosen is None else str(chosen.info["backend"])
+                chosen_grad = model_attention(q, k, v, layout, config, backend="auto")[1]  # q, k, v need grads
+                dispatch_grad = "dense" if chosen_grad is None else str(chosen_grad.info["backend"])
+                density = 1.0 if chosen is None else sel.density()
+                union = float(sel.layout.num_chunks) if chosen is None else stats.union_chunks_per_tile
+                routed_union = float("nan") if chosen is None else stats.routed_chunks_per_tile
+            elif backend in moc_attend:
+                attend = moc_attend[backend]
+                fwd = lambda: attend(routing())  # noqa: E731
+                attn = lambda: attend(sel)  # noqa: E731
+                density, union, routed_union = sel.density(), stats.union_chunks_per_tile, stats.routed_chunks_per_tile
+            else:
+                kind = SDPBackend.CUDNN_ATTENTION if backend == "dense-cudnn" else SDPBackend.FLASH_ATTENTION
+                fwd = attn = lambda kind=kind: dense_fn(kind)(q, k, v)  # noqa: E731
+                density, union, routed_union = 1.0, float(sel.layout.num_chunks), float("nan")
 
-        def fwd_bwd():
-            torch.autograd.grad(fwd(), (q, k, v), do)
+            def fwd_bwd():
+                torch.autograd.grad(fwd(), (q, k, v), do)
 
-        with torch.no_grad():
-            out = attn()  # also compiles / autotunes
-        err, lse_err = float("nan"), float("nan")
-        if backend in ("moc-flex", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-graph") and reference_out is not None:
-            err = float((out.float() - reference_out).norm() / reference_out.norm())
-        if backend == "moc-triton":
-            reference_out = out.float()
-        if backend in forced_steps:
             with torch.no_grad():
-                o_f, lse_f = forced_steps[backend]()
-            if forced_out is not None:  # forced-sdpa against forced-triton: out, and lse in log2 units
-                err = float((o_f.float() - forced_out[0]).norm() / forced_out[0].norm())
-                lse_err = float((lse_f - forced_out[1]).abs().max())
-            forced_out = (o_f.float(), lse_f)
-        backward = backend not in FORWARD_ONLY
-        if backward:
-            fwd_bwd()
-        with torch.no_grad():
-            fwd_ms = time_ms(fwd, repeats)
-            attn_ms = time_ms(attn, repeats)
-        fwd_bwd_ms = time_ms(fwd_bwd, max(3, repeats // 2)) if backward else float("nan")
-        peak = peak_gib(fwd_bwd) if backward else float("nan")
-        with torch.no_grad():
-            fwd_peak = peak_gib(fwd)
-        split = split_bwd = None
-        if kernels:
+                out = attn()  # also compiles / autotunes
+            err, lse_err = float("nan"), float("nan")
+            compared = ("moc-flex", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-graph")
+            if backend in compared and reference_out is not None:
+                err = float((out.float() - reference_out).norm() / reference_out.norm())
+            if backend == "moc-triton":
+                reference_out = out.float()
+            if backend in forced_steps:
+                with torch.no_grad():
+                    o_f, lse_f = forced_steps[backend]()
+                if forced_out is not None:  # forced-sdpa against forced-triton: out, and lse in log2 units
+                    err = float((o_f.float() - forced_out[0]).norm() / forced_out[0].norm())
+                    lse_err = float((lse_f - forced_out[1]).abs().max())
+                forced_out = (o_f.float(), lse_f)
+            backward = backend not in FORWARD_ONLY
+            if backward:
+                fwd_bwd()
             with torch.no_grad():
-                split = kernel_split(fwd)
-            print(f"{size} {inputs} {backend}, one forward by kernel: "
-                  + "; ".join(f"{k['name'][:48]} {k['ms']:.2f} ms x{k['calls']}" for k in split[:6]), flush=True)
-            if backward and backend.startswith(("moc-gather", "moc-auto")) and size != "16k":
-                split_bwd = kernel_split(fwd_bwd, top=14)
-                print(f"{size} {inputs} {backend}, one forward + backward by kernel: "
-                      + "; ".join(f"{k['name'][:40]} {k['ms']:.2f} ms x{k['calls']}" for k in split_bwd[:10]),
-                      flush=True)
-        moc_flops, dense_flops = sel.attention_flops(head_dim)
-        flops = dense_flops if backend.startswith("dense") or dispatch == "dense" else moc_flops
-        if backend in forced_steps:
-            flops = forced_only(sel).attention_flops(head_dim)[0]
-        rows.append({
-            "tokens": N, "size": size, "backend": backend, "inputs": inputs,
-            "fwd_ms": round(fwd_ms, 3), "fwd_bwd_ms": round(fwd_bwd_ms, 3) if backward else None,
-            "routing_ms": round(routing_ms, 3) if backend.startswith("moc") and dispatch != "dense" else 0.0,
-            "attn_ms": round(attn_ms, 3), "attn_tflops": round(flops / attn_ms / 1e9, 1),
-            "density": round(density, 4), "work": rounded(work, 4) if backend == "moc-triton" else None,
-            "union_chunks_per_tile": rounded(union, 2), "routed_chunks_per_tile": rounded(routed_union, 2),
-            "kernel_union_chunks_per_tile": rounded(kernel_union, 2) if backend == "moc-triton" else None,
-            "peak_mem_gib": rounded(peak, 3), "fwd_peak_mem_gib": rounded(fwd_peak, 3),
-            "rel_err_vs_triton": rounded(err, 5), "lse_err_vs_triton": rounded(lse_err, 5),
-            "forced": sel.info.get("forced") if backend.startswith("moc-gather") else None,
-            "dispatch": dispatch,
-            "dispatch_grad": dispatch_grad,
-            **({"kernels": split} if split is not None else {}),
-            **({"kernels_fwd_bwd": split_bwd} if split_bwd is not None else {}),
-        })
-        print(format_row(rows[-1]), flush=True)
-        del out
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+                fwd_ms = time_ms(fwd, repeats)
+                attn_ms = time_ms(attn, repeats)
+            fwd_bwd_ms = time_ms(fwd_bwd, max(3, repeats // 2)) if backward else float("nan")
+            peak = peak_gib(fwd_bwd) if backward else float("nan")
+            with torch.no_grad():
+                fwd_peak = peak_gib(fwd)
+            split = split_bwd = None
+            if kernels:
+                with torch.no_grad():
+                    split = kernel_split(fwd)
+                print(f"{size} {inputs} {backend}, one forward by kernel: "
+                      + "; ".join(f"{k['name'][:48]} {k['ms']:.2f} ms x{k['calls']}" for k in split[:6]), flush=True)
+                if backward and backend.startswith(("moc-gather", "moc-auto")) and size != "16k":
+                    split_bwd = kernel_split(fwd_bwd, top=14)
+                    print(f"{size} {inputs} {backend}, one forward + backward by kernel: "
+                          + "; ".join(f"{k['name'][:40]} {k['ms']:.2f} ms x{k['calls']}" for k in split_bwd[:10]),
+                          flush=True)
+            moc_flops, dense_flops = sel.attention_flops(head_dim)
+            flops = dense_flops if backend.startswith("dense") or dispatch == "dense" else moc_flops
+            if backend in forced_steps:
+                flops = forced_only(sel).attention_flops(head_dim)[0]
+            rows.append({
+                "tokens": N, "size": size, "backend": backend, "inputs": inputs,
+                "fwd_ms": round(fwd_ms, 3), "fwd_bwd_ms": round(fwd_bwd_ms, 3) if backward else None,
+                "routing_ms": round(routing_ms, 3) if backend.startswith("moc") and dispatch != "dense" else 0.0,
+                "attn_ms": round(attn_ms, 3), "attn_tflops": round(flops / attn_ms / 1e9, 1),
+                "density": round(density, 4), "work": rounded(work, 4) if backend == "moc-triton" else None,
+                "union_chunks_per_tile": rounded(union, 2), "routed_chunks_per_tile": rounded(routed_union, 2),
+                "kernel_union_chunks_per_tile": rounded(kernel_union, 2) if backend == "moc-triton" else None,
+                "peak_mem_gib": rounded(peak, 3), "fwd_peak_mem_gib": rounded(fwd_peak, 3),
+                "rel_err_vs_triton": rounded(err, 5), "lse_err_vs_triton": rounded(lse_err, 5),
+                "forced": sel.info.get("forced") if backend.startswith("moc-gather") else None,
+                "dispatch": dispatch,
+                "dispatch_grad": dispatch_grad,
+                **({"kernels": split} if split is not None else {}),
+                **({"kernels_fwd_bwd": split_bwd} if split_bwd is not None else {}),
+            })
+            print(format_row(rows[-1]), flush=True)
+            del out
+            # the graph's static buffers and memory pool would stay in the later rows' peak
+            fwd = attn = graphed = None  # noqa: F841
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except (RuntimeError, torch.OutOfMemoryError) as err:  # one failing backend costs its row only
+            print(f"{size} {inputs} {backend} failed: {type(err).__name__}: {str(err)[:400]}", flush=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     return rows
 
 

@@ -12,8 +12,8 @@ Backends:
   "gather":    the routed pairs per key chunk, merged with the forced part by log-sum-exp
                (triton_gather.py): work that follows the density whatever the routing (GPU only);
                its forced part one cuDNN call per forced group (forced.py, forced="sdpa") where that
-               fits, or through the tile kernel (forced="triton"); by default "sdpa" when rendering,
-               "triton" with gradients (triton_gather.FORCED_DEFAULT; selection.info["forced"]).
+               fits, or through the tile kernel (forced="triton"), its backward the same way;
+               by default "sdpa" (triton_gather.FORCED_DEFAULT; selection.info["forced"]).
   "dense":     the selection as a boolean mask through SDPA (exact; for debugging and as a floor).
   "chunked":   forced blocks dense plus routed chunks gathered, merged by log-sum-exp (chunked.py):
                exact, its work follows the density; the CPU path at story sizes.
@@ -146,14 +146,22 @@ def triton_available() -> tuple[bool, str]:
     return True, ""
 
 
-# Forward cost model of routing + the fused kernel, fitted to benchmarks/results/attention_h100.json
-# (H100, bf16, structured inputs): fixed routing/plan/launch cost that grows with the key count,
-# plus the kernel's walked work (about WORK_FACTOR x the density, at Triton's lower rate) of the
-# dense time. Dense time is counted at cuDNN's measured rate.
+# Forward cost model of routing + MoC attention: a fixed routing/plan/launch cost that grows with
+# the key count, plus the kernels' work (WORK_FACTOR x the density of the dense time). Dense time
+# is counted at cuDNN's measured rate. Two fits, for what `auto` runs at the size:
+# - the tile kernels (below GATHER_MIN_KEYS keys), fitted to benchmarks/results/attention_h100.json
+#   (H100, bf16, structured inputs);
+# - "gather" (from GATHER_MIN_KEYS keys on), fitted to its forward incl. routing with step 1 on
+#   cuDNN, 2.03 / 11.15 / 69.8 ms at 16k / 64k / 180k (H100, bf16, structured inputs, one run:
+#   benchmarks/results/attention_small_sdpa_bwd_h100.json, attention_180k_sdpa_bwd_h100.json), so
+#   that at 16k `auto` runs MoC (2.03 ms against cuDNN's 2.8) and dense only below about 13k keys.
 DENSE_TFLOPS = 580.0  # cuDNN SDPA forward on the H100, TFLOP/s
-MOC_FIXED_MS = 3.0  # routing + plan + launches at a few thousand tokens, ms
+MOC_FIXED_MS = 3.0  # tile kernels: routing + plan + launches at a few thousand tokens, ms
 MOC_FIXED_MS_PER_KTOKEN = 0.07  # their growth with the key count, ms per 1,000 keys
 MOC_WORK_FACTOR = 1.41  # MoC kernel time / (density x dense time)
+GATHER_FIXED_MS = 1.1  # gather: routing + pair lists + launches, ms
+GATHER_FIXED_MS_PER_KTOKEN = 0.024
+GATHER_WORK_FACTOR = 1.16
 # CPU "auto": "chunked" from this many (query, key) pairs B*H*Nq*N on; below it "dense". On the
 # 2-core CPU, the default story's self-attention (2 x 4 x 3072 x 3072, density 0.37): chunked
 # 149 ms, masked SDPA 388 ms, unmasked dense SDPA 198 ms
@@ -164,7 +172,10 @@ CHUNKED_MIN_PAIRS = 1 << 20
 # attention takes about 72 ms per unit of walk ratio (85 ms at 1.18 on structured inputs, 240 ms at
 # 3.15 on random ones), "gather" about 92 ms at either, so they cross near 1.27. Below ~32k keys
 # the per-chunk programs hold few rows: "gather" lost the training step at 6k-token stories
-# (benchmarks/results/train_step_h200.json); between 6k and 180k keys nothing was measured yet.
+# (benchmarks/results/train_step_h200.json). At 16k keys it wins both ways since its forced part and
+# that part's backward run on cuDNN (H100, one run, attention_small_sdpa_bwd_h100.json: forward
+# incl. routing 2.03 ms, forward + backward 6.2 ms; the tile kernels took 4.4 and 11.8 on the H200,
+# attention_sizes_topk_h200.json), so it starts at 12,288 keys: above the training stories'.
 # Rendering (no gradients) takes "gather" from GATHER_MIN_KEYS keys on whatever the walk ratio, with
 # no probe and so no host synchronisation: since its merge became one kernel and its forced part
 # runs through cuDNN (2026-11-29, benchmarks/results/attention_merge_180k_h200.json), gather's
@@ -178,7 +189,7 @@ CHUNKED_MIN_PAIRS = 1 << 20
 # So with gradients too it is gather at once; the probe stays for a threshold above 1.0.
 GATHER_MIN_WALK = 1.0
 GATHER_MIN_WALK_RENDER = 1.0  # at or below 1.0: always gather, without measuring the walk
-GATHER_MIN_KEYS = 32_768
+GATHER_MIN_KEYS = 12_288
 
 
 def dense_is_faster(batch: int, heads: int, num_queries: int, num_keys: int, head_dim: int,
@@ -188,7 +199,11 @@ def dense_is_faster(batch: int, heads: int, num_queries: int, num_keys: int, hea
     if device.type != "cuda":
         return False  # the CPU paths are exact and never swapped for dense attention
     dense_ms = 4.0 * batch * heads * num_queries * num_keys * head_dim / (DENSE_TFLOPS * 1e9)
-    moc_ms = MOC_FIXED_MS + MOC_FIXED_MS_PER_KTOKEN * num_keys / 1e3 + MOC_WORK_FACTOR * density * dense_ms
+    if num_keys >= GATHER_MIN_KEYS:  # what sparse_choice runs there
+        fixed, per_ktoken, work = GATHER_FIXED_MS, GATHER_FIXED_MS_PER_KTOKEN, GATHER_WORK_FACTOR
+    else:
+        fixed, per_ktoken, work = MOC_FIXED_MS, MOC_FIXED_MS_PER_KTOKEN, MOC_WORK_FACTOR
+    moc_ms = fixed + per_ktoken * num_keys / 1e3 + work * density * dense_ms
     return dense_ms <= moc_ms
 
 

@@ -56,13 +56,15 @@ GATHER_BLOCK = {"cuda": (64, 64, 4), "cpu": (16, 16, 1)}  # BLOCK_M, BLOCK_N, wa
 # 0.23 GB, so four heads run at once.
 GATHER_BUFFER_BYTES = 1 << 30
 FORCED_IMPLS = ("sdpa", "triton")  # how step 1 computes the forced links (see the module docstring)
-# Step 1 by default, per (device type, with gradients). Measured on the H200 at MoC-180k (bf16,
-# benchmarks/results/attention_forced_180k_h200.json, 2026-11-29): the forced links alone take
-# 42.9 ms through cuDNN against 51.8 ms through the tile kernel (output within 2e-4, log-sum-exp 1e-5
-# of it), so the forward with routing takes 95.3 against 102.1 ms; with the backward the tile
-# kernel's own backward wins (439.5 against 447.9 ms). Rendering runs "sdpa", training "triton".
-# On the CPU (the interpreter) "sdpa" runs PyTorch's CPU flash kernel.
-FORCED_DEFAULT = {("cuda", False): "sdpa", ("cuda", True): "triton", ("cpu", False): "sdpa", ("cpu", True): "sdpa"}
+# Step 1 by default, per (device type, with gradients): "sdpa" everywhere it fits. Without
+# gradients since the H200 measured the forced links alone at 42.9 ms through cuDNN against 51.8 ms
+# through the tile kernel at MoC-180k (benchmarks/results/attention_forced_180k_h200.json); with
+# gradients since their backward runs through cuDNN too (forced.sdpa_forced_backward): forward +
+# backward at MoC-180k 280.3 against 373.4 ms (structured inputs) and 291.4 against 376.8 ms (random)
+# on the H100, one run (benchmarks/results/attention_180k_sdpa_bwd_h100.json). Before that the
+# backward of a cuDNN step 1 was the tile kernels', and "triton" won with gradients (439.5 against
+# 447.9 ms, H200). On the CPU (the interpreter) "sdpa" runs PyTorch's CPU flash kernel.
+FORCED_DEFAULT = {("cuda", False): "sdpa", ("cuda", True): "sdpa", ("cpu", False): "sdpa", ("cpu", True): "sdpa"}
 
 
 def forced_default(device_type: str, grad: bool) -> str:

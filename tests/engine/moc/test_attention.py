@@ -176,11 +176,14 @@ def test_chunked_is_not_the_dense_pattern():
 
 
 def test_dense_is_faster_only_for_short_sequences_on_a_gpu():
-    """The pre-routing cost model: dense wins at a few thousand tokens, MoC at MoC-180k; the CPU
-    never trades MoC for dense."""
+    """The pre-routing cost model: dense wins at a few thousand tokens, MoC from 16k on (gather,
+    measured faster than cuDNN there), at MoC-180k too; the CPU never trades MoC for dense."""
     from engine.moc import dense_is_faster
+    from engine.moc.attention import GATHER_MIN_KEYS
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert dense_is_faster(1, 12, 16_320, 16_320, 128, 0.16, cuda)
+    assert dense_is_faster(1, 12, 8_160, 8_160, 128, 0.16, cuda)
+    assert dense_is_faster(1, 12, 6_144, 6_144, 128, 0.3, cuda)  # a training story's size
+    assert GATHER_MIN_KEYS <= 16_320 and not dense_is_faster(1, 12, 16_320, 16_320, 128, 0.16, cuda)
     assert not dense_is_faster(1, 12, 65_280, 65_280, 128, 0.16, cuda)
     assert not dense_is_faster(1, 12, 180_000, 180_000, 128, 0.16, cuda)
     assert dense_is_faster(1, 12, 180_000, 180_000, 128, 0.9, cuda)  # nearly dense: no point routing

@@ -379,32 +379,32 @@ def test_open_shots_with_their_own_top_k_route_and_attend_like_the_reference(tra
 
 def check_gather(q, k, v, sel, scale=None, forced=None):
     """Values and gradients against the reference, and the no-grad path's values. forced=None:
-    through moc_attention (step 1 as FORCED_DEFAULT says for the device, with and without
-    gradients: on the GPU cuDNN to render and the tile kernel to train, "sdpa" with PyTorch's CPU
-    flash kernel here); else
-    gather_moc_attention with that step 1, which must be the one that ran ("sdpa" on the GPU: cuDNN
-    for fp16/bf16, the tile kernel for fp32)."""
+    through moc_attention (step 1, and the backward of its links, as FORCED_DEFAULT says for the
+    device with and without gradients; "sdpa" is cuDNN on the GPU, PyTorch's CPU flash kernel
+    here); else gather_moc_attention with that step 1. Either way what ran must be what was asked
+    for, except "sdpa" on the GPU in fp32, which runs the tile kernel (cuDNN takes fp16/bf16)."""
     from engine.moc.triton_gather import forced_default, gather_moc_attention
+
+    def runs(step1: str) -> str:  # what step 1 runs when `step1` is asked for
+        return "triton" if step1 == "sdpa" and CUDA and q.dtype == torch.float32 else step1  # no fp32 cuDNN
+
     if forced is None:
         out = check_against_reference(q, k, v, sel, scale=scale, backend="gather")
         assert sel.info["backend"] == "gather"
         ran_with_grad = sel.info["forced"]
         with torch.no_grad():
             plain = moc_attention(q, k, v, sel, backend="gather", scale=scale)
-        assert ran_with_grad == forced_default(q.device.type, True), sel.info["forced_reason"]
-        expect = forced_default(q.device.type, False)
-        if expect == "sdpa" and CUDA and q.dtype == torch.float32:
-            expect = "triton"  # no fp32 cuDNN
+        assert ran_with_grad == runs(forced_default(q.device.type, True)), sel.info["forced_reason"]
+        expect = runs(forced_default(q.device.type, False))
     else:
         out = check_against_reference(q, k, v, sel, attend=lambda q, k, v: gather_moc_attention(
             q, k, v, sel, scale=scale, forced=forced))
         with torch.no_grad():
             plain = gather_moc_attention(q, k, v, sel, scale=scale, forced=forced)
-        expect = "triton" if forced == "sdpa" and CUDA and q.dtype == torch.float32 else forced  # no fp32 cuDNN
+        expect = runs(forced)
     assert sel.info["forced"] == expect, sel.info["forced_reason"]
     if forced is None and expect != ran_with_grad:
-        # the GPU renders with cuDNN and trains with the tile kernel: two code paths, each against
-        # the reference
+        # step 1 ran two ways with and without gradients: two code paths, each against the reference
         ref = reference_attention(q.float(), k.float(), v.float(), sel, scale)
         assert rel(plain, ref) < tolerance(q.dtype), f"no-grad output error {rel(plain, ref):.2e}"
     else:
