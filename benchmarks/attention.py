@@ -186,11 +186,7 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
                 fwd = attn = lambda step=step: step()[0]  # noqa: E731
                 density, union, routed_union = forced_density, float("nan"), float("nan")
             elif backend == "moc-gather-graph":
-                try:
-                    graphed = GraphedAttention(layout, config, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
-                except RuntimeError as err:  # a failed capture costs this row, not the run's other rows
-                    print(f"{size} {inputs} moc-gather-graph skipped: capture failed: {err}", flush=True)
-                    continue
+                graphed = GraphedAttention(layout, config, tuple(q.shape), tuple(k.shape), q.dtype, q.device)
                 fwd = attn = lambda: graphed(q.detach(), k.detach(), v.detach())  # noqa: E731
                 density, union, routed_union = sel.density(), stats.union_chunks_per_tile, stats.routed_chunks_per_tile
             elif backend == "moc-auto":
@@ -274,13 +270,10 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
                 **({"kernels_fwd_bwd": split_bwd} if split_bwd is not None else {}),
             })
             print(format_row(rows[-1]), flush=True)
-            del out
-            # the graph's static buffers and memory pool would stay in the later rows' peak
-            fwd = attn = graphed = None  # noqa: F841
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except (RuntimeError, torch.OutOfMemoryError) as err:  # one failing backend costs its row only
+        except (RuntimeError, torch.OutOfMemoryError) as err:  # one failing backend (or graph capture)
             print(f"{size} {inputs} {backend} failed: {type(err).__name__}: {str(err)[:400]}", flush=True)
+        finally:  # nothing of this row in the next rows' peak (the graph's static buffers and pool)
+            out = fwd = attn = graphed = None  # noqa: F841
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return rows

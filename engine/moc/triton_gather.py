@@ -25,10 +25,11 @@ and L_f does not enter), the forced links' gradients come the way step 1 ran: wh
 "sdpa", from the same library's backward per forced group handed the merged statistics
 (forced.sdpa_forced_backward: cuDNN's backward on the GPU); where it ran "triton", from the tile
 kernels' backward on the forced selection. Either writes straight into the final dK, dV (head
-slices) and a float32 dQ; the routed pairs add their share to them. dQ: one launch per slot r over slot r's pairs sorted by
-chunk (`slot_pairs`): a query has one pair per slot, so every row belongs to one program of a
-launch and is added to with a plain load and store. dK, dV: per key block over the queries that
-chose its chunk (each key block is one program's). No atomics, no per-pair gradient buffers.
+slices) and a float32 dQ; the routed pairs add their share to them. dQ: one launch per slot r
+over slot r's pairs sorted by chunk (`slot_pairs`): a query has one pair per slot, so every row
+belongs to one program of a launch and is added to with a plain load and store. dK, dV: per key
+block over the queries that chose its chunk (each key block is one program's). No atomics, no
+per-pair gradient buffers.
 The grids are sized without knowing how many tiles the chunks need (that would need the host to
 read GPU counts): ceil(pairs / BLOCK_M) + C programs per (batch, head) bound them, and the spare
 ones exit at once.

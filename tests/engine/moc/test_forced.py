@@ -132,8 +132,8 @@ def test_sdpa_forced_backward_is_the_forced_share_of_a_larger_attention(name, la
     do = torch.randn(qf.shape, generator=g)
 
     def attention(keys):
-        scores = torch.einsum("bhtd,bhnd->bhtn", qf, kf) * scale
-        return torch.softmax(scores.masked_fill(~keys, float("-inf")), -1) @ vf, scores.masked_fill(~keys, float("-inf"))
+        scores = (torch.einsum("bhtd,bhnd->bhtn", qf, kf) * scale).masked_fill(~keys, float("-inf"))
+        return torch.softmax(scores, -1) @ vf, scores
 
     whole, scores = attention(forced | extra)
     lse = (torch.logsumexp(scores, -1) / math.log(2.0)).detach()  # log2 units, as gather keeps it
