@@ -615,26 +615,49 @@ def _document(rows: list[dict], config: BenchConfig, head: dict) -> dict:
 
 
 def merge_results(documents: list[dict]) -> dict:
-    """One document from shards of one run (--shard i/n, same model and settings), or from runs of
-    further stories (another --seed-offset, seeds not overlapping): the story rows pooled in seed
-    order, every summary recomputed; seconds is the slowest shard's; seed_offsets lists the runs'."""
+    """One document from shards of one run (--shard i/n, same model and settings), from runs of
+    further stories (another --seed-offset, seeds not overlapping), or from runs of other variants
+    on the same stories (--variants moc, then dense, ...: each story's runs joined, a story kept
+    only where every variant finished it): the story rows in seed order, every summary recomputed;
+    seconds is the slowest shard's; seed_offsets lists the runs'."""
     if not documents:
         raise ValueError("nothing to merge")
     head = dict(documents[0]["config"])
-    keys = ("model_identity", "steps", "guidance", "height", "width", "frames", "modes", "variants")
+    keys = ("model_identity", "steps", "guidance", "height", "width", "frames", "modes")
     for doc in documents[1:]:
         differing = [k for k in keys if doc["config"].get(k) != head.get(k)]
         if differing:
             raise ValueError(f"cannot merge runs that differ in {differing}")
-    rows = sorted((row for doc in documents for row in doc["stories"]), key=lambda row: row["seed"])
-    seeds = [row["seed"] for row in rows]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError("the shards overlap (a seed appears twice)")
-    config = BenchConfig(modes=tuple(head["modes"]), variants=tuple(head["variants"]),
+    groups: dict[tuple[str, ...], list[dict]] = {}  # variant set -> its documents
+    for doc in documents:
+        groups.setdefault(tuple(doc["config"]["variants"]), []).append(doc)
+    pooled = {}
+    for variants, docs in groups.items():
+        rows = [row for doc in docs for row in doc["stories"]]
+        seeds = [row["seed"] for row in rows]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"the shards of variants {list(variants)} overlap (a seed appears twice)")
+        pooled[variants] = {row["seed"]: row for row in rows}
+    sets = list(pooled)
+    if len({v for vs in sets for v in vs}) != sum(len(vs) for vs in sets):
+        raise ValueError(f"runs of overlapping variant sets {[list(vs) for vs in sets]} cannot be joined")
+    common = sorted(set.intersection(*(set(p) for p in pooled.values())))
+    if not common:
+        raise ValueError("the runs of different variants share no story")
+    variants = tuple(v for v in VARIANTS if any(v in vs for vs in sets))
+    rows = []
+    for seed in common:
+        row = dict(pooled[sets[0]][seed])
+        row["runs"] = sorted((r for vs in sets for r in pooled[vs][seed]["runs"]),
+                             key=lambda r: (variants.index(r["variant"]), head["modes"].index(r["mode"])))
+        if any("memory" in pooled[vs][seed] for vs in sets):
+            row["memory"] = next(pooled[vs][seed]["memory"] for vs in sets if "memory" in pooled[vs][seed])
+        rows.append(row)
+    config = BenchConfig(modes=tuple(head["modes"]), variants=variants,
                          memory=any("memory" in row for row in rows))
     offsets = sorted({o for d in documents for o in d["config"].get("seed_offsets", [d["config"]["seed_offset"]])})
     head.update(shard=f"{len(documents)} shards merged", seconds=max(d["config"]["seconds"] for d in documents),
-                seed_offset=offsets[0], seed_offsets=offsets)
+                seed_offset=offsets[0], seed_offsets=offsets, variants=list(variants))
     return _document(rows, config, head)
 
 
@@ -713,7 +736,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed-offset", type=int, default=0)
     parser.add_argument("--shard", default="0/1", help="I/N: run stories I, I+N, ... (merge the JSONs with --merge)")
     parser.add_argument("--time-limit", type=float, default=0.0, help="seconds; start no story after this")
-    parser.add_argument("--merge", type=Path, nargs="+", help="pool these shard JSONs into --json; renders nothing")
+    parser.add_argument("--merge", type=Path, nargs="+",
+                        help="pool these JSONs into --json (shards, further seeds, or other variants on the "
+                             "same stories); renders nothing")
     parser.add_argument("--memory", action="store_true",
                         help="also regenerate each story's middle shot: earlier-only, both sides, pinned")
     parser.add_argument("--open-top-k", type=int, default=0,

@@ -19,7 +19,9 @@ Forward, all on the GPU, no host synchronisation:
    and writes the pair's partial out and log-sum-exp into the query's slot.
 3. Merge per query (`merge_partials`, one kernel reading each partial result once): the R + 1
    partial results weighted by their log-sum-exp (routed and forced chunks are disjoint, so nothing
-   is counted twice); the merged log-sum-exp is kept.
+   is counted twice); the merged log-sum-exp is kept. Step 1 runs once over all heads and writes
+   the output itself; steps 2 and 3 run per group of heads (their per-pair buffers are R times a
+   head's output) and merge into it in place.
 Backward: with the merged statistics (the merged out and log-sum-exp: how step 1 computed O_f
 and L_f does not enter), the forced links' gradients come the way step 1 ran: where it ran
 "sdpa", from the same library's backward per forced group handed the merged statistics
@@ -54,8 +56,15 @@ GATHER_BLOCK = {"cuda": (64, 64, 4), "cpu": (16, 16, 1)}  # BLOCK_M, BLOCK_N, wa
 # dQ. All heads at once held 15.3 GiB at MoC-180k forward + backward on the H200, against dense
 # cuDNN's 6.9 (12 heads x 128, benchmarks/results/attention_gather_180k_h200.json, when the
 # backward also kept a float32 dQ per pair slot and dK / dV); one head's partial outputs there take
-# 0.23 GB, so four heads run at once.
+# 0.23 GB, so four heads run at once with gradients. Without gradients (rendering) the budget is a
+# quarter of that, one head at a time at MoC-180k: since step 1 writes the output itself and the
+# groups merge into it in place (2026-12-07), the forward's peak there was 3.61 GiB at 256 MiB,
+# 3.83 at 512 MiB and 4.26 at 1 GiB (4.43 before the in-place merge; dense cuDNN 3.25), its time
+# 65.8 ms each way (one H200, structured inputs, benchmarks/results/attention_fwd_budget_h200.json).
+# With gradients the smaller groups cost time (forward + backward 298.8 ms at 256 MiB, 272.0 at 512,
+# 268.7 at 1 GiB: the backward's per-group launches), so that budget stays.
 GATHER_BUFFER_BYTES = 1 << 30
+GATHER_FWD_BUFFER_BYTES = 1 << 28
 FORCED_IMPLS = ("sdpa", "triton")  # how step 1 computes the forced links (see the module docstring)
 # Step 1 by default, per (device type, with gradients): "sdpa" everywhere it fits. Without
 # gradients since the H200 measured the forced links alone at 42.9 ms through cuDNN against 51.8 ms
@@ -359,17 +368,14 @@ def forced_attention(q, k, v, selection: Selection, sm_scale: float, groups: tup
     return o_f, lse_f, forced, plan
 
 
-def _gather_forward(q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None,
-                    out: torch.Tensor | None = None):
-    """(out, lse of the whole attention in row order (log2 units), the pairs, the forced part's
-    selection and plan (None where SDPA computed it)). out: where to write the result (a head
-    slice of a wider tensor; default a new tensor)."""
+def _routed_merge(q, k, v, selection: Selection, sm_scale: float, out: torch.Tensor, lse_f: torch.Tensor):
+    """Steps 2 and 3 for one head group: the routed pairs' partial results, merged with the forced
+    part that `out` holds (a head slice of the output: read as O_f and overwritten with the whole
+    attention, in place) and its log-sum-exp lse_f. Returns (the merged lse (B, H, Nq) float32,
+    log2 units; the pairs, for the backward)."""
     B, H, Nq, D = q.shape
     R = selection.routed.shape[-1]
     C = selection.layout.num_chunks
-    # 1. forced links: SDPA per forced group, or the tile-union kernel
-    o_f, lse_f, forced, plan = forced_attention(q, k, v, selection, sm_scale, groups)
-    # 2. routed pairs, per key chunk
     block_m, block_n, warps = _blocks(q)
     pairs = routed_pairs(selection.routed, C, block_m)
     P = Nq * R
@@ -381,26 +387,28 @@ def _gather_forward(q, k, v, selection: Selection, sm_scale: float, groups: tupl
                       lt.chunk_start, lt.chunk_end, sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                       H, C, P, HEAD_DIM=D, C_PAD=max(triton.next_power_of_2(C), 2), BLOCK_M=block_m,
                       BLOCK_N=block_n, num_warps=warps)
-    # 3. merge the forced and the R routed partial results by their log-sum-exp, one pass
-    out = torch.empty_like(q) if out is None else out
-    lse_all = merge_partials(o_f, lse_f, o_r, lse_r, out)
-    return out, lse_all, pairs, forced, plan
+    # each merge program reads its rows of O_f before it writes the same rows: in place is safe
+    return merge_partials(out, lse_f, o_r, lse_r, out), pairs
 
 
 def _grouped_forward(q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None,
                      group: int):
-    """The forward over head groups of `group` heads, each with its own per-pair buffers, written
-    into one output (no concatenation: at MoC-180k a copy of the output is 0.55 GB). Returns (out,
-    per group (h0, h1, its selection, lse (B, h1 - h0, Nq) float32, pairs, forced selection, plan))."""
+    """The forward: step 1 over all heads at once, straight into the output (cuDNN runs best on
+    all heads, and no separate O_f is held); then steps 2 and 3 per group of `group` heads, each
+    with its own per-pair buffers, merged into the output in place. Returns (out, per group (h0,
+    h1, its selection, lse (B, h1 - h0, Nq) float32, pairs, forced selection, plan)); the forced
+    selection and its plan are the group's own only where one group holds every head (else None:
+    the backward builds them per group)."""
     H = q.shape[1]
-    out = torch.empty_like(q)
+    out, lse_f, forced, plan = forced_attention(q, k, v, selection, sm_scale, groups)
     states = []
     for h0 in range(0, H, group):
         h1 = min(h0 + group, H)
-        sel = selection if (h0, h1) == (0, H) else selection.heads(h0, h1)
-        _, lse, pairs, forced, plan = _gather_forward(q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], sel, sm_scale,
-                                                      groups, out=out[:, h0:h1])
-        states.append((h0, h1, sel, lse, pairs, forced, plan))
+        whole = (h0, h1) == (0, H)
+        sel = selection if whole else selection.heads(h0, h1)
+        lse, pairs = _routed_merge(q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], sel, sm_scale, out[:, h0:h1],
+                                   lse_f[:, h0:h1])
+        states.append((h0, h1, sel, lse, pairs, forced if whole else None, plan if whole else None))
     return out, states
 
 
@@ -506,11 +514,12 @@ def head_buffer_bytes(q: torch.Tensor, slots: int, grad: bool) -> int:
 
 
 def heads_per_group(q: torch.Tensor, slots: int, grad: bool) -> int:
-    """How many heads run at once so that one group's buffers stay under GATHER_BUFFER_BYTES (at
-    least one)."""
-    return max(1, min(q.shape[1], GATHER_BUFFER_BYTES // head_buffer_bytes(q, slots, grad)))
+    """How many heads run at once so that one group's buffers stay under GATHER_BUFFER_BYTES, or
+    GATHER_FWD_BUFFER_BYTES without gradients (at least one)."""
+    budget = GATHER_BUFFER_BYTES if grad else GATHER_FWD_BUFFER_BYTES
+    return max(1, min(q.shape[1], budget // head_buffer_bytes(q, slots, grad)))
 
 
-__all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "RoutedPairs", "SlotPairs", "forced_attention",
-           "forced_default", "forced_only", "gather_moc_attention", "head_buffer_bytes", "heads_per_group",
-           "merge_partials", "routed_pairs", "slot_pairs"]
+__all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "GATHER_FWD_BUFFER_BYTES", "RoutedPairs",
+           "SlotPairs", "forced_attention", "forced_default", "forced_only", "gather_moc_attention",
+           "head_buffer_bytes", "heads_per_group", "merge_partials", "routed_pairs", "slot_pairs"]

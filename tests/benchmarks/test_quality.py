@@ -222,6 +222,27 @@ def test_shards_merge_into_the_whole_run(tiny_model_dir, tmp_path):
     assert other["config"]["steps"] == 1
 
 
+def test_runs_of_other_variants_join_on_their_common_stories(tiny_model_dir, tmp_path):
+    """--variants moc and --variants isolated run apart (two GPU calls) and merged equal one run of
+    both on the stories both finished; runs sharing a variant are refused."""
+    common = ["--model", str(tiny_model_dir), "--steps", "2", "--height", "32", "--width", "48",
+              "--frames", "2", "--device", "cpu", "--modes", "joint"]
+    whole = main(common + ["--stories", "3", "--variants", "moc,isolated", "--json", str(tmp_path / "whole.json")])
+    main(common + ["--stories", "2", "--variants", "moc", "--json", str(tmp_path / "moc.json")])
+    main(common + ["--stories", "3", "--variants", "isolated", "--json", str(tmp_path / "iso.json")])
+    joined = main(["--merge", str(tmp_path / "iso.json"), str(tmp_path / "moc.json"),
+                   "--json", str(tmp_path / "joined.json")])
+    assert joined["config"]["variants"] == ["moc", "isolated"]
+    assert joined["config"]["seeds"] == whole["config"]["seeds"][:2]
+    clean = lambda runs: [{k: v for k, v in r.items() if "seconds" not in k} for r in runs]  # noqa: E731
+    for mw, mj in zip(whole["stories"][:2], joined["stories"]):
+        assert [r["variant"] for r in mj["runs"]] == ["moc", "isolated"]
+        assert clean(mw["runs"]) == clean(mj["runs"])
+    assert set(joined["summary"]) >= {"moc", "isolated"}
+    with pytest.raises(ValueError, match="overlapping variant sets"):
+        main(["--merge", str(tmp_path / "whole.json"), str(tmp_path / "iso.json")])
+
+
 def test_a_stopped_run_leaves_its_finished_stories(tiny_model_dir, tmp_path, monkeypatch):
     """The JSON is rewritten after every story: a shard stopped midway (a GPU call's time running
     out) still holds the stories it finished, and they merge."""

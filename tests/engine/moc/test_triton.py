@@ -513,7 +513,8 @@ def test_gather_head_dim_128_ragged_slots_and_scale(structured):
 @pytest.mark.parametrize("group_bytes", [1, "two heads"], ids=["one_head", "two_heads"])
 def test_gather_in_head_groups_matches_reference(monkeypatch, group_bytes):
     """Under a small buffer budget "gather" runs its heads in groups (one at a time, or two then
-    one of three heads, with a context offset): values and gradients stay the reference's."""
+    one of three heads, with a context offset): values and gradients stay the reference's, with
+    step 1 (run once over all heads, into the output the groups then merge into) either way."""
     from engine.moc import triton_gather
     name, layout, q_offset = LAYOUTS[-1]
     q, k, v = random_qkv(layout, 2, 3, 64, DTYPES[-1], seed=151)
@@ -522,9 +523,13 @@ def test_gather_in_head_groups_matches_reference(monkeypatch, group_bytes):
     if group_bytes == "two heads":  # the budget of two heads' buffers with gradients, exactly
         group_bytes = 2 * triton_gather.head_buffer_bytes(q, sel.routed.shape[-1], grad=True)
     monkeypatch.setattr(triton_gather, "GATHER_BUFFER_BYTES", group_bytes)
+    monkeypatch.setattr(triton_gather, "GATHER_FWD_BUFFER_BYTES", group_bytes)  # the no-grad budget
     expect = 1 if group_bytes == 1 else 2
     assert triton_gather.heads_per_group(q, sel.routed.shape[-1], grad=True) == expect
+    no_grad = min(3, group_bytes // triton_gather.head_buffer_bytes(q, sel.routed.shape[-1], grad=False))
+    assert triton_gather.heads_per_group(q, sel.routed.shape[-1], grad=False) == max(1, no_grad)
     check_gather(q, k, v, sel)
+    check_gather(q, k, v, sel, forced="triton")  # its backward plans the forced links per group
     # every group in one autograd node writing one output (no concatenation, one dQ / dK / dV)
     out = triton_gather.gather_moc_attention(q.detach().requires_grad_(), k, v, sel)
     assert type(out.grad_fn).__name__ == "_GatherAttentionBackward"
