@@ -64,13 +64,13 @@ HEADS, HEAD_DIM, TOP_K = 12, 128, 5
 # --device cpu: a tiny story of the same structure (3 shots x 3 frames x 19 tokens, 2 heads x 64,
 # float32: the interpreter miscomputes bf16 dots), to check that the script runs, not to time it
 TINY = {"shots": 3, "frames_per_shot": 3, "frame_tokens": 19, "heads": 2, "head_dim": 64}
-BACKENDS = ("moc-triton", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-graph", "moc-flex", "moc-auto",
-            "forced-triton", "forced-sdpa", "dense-cudnn", "dense-flash")
+BACKENDS = ("moc-triton", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-in-place", "moc-gather-graph",
+            "moc-flex", "moc-auto", "forced-triton", "forced-sdpa", "dense-cudnn", "dense-flash")
 # backends without a backward (their fwd_bwd columns stay empty); moc-gather-graph: routing and
 # gather's forward replayed from one CUDA graph (engine/moc/graphed.py), the inputs copied in
-FORWARD_ONLY = ("forced-triton", "forced-sdpa", "moc-gather-graph")
+FORWARD_ONLY = ("forced-triton", "forced-sdpa", "moc-gather-graph", "moc-gather-in-place")
 CPU_BACKENDS = ("forced-sdpa",)  # what --device cpu runs without Triton; the rest need TRITON_INTERPRET=1
-CPU_INTERPRETED = ("moc-triton", "moc-gather", "moc-gather-sdpa-forced", "forced-triton")
+CPU_INTERPRETED = ("moc-triton", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-in-place", "forced-triton")
 
 
 def time_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -164,6 +164,8 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
         # forced="triton": the engine's GPU default with gradients; "sdpa" (the next row) its default to render
         "moc-gather": lambda s: gather_moc_attention(q, k, v, s, forced="triton"),
         "moc-gather-sdpa-forced": lambda s: gather_moc_attention(q, k, v, s, forced="sdpa"),
+        # the same without per-pair buffers: each routed slot folded into the output in place (forward only)
+        "moc-gather-in-place": lambda s: gather_moc_attention(q, k, v, s, forced="sdpa", merge="in_place"),
     }
     # step 1 of "gather" alone: the forced links (no routing), (out, lse in log2 units) either way
     scale = head_dim ** -0.5
@@ -216,7 +218,7 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
             with torch.no_grad():
                 out = attn()  # also compiles / autotunes
             err, lse_err = float("nan"), float("nan")
-            compared = ("moc-flex", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-graph")
+            compared = ("moc-flex", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-in-place", "moc-gather-graph")
             if backend in compared and reference_out is not None:
                 err = float((out.float() - reference_out).norm() / reference_out.norm())
             if backend == "moc-triton":

@@ -21,10 +21,26 @@ from engine.moc import MoCConfig, TokenLayout
 from engine.processors import ForwardPlan, SelfAttentionPlan
 
 
+# backend "by-length": "gather" on stories of this many shots or more, the tile kernels ("triton")
+# below. The training step on one H200 (benchmarks/results/train_step_gather_h200.json, 2026-12-07,
+# forced links and their backward on cuDNN): 8 shots x 8 frames gather 154.4 ms against the 64-row
+# tiles' 166.4 (203.0 against 265.4 with twice the stories); 4 shots 121.9 against 120.3; 2 shots
+# 127.7 against 105.1.
+GATHER_TRAIN_MIN_SHOTS = 6
+
+
+def step_backend(backend: str, shots: int) -> str:
+    """The moc_attention backend of one training step on stories of `shots` shots: `backend`, or
+    for "by-length" the faster of "gather" and "triton" at that length (GATHER_TRAIN_MIN_SHOTS)."""
+    if backend != "by-length":
+        return backend
+    return "gather" if shots >= GATHER_TRAIN_MIN_SHOTS else "triton"
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     moc: MoCConfig | None = MoCConfig()  # routing (drop_off / drop_in apply in training); None = dense
-    backend: str = "reference"  # moc_attention backend (autograd-capable)
+    backend: str = "reference"  # moc_attention backend (autograd-capable), or "by-length" (step_backend)
     chunking: str = "frame"  # TokenLayout chunking
     chunk_size: int = 0  # for "subframe" / "fixed"
     num_train_timesteps: int = 1000  # the scheduler's timestep scale
@@ -288,7 +304,7 @@ def training_loss(model, batch: StoryBatch, config: TrainingConfig, generator: t
                              "(shapestory.render.look_labels per token)")
         route_probe.start(character_ids(batch.look).to(device), layout, moc)
     plan = ForwardPlan(
-        self_attn=SelfAttentionPlan(layout=layout, q_offset=0, moc=moc, backend=config.backend,
+        self_attn=SelfAttentionPlan(layout=layout, q_offset=0, moc=moc, backend=step_backend(config.backend, S),
                                     training=True, generator=generator,
                                     route_tap=route_probe if routing else None),
         cross_attn=cross, rotary=tr.rotary(0, F, h, w, device))

@@ -38,8 +38,9 @@ def main(argv=None) -> int:
     p.add_argument("--dense", action="store_true", help="dense attention instead of MoC (the baseline)")
     p.add_argument("--moc-tile", type=int, default=128,
                    help="query rows per MoC kernel tile (16-128, a power of two): speed only")
-    p.add_argument("--moc-backend", default="triton", choices=["triton", "gather"],
-                   help="MoC attention on the GPU: tile unions (triton) or per key chunk (gather)")
+    p.add_argument("--moc-backend", default="triton", choices=["triton", "gather", "by-length"],
+                   help="MoC attention on the GPU: tile unions (triton), per key chunk (gather), or gather on "
+                        "stories of 6 shots or more and tile unions below (by-length: the faster at each length)")
     p.add_argument("--frames-choices", default="6,8,8,10",
                    help="latent frames per shot, one drawn per step (comma-separated; repeats weight a choice)")
     p.add_argument("--train-shift", type=float, default=3.0,

@@ -65,6 +65,15 @@ GATHER_BLOCK = {"cuda": (64, 64, 4), "cpu": (16, 16, 1)}  # BLOCK_M, BLOCK_N, wa
 # 268.7 at 1 GiB: the backward's per-group launches), so that budget stays.
 GATHER_BUFFER_BYTES = 1 << 30
 GATHER_FWD_BUFFER_BYTES = 1 << 28
+# How the forward without gradients merges the routed slots (gather_moc_attention's `merge`):
+# "buffers": per head group, every slot's partial output in a buffer, then one merge kernel (the
+# measured default above); "in_place": one launch per slot folding its partial results straight
+# into the output (no per-pair buffer at all: the forward's peak is the output and the selection,
+# as dense attention's is the output; R + 1 roundings of the output to q's dtype instead of one:
+# relative error 3.5e-3 against 2.3e-3 in bf16 for the merge alone, simulated). Not yet timed on a
+# GPU, so not the default.
+GATHER_MERGES = ("buffers", "in_place")
+GATHER_RENDER_MERGE = "buffers"
 FORCED_IMPLS = ("sdpa", "triton")  # how step 1 computes the forced links (see the module docstring)
 # Step 1 by default, per (device type, with gradients): "sdpa" everywhere it fits. Without
 # gradients since the H200 measured the forced links alone at 42.9 ms through cuDNN against 51.8 ms
@@ -198,6 +207,53 @@ def _routed_fwd(Q, K, V, OP, LP, pair_query, pair_slot, chunk_pair_start, chunk_
     tl.store(LP + out, m_i + tl.math.log2(l_safe), mask=row_valid)
     tl.store(OP + out[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_safe[:, None]).to(DTYPE),
              mask=row_valid[:, None])
+
+
+@triton.jit
+def _routed_fwd_into(Q, K, V, OUT, LSE, pair_query, chunk_pair_start, chunk_pair_count, chunk_tile_end,
+                     chunk_start, chunk_end, sm_scale,
+                     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                     stride_vn, stride_ob, stride_oh, stride_om,
+                     H, NQ, C, P,
+                     HEAD_DIM: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One slot's routed pairs, merged straight into the output: each program computes its pairs'
+    partial out and log2-sum-exp as _routed_fwd does, then folds them into the rows' running output
+    OUT (q's dtype, strided like Q) and running log-sum-exp LSE (B * H, NQ) float32. A query has at
+    most one pair in a slot, so no other program of this launch touches its row."""
+    DTYPE: tl.constexpr = Q.dtype.element_ty
+    t = tl.program_id(0)
+    off_hz = tl.program_id(1)
+    off_b = (off_hz // H).to(tl.int64)
+    off_h = (off_hz % H).to(tl.int64)
+    c, pair, row_valid = _pair_tile(t, off_hz, chunk_tile_end, chunk_pair_start, chunk_pair_count, C, P, C_PAD, BLOCK_M)
+    rows = tl.load(pair_query + pair, mask=row_valid, other=0).to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                mask=row_valid[:, None], other=0.0)
+    lo = tl.load(chunk_start + c)
+    hi = tl.load(chunk_end + c)
+    hi = tl.where(tl.max(row_valid.to(tl.int32), 0) > 0, hi, lo)  # nothing to do: walk nothing
+    qk_scale = sm_scale * 1.44269504
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc, l_i, m_i = _attn_fwd_range(acc, l_i, m_i, q, row_valid, K + off_b * stride_kb + off_h * stride_kh,
+                                    V + off_b * stride_vb + off_h * stride_vh, lo, hi, stride_kn, stride_vn,
+                                    qk_scale, offs_n, offs_d, BLOCK_N, DTYPE)
+    l_safe = tl.where(row_valid, l_i, 1.0)
+    lse_r = m_i + tl.math.log2(l_safe)
+    stat = off_hz.to(tl.int64) * NQ + rows
+    lse_run = tl.load(LSE + stat, mask=row_valid, other=0.0)
+    m = tl.maximum(lse_run, lse_r)
+    w_run = tl.exp2(lse_run - m)
+    w_r = tl.exp2(lse_r - m)
+    total = w_run + w_r
+    o_ptrs = OUT + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_d[None, :]
+    o_run = tl.load(o_ptrs, mask=row_valid[:, None], other=0.0).to(tl.float32)
+    merged = (w_run[:, None] * o_run + (w_r / l_safe)[:, None] * acc) / total[:, None]
+    tl.store(o_ptrs, merged.to(OUT.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(LSE + stat, m + tl.math.log2(total), mask=row_valid)
 
 
 @triton.jit
@@ -412,6 +468,29 @@ def _grouped_forward(q, k, v, selection: Selection, sm_scale: float, groups: tup
     return out, states
 
 
+def _in_place_forward(q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None):
+    """The forward without gradients and without per-pair buffers: step 1 over all heads into the
+    output, then one launch per routed slot (its pairs sorted by chunk, `slot_pairs`) that folds
+    its partial results into the output and a running log-sum-exp in place. Beside the output it
+    holds the log-sum-exp (B, H, Nq) float32 and the pair tables; the output is rounded to q's
+    dtype after each slot (R + 1 roundings instead of one)."""
+    B, H, Nq, D = q.shape
+    R = selection.routed.shape[-1]
+    C = selection.layout.num_chunks
+    out, lse_f, _, _ = forced_attention(q, k, v, selection, sm_scale, groups)
+    lse = lse_f.contiguous()
+    block_m, block_n, warps = _blocks(q)
+    lt = selection.layout.tensors_on(q.device)
+    by_slot = slot_pairs(selection.routed, C, block_m)
+    for r in range(R):
+        _routed_fwd_into[(triton.cdiv(Nq, block_m) + C, B * H)](
+            q, k, v, out, lse, by_slot.query, by_slot.start[r], by_slot.count[r], by_slot.tile_end[r],
+            lt.chunk_start, lt.chunk_end, sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *out.stride()[:3], H, Nq, C, Nq * R, HEAD_DIM=D, C_PAD=max(triton.next_power_of_2(C), 2),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    return out
+
+
 class _GatherAttention(torch.autograd.Function):
     """All head groups in one autograd node: the forward writes one output, the backward one dQ,
     dK and dV (per-group nodes over head slices made autograd add a full-size gradient per group)."""
@@ -479,17 +558,23 @@ def _group_backward(q, k, v, out, lse, do, selection: Selection, pairs: RoutedPa
 
 
 def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection,
-                         scale: float | None = None, forced: str | None = None) -> torch.Tensor:
+                         scale: float | None = None, forced: str | None = None,
+                         merge: str | None = None) -> torch.Tensor:
     """Block-sparse attention of q (B, H, Nq, D) over k, v (B, H, N, D) restricted to `selection`,
     its routed part computed per key chunk over the queries that chose it; differentiable.
     `forced`: how the forced links are computed, "sdpa" (dense calls per forced group, where exact
     and available, else "triton") or "triton" (the tile kernel); what ran and why is recorded in
     selection.info["forced"] / ["forced_reason"]; None: FORCED_DEFAULT for q's device and whether
-    gradients are needed. Returns (B, H, Nq, D) in q's dtype."""
+    gradients are needed. `merge`: how the forward without gradients merges the routed slots
+    (GATHER_MERGES; None: GATHER_RENDER_MERGE); with gradients it is always "buffers" (the
+    backward reads the pairs sorted by chunk). Returns (B, H, Nq, D) in q's dtype."""
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     forced = forced_default(q.device.type, grad) if forced is None else forced
     if forced not in FORCED_IMPLS:
         raise ValueError(f"forced must be one of {FORCED_IMPLS}, got {forced!r}")
+    merge = GATHER_RENDER_MERGE if merge is None else merge
+    if merge not in GATHER_MERGES:
+        raise ValueError(f"merge must be one of {GATHER_MERGES}, got {merge!r}")
     check_inputs(q, k, v, selection, "gather")
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     sm_scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -501,6 +586,9 @@ def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sele
     group = heads_per_group(q, selection.routed.shape[-1], grad)
     if grad:
         return _GatherAttention.apply(q, k, v, selection, sm_scale, groups, group)
+    selection.info["merge"] = merge
+    if merge == "in_place":
+        return _in_place_forward(q, k, v, selection, sm_scale, groups)
     return _grouped_forward(q, k, v, selection, sm_scale, groups, group)[0]
 
 
@@ -520,6 +608,7 @@ def heads_per_group(q: torch.Tensor, slots: int, grad: bool) -> int:
     return max(1, min(q.shape[1], budget // head_buffer_bytes(q, slots, grad)))
 
 
-__all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "GATHER_FWD_BUFFER_BYTES", "RoutedPairs",
-           "SlotPairs", "forced_attention", "forced_default", "forced_only", "gather_moc_attention",
-           "head_buffer_bytes", "heads_per_group", "merge_partials", "routed_pairs", "slot_pairs"]
+__all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "GATHER_FWD_BUFFER_BYTES", "GATHER_MERGES",
+           "GATHER_RENDER_MERGE", "RoutedPairs", "SlotPairs", "forced_attention", "forced_default", "forced_only",
+           "gather_moc_attention", "head_buffer_bytes", "heads_per_group", "merge_partials", "routed_pairs",
+           "slot_pairs"]

@@ -20,7 +20,7 @@ def reject(constant):
 
 def test_tiny_run_times_gather_both_ways_and_the_forced_links_alone(tmp_path):
     from benchmarks import attention
-    backends = ("moc-gather", "moc-gather-sdpa-forced", "forced-triton", "forced-sdpa")
+    backends = ("moc-gather", "moc-gather-sdpa-forced", "moc-gather-in-place", "forced-triton", "forced-sdpa")
     with interpreter_numpy_shim():
         rows = attention.bench_size("tiny", "structured", backends, repeats=1, kernels=True)
     by = {r["backend"]: r for r in rows}
@@ -38,6 +38,9 @@ def test_tiny_run_times_gather_both_ways_and_the_forced_links_alone(tmp_path):
         both = by[name]["kernels_fwd_bwd"]
         assert both and sum(k["ms"] for k in both) > 0
     assert "kernels_fwd_bwd" not in by["forced-sdpa"]  # forward only
+    in_place = by["moc-gather-in-place"]  # gather without per-pair buffers: forward only, same selection
+    assert in_place["fwd_bwd_ms"] is None and in_place["density"] == by["moc-gather"]["density"]
+    assert in_place["fwd_ms"] > 0 and "kernels_fwd_bwd" not in in_place
     lines = attention.summary([{**r, "device": "cpu", "date": ""} for r in rows])
     assert any("forced links alone" in line for line in lines)
     assert any("gather attention with forced=sdpa" in line for line in lines)

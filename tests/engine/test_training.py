@@ -379,3 +379,27 @@ def test_a_regeneration_step_trains_what_a_both_sided_regeneration_computes(tiny
     assert loss(earlier, 1, 0) == pytest.approx(loss(base.latents, 1, 0), rel=1e-7)
     with pytest.raises(ValueError, match="open_shot"):
         loss(base.latents, 0, 1)  # the last shot has no later one
+
+
+def test_by_length_trains_long_stories_on_gather_and_short_ones_on_the_tile_kernels(tiny_model, monkeypatch):
+    """backend "by-length": each step's self-attention gets "gather" from GATHER_TRAIN_MIN_SHOTS
+    shots up and "triton" below; any other backend passes through unchanged."""
+    import engine.training as training
+    from engine.training import GATHER_TRAIN_MIN_SHOTS, step_backend
+    assert step_backend("by-length", GATHER_TRAIN_MIN_SHOTS) == "gather"
+    assert step_backend("by-length", GATHER_TRAIN_MIN_SHOTS - 1) == "triton"
+    assert step_backend("reference", 8) == "reference" and step_backend("gather", 1) == "gather"
+    asked, real = [], training.SelfAttentionPlan
+
+    def plan(**kwargs):  # record the step's backend, run the reference here (no GPU)
+        asked.append(kwargs["backend"])
+        return real(**{**kwargs, "backend": "reference"})
+
+    monkeypatch.setattr(training, "SelfAttentionPlan", plan)
+    config = TrainingConfig(backend="by-length")
+    for shots in (GATHER_TRAIN_MIN_SHOTS - 1, GATHER_TRAIN_MIN_SHOTS):
+        g = torch.Generator().manual_seed(shots)
+        batch = StoryBatch(torch.randn(1, 3, shots, 6, 10, generator=g), (1,) * shots,
+                           [tiny_model.text_encoder.encode(["shapes"] + ["a red square"] * shots)])
+        assert torch.isfinite(training_loss(tiny_model, batch, config, generator=g))
+    assert asked == ["triton", "gather"]

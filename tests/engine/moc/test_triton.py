@@ -535,6 +535,36 @@ def test_gather_in_head_groups_matches_reference(monkeypatch, group_bytes):
     assert type(out.grad_fn).__name__ == "_GatherAttentionBackward"
 
 
+@pytest.mark.parametrize("name,layout,q_offset", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("forced", ["sdpa", "triton"])
+def test_gather_in_place_merge_matches_reference(name, layout, q_offset, forced):
+    """merge="in_place" (no per-pair buffers: one launch per routed slot folding its partial
+    results into the output) against the float32 reference and the buffered merge, at odd sizes,
+    with drop-off / drop-in leaving ragged slots, captions and a context offset; with gradients
+    the buffered path runs whatever `merge` says."""
+    from engine.moc.triton_gather import gather_moc_attention
+    dtype = DTYPES[0]
+    q, k, v = random_qkv(layout, 2, 3, 64, dtype, seed=171 + len(name))
+    q = q[:, :, q_offset:]
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    sel = route(q, k, layout, MoCConfig(top_k=3, tile=TILE), q_offset=q_offset, training=True, generator=g,
+                impl="reference")
+    ref = reference_attention(q.float(), k.float(), v.float(), sel)
+    with torch.no_grad():
+        in_place = gather_moc_attention(q, k, v, sel, forced=forced, merge="in_place")
+        assert sel.info["merge"] == "in_place"
+        buffered = gather_moc_attention(q, k, v, sel, forced=forced, merge="buffers")
+    assert in_place.dtype == q.dtype and in_place.shape == q.shape
+    assert rel(in_place, ref) < tolerance(dtype), f"{rel(in_place, ref):.2e}"
+    assert rel(in_place, buffered) < tolerance(dtype)
+    with pytest.raises(ValueError, match="merge must be one of"):
+        gather_moc_attention(q, k, v, sel, merge="fused")
+    qg = q.detach().requires_grad_()
+    out = gather_moc_attention(qg, k, v, sel, forced=forced, merge="in_place")
+    assert type(out.grad_fn).__name__ == "_GatherAttentionBackward"
+    assert rel(out, ref) < tolerance(dtype)
+
+
 def test_gather_equals_the_tile_kernel():
     layout = LAYOUTS[2][1]
     q, k, v = random_qkv(layout, 1, 2, 64, DTYPES[-1], seed=141)
