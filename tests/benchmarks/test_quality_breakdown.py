@@ -31,3 +31,22 @@ def test_mcnemar_is_the_exact_binomial_test():
     assert mcnemar(3, 3) == 1.0
     with pytest.raises(SystemExit):
         main([str(A), str(A), str(A)])
+
+
+def test_the_memory_split_counts_every_look_less_appearance_once():
+    """On the committed three-way run: each table of the memory split holds exactly the summary's
+    look-less appearances and right looks (the routing table those of shots with a routing entry),
+    and a model with no memory (isolated shots) keeps fewer of them than MoC."""
+    import json
+    from benchmarks.quality_breakdown import memory_breakdown
+    doc = json.loads((RESULTS / "quality.json").read_text())
+    for variant in ("moc", "isolated"):
+        counts = doc["summary"]["by_mode"]["joint"][variant]["counts"]
+        m = memory_breakdown(doc, variant, "joint")
+        for table in ("characters_in_shot", "shots_since_introduction"):
+            assert sum(v[1] for v in m[table].values()) == counts["undescribed"]
+            assert sum(v[0] for v in m[table].values()) == counts["identity_ok"]
+        routed = sum(v[1] for v in m["routing"].values())
+        assert (0 < routed <= counts["undescribed"]) if variant == "moc" else routed == 0
+    moc, alone = (memory_breakdown(doc, v, "joint")["characters_in_shot"]["1"][0] for v in ("moc", "isolated"))
+    assert moc > alone
