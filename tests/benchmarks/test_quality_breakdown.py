@@ -38,6 +38,7 @@ def test_the_memory_split_counts_every_look_less_appearance_once():
     look-less appearances and right looks (the routing table those of shots with a routing entry),
     and a model with no memory (isolated shots) keeps fewer of them than MoC."""
     import json
+
     from benchmarks.quality_breakdown import memory_breakdown
     doc = json.loads((RESULTS / "quality.json").read_text())
     for variant in ("moc", "isolated"):
