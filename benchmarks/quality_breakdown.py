@@ -115,9 +115,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if len(args.json) > 2:
         p.error("give one or two quality.py JSONs")
-    apps = [appearances(json.loads(f.read_text()), args.variant, args.mode) for f in args.json]
-    result = {"files": [str(f) for f in args.json], "breakdown": [breakdown(a) for a in apps]}
-    result["memory"] = [memory_breakdown(json.loads(f.read_text()), args.variant, args.mode) for f in args.json]
+    docs = [json.loads(f.read_text()) for f in args.json]
+    apps = [appearances(doc, args.variant, args.mode) for doc in docs]
+    result = {"files": [str(f) for f in args.json], "breakdown": [breakdown(a) for a in apps],
+              "memory": [memory_breakdown(doc, args.variant, args.mode) for doc in docs]}
     for f, b, m in zip(args.json, result["breakdown"], result["memory"]):
         print(f"{f} ({args.variant}, {args.mode}): right look / appearances")
         for table in ("framing_size", "shape"):

@@ -173,13 +173,13 @@ def _pair_tile(t, off_hz, chunk_tile_end, chunk_pair_start, chunk_pair_count, C,
 
 
 @triton.jit
-def _routed_fwd(Q, K, V, OP, LP, pair_query, pair_slot, chunk_pair_start, chunk_pair_count, chunk_tile_end,
-                chunk_start, chunk_end, sm_scale,
-                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                H, C, P,
-                HEAD_DIM: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program: up to BLOCK_M pairs of one chunk (this (batch, head)'s tile t), the chunk's
-    keys walked once; each pair's normalised partial out and log2-sum-exp go to its slot."""
+def _pair_partial(Q, K, V, pair_query, chunk_pair_start, chunk_pair_count, chunk_tile_end, chunk_start, chunk_end,
+                  sm_scale, stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                  stride_vn, H, C, P,
+                  HEAD_DIM: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's up to BLOCK_M pairs of one chunk (its (batch, head)'s tile t), the chunk's keys
+    walked once: (pair indices, query rows, which exist, the unnormalised partial out (BLOCK_M, D)
+    float32, the row sums with 1 where no pair is, the partial log2-sum-exp)."""
     DTYPE: tl.constexpr = Q.dtype.element_ty
     t = tl.program_id(0)
     off_hz = tl.program_id(1)
@@ -187,7 +187,6 @@ def _routed_fwd(Q, K, V, OP, LP, pair_query, pair_slot, chunk_pair_start, chunk_
     off_h = (off_hz % H).to(tl.int64)
     c, pair, row_valid = _pair_tile(t, off_hz, chunk_tile_end, chunk_pair_start, chunk_pair_count, C, P, C_PAD, BLOCK_M)
     rows = tl.load(pair_query + pair, mask=row_valid, other=0).to(tl.int64)
-    slots = tl.load(pair_slot + pair, mask=row_valid, other=0).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
@@ -195,17 +194,33 @@ def _routed_fwd(Q, K, V, OP, LP, pair_query, pair_slot, chunk_pair_start, chunk_
     lo = tl.load(chunk_start + c)
     hi = tl.load(chunk_end + c)
     hi = tl.where(tl.max(row_valid.to(tl.int32), 0) > 0, hi, lo)  # nothing to do: walk nothing
-    qk_scale = sm_scale * 1.44269504
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _attn_fwd_range(acc, l_i, m_i, q, row_valid, K + off_b * stride_kb + off_h * stride_kh,
                                     V + off_b * stride_vb + off_h * stride_vh, lo, hi, stride_kn, stride_vn,
-                                    qk_scale, offs_n, offs_d, BLOCK_N, DTYPE)
+                                    sm_scale * 1.44269504, offs_n, offs_d, BLOCK_N, DTYPE)
     l_safe = tl.where(row_valid, l_i, 1.0)
-    out = off_hz.to(tl.int64) * P + slots
-    tl.store(LP + out, m_i + tl.math.log2(l_safe), mask=row_valid)
-    tl.store(OP + out[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_safe[:, None]).to(DTYPE),
+    return pair, rows, row_valid, acc, l_safe, m_i + tl.math.log2(l_safe)
+
+
+@triton.jit
+def _routed_fwd(Q, K, V, OP, LP, pair_query, pair_slot, chunk_pair_start, chunk_pair_count, chunk_tile_end,
+                chunk_start, chunk_end, sm_scale,
+                stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                H, C, P,
+                HEAD_DIM: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program: up to BLOCK_M pairs of one chunk (_pair_partial); each pair's normalised
+    partial out and log2-sum-exp go to its slot."""
+    pair, _rows, row_valid, acc, l_safe, lse_r = _pair_partial(
+        Q, K, V, pair_query, chunk_pair_start, chunk_pair_count, chunk_tile_end, chunk_start, chunk_end, sm_scale,
+        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, H, C, P,
+        HEAD_DIM, C_PAD, BLOCK_M, BLOCK_N)
+    slots = tl.load(pair_slot + pair, mask=row_valid, other=0).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    out = tl.program_id(1).to(tl.int64) * P + slots
+    tl.store(LP + out, lse_r, mask=row_valid)
+    tl.store(OP + out[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_safe[:, None]).to(Q.dtype.element_ty),
              mask=row_valid[:, None])
 
 
@@ -217,32 +232,17 @@ def _routed_fwd_into(Q, K, V, OUT, LSE, pair_query, chunk_pair_start, chunk_pair
                      H, NQ, C, P,
                      HEAD_DIM: tl.constexpr, C_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One slot's routed pairs, merged straight into the output: each program computes its pairs'
-    partial out and log2-sum-exp as _routed_fwd does, then folds them into the rows' running output
-    OUT (q's dtype, strided like Q) and running log-sum-exp LSE (B * H, NQ) float32. A query has at
-    most one pair in a slot, so no other program of this launch touches its row."""
-    DTYPE: tl.constexpr = Q.dtype.element_ty
-    t = tl.program_id(0)
+    partial results (_pair_partial), then folds them into the rows' running output OUT (q's dtype,
+    strided like Q) and running log-sum-exp LSE (B * H, NQ) float32. A query has at most one pair
+    in a slot, so no other program of this launch touches its row."""
+    _pair, rows, row_valid, acc, l_safe, lse_r = _pair_partial(
+        Q, K, V, pair_query, chunk_pair_start, chunk_pair_count, chunk_tile_end, chunk_start, chunk_end, sm_scale,
+        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, H, C, P,
+        HEAD_DIM, C_PAD, BLOCK_M, BLOCK_N)
     off_hz = tl.program_id(1)
     off_b = (off_hz // H).to(tl.int64)
     off_h = (off_hz % H).to(tl.int64)
-    c, pair, row_valid = _pair_tile(t, off_hz, chunk_tile_end, chunk_pair_start, chunk_pair_count, C, P, C_PAD, BLOCK_M)
-    rows = tl.load(pair_query + pair, mask=row_valid, other=0).to(tl.int64)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
-                mask=row_valid[:, None], other=0.0)
-    lo = tl.load(chunk_start + c)
-    hi = tl.load(chunk_end + c)
-    hi = tl.where(tl.max(row_valid.to(tl.int32), 0) > 0, hi, lo)  # nothing to do: walk nothing
-    qk_scale = sm_scale * 1.44269504
-    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, l_i, m_i = _attn_fwd_range(acc, l_i, m_i, q, row_valid, K + off_b * stride_kb + off_h * stride_kh,
-                                    V + off_b * stride_vb + off_h * stride_vh, lo, hi, stride_kn, stride_vn,
-                                    qk_scale, offs_n, offs_d, BLOCK_N, DTYPE)
-    l_safe = tl.where(row_valid, l_i, 1.0)
-    lse_r = m_i + tl.math.log2(l_safe)
     stat = off_hz.to(tl.int64) * NQ + rows
     lse_run = tl.load(LSE + stat, mask=row_valid, other=0.0)
     m = tl.maximum(lse_run, lse_r)
