@@ -5,10 +5,12 @@ served afterwards, saved stories stay whole, and the cap holds."""
 
 import json
 import os
+import queue
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -44,39 +46,87 @@ def _consistent(root: Path) -> set[str]:
     return keys
 
 
-def _cli(story_path: Path, model: Path, cache: Path, out: Path) -> subprocess.Popen:
+def _cli(story_path: Path, model: Path, cache: Path, out: Path, stderr=subprocess.PIPE) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "launch.py", "--story", str(story_path), "--model", str(model),
                              "--cache-dir", str(cache), "--out", str(out), "--device", "cpu"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+
+
+def _lines(proc: subprocess.Popen) -> queue.Queue:
+    """Each line `proc` prints as (time printed, line), then None (a thread reads its stdout)."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.put((time.perf_counter(), line))
+        lines.put(None)
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _drain(lines: queue.Queue) -> list[tuple[float, str]]:
+    out = []
+    while (item := lines.get(timeout=300)) is not None:
+        out.append(item)
+    return out
+
+
+def _shot_lines(lines) -> dict[int, str]:
+    """{shot: status} from the CLI's `shot NN: status  S s ...` lines."""
+    return {int(w[1].rstrip(":")): w[2] for w in (line.split() for line in lines)
+            if len(w) > 2 and w[0] == "shot" and w[1].endswith(":")}
+
+
+def _shot_wall_seconds(story_path: Path, model: Path, root: Path) -> float:
+    """The longest time on this machine from a shot's first sampling step to its finished take (sampling,
+    decoding, the cache write and the video): one whole render into a scratch cache, timed by its output."""
+    proc = _cli(story_path, model, root / "cache", root / "out", stderr=subprocess.DEVNULL)
+    timed = _drain(_lines(proc))
+    assert proc.wait(timeout=60) == 0
+    starts = [t for t, line in timed if "step 1/" in line]
+    ends = [t for t, line in timed if line.startswith("shot ")]
+    assert len(starts) == len(ends) == 4, timed
+    return max(end - start for start, end in zip(starts, ends))
 
 
 def test_sigkill_at_random_moments_loses_nothing(tiny_model_dir, tmp_path):
+    """Each run is killed at a random moment measured from its first sampling step, a random fraction
+    (up to 1.25) of the time one shot takes on this machine, so the kills land mid-sampling,
+    mid-decode, mid-cache-write and mid-save on a fast machine and a slow one alike."""
     story_path = crash_story("kill").save(tmp_path / "story.json")
     saved = story_path.read_bytes()
+    shot_s = _shot_wall_seconds(story_path, tiny_model_dir, tmp_path / "calibration")
     cache, rng = tmp_path / "cache", random.Random(7)
     finished: set[int] = set()  # shots a killed run reported done: they must be served afterwards
     kills = 0
     for attempt in range(KILLS):
-        proc = _cli(story_path, tiny_model_dir, cache, tmp_path / f"out{attempt}")
-        time.sleep(rng.uniform(3.0, 12.0))  # the model loads in about 3 s, a render takes about 10 s
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        out, _ = proc.communicate(timeout=60)
-        finished |= {int(line.split()[1].rstrip(":")) for line in out.splitlines() if line.startswith("shot ")}
+        proc = _cli(story_path, tiny_model_dir, cache, tmp_path / f"out{attempt}", stderr=subprocess.DEVNULL)
+        lines, seen = _lines(proc), []
+        while (item := lines.get(timeout=300)) is not None and "step 1/" not in item[1]:
+            seen.append(item[1])
+        if item is not None:  # sampling has begun: kill somewhere in or just after this shot
+            time.sleep(rng.uniform(0.0, 1.25) * shot_s)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+            seen += [line for _, line in _drain(lines)]
+        proc.wait(timeout=60)
+        finished |= set(_shot_lines(seen))
         _consistent(cache)
         assert story_path.read_bytes() == saved
-    assert kills >= KILLS // 2, "most runs must be killed mid-render for this test to mean anything"
+    assert kills >= KILLS // 2, (f"only {kills} of {KILLS} runs were killed mid-render: "
+                                 "the test means little unless most are")
     proc = _cli(story_path, tiny_model_dir, cache, tmp_path / "final")
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err
-    status = {int(line.split()[1].rstrip(":")): line.split()[2] for line in out.splitlines() if line.startswith("shot ")}
+    status = _shot_lines(out.splitlines())
     assert sorted(status) == [0, 1, 2, 3]
     assert all(status[s] == "cached" for s in finished), (finished, status)
     assert not list((cache / "tmp").iterdir()) or all(
         time.time() - p.stat().st_mtime < 3600 for p in (cache / "tmp").iterdir())  # only staging of killed writers
-    print(f"{kills} SIGKILLs; shots finished before a kill: {sorted(finished)}; final: {status}")
+    print(f"{kills} SIGKILLs (a shot takes {shot_s:.2f} s); shots finished before a kill: "
+          f"{sorted(finished)}; final: {status}")
 
 
 SAVER = """
