@@ -79,6 +79,8 @@ class BenchConfig:
     stories: int = 100  # held-out stories
     steps: int | None = None  # denoising steps (None: the story default)
     guidance: float | None = None  # classifier-free guidance (None: the story default)
+    top_k: int | None = None  # MoC's routed chunks per query (None: the story default)
+    context_noise: float | None = None  # shot by shot: the context shots' noise level (None: the story default)
     modes: tuple[str, ...] = MODES  # "joint", "shot_by_shot"
     variants: tuple[str, ...] = VARIANTS  # "moc", "dense", "isolated"
     height: int = 128  # frame size
@@ -131,7 +133,11 @@ def moc_backend(model: StoryModel) -> tuple[str, str]:
 def story_settings(variant: str, mode: str, backend: str, config: BenchConfig) -> dict:
     """GenerationSettings fields of one variant (to_story's keyword arguments); backend: moc_backend's."""
     moc = MoCSettings(enabled=False) if variant == "dense" else MoCSettings(backend=backend)
+    if config.top_k is not None:
+        moc.top_k = config.top_k
     settings = dict(height=config.height, width=config.width, mode=mode, moc=moc)
+    if config.context_noise is not None:
+        settings["context_noise"] = config.context_noise
     if config.steps is not None:
         settings["steps"] = config.steps
     if config.guidance is not None:
@@ -567,6 +573,7 @@ def run_benchmark(model: StoryModel, config: BenchConfig, log=sys.stderr, checkp
             "codec": model.codec.name, "device": str(model.device), "dtype": str(model.dtype),
             "torch": torch.__version__, "date": datetime.date.today().isoformat(),
             "steps": config.steps or defaults.steps, "guidance": config.guidance or defaults.guidance,
+            "context_noise": defaults.context_noise if config.context_noise is None else config.context_noise,
             "height": config.height, "width": config.width, "frames": config.frames,
             "seed_offset": config.seed_offset, "shard": f"{index}/{count}",
             "names": "train for even story indices, heldout for odd", "length_cycle": list(LENGTH_CYCLE),
@@ -623,9 +630,14 @@ def merge_results(documents: list[dict]) -> dict:
     if not documents:
         raise ValueError("nothing to merge")
     head = dict(documents[0]["config"])
-    keys = ("model_identity", "steps", "guidance", "height", "width", "frames", "modes")
+    keys = ("model_identity", "steps", "guidance", "context_noise", "top_k", "height", "width", "frames", "modes")
+
+    def setting(config: dict, key: str):  # runs from before a setting was recorded ran at its default
+        if key == "top_k":
+            return config.get("moc", {}).get("top_k", MoCSettings().top_k)
+        return config.get(key, GenerationSettings().context_noise if key == "context_noise" else None)
     for doc in documents[1:]:
-        differing = [k for k in keys if doc["config"].get(k) != head.get(k)]
+        differing = [k for k in keys if setting(doc["config"], k) != setting(head, k)]
         if differing:
             raise ValueError(f"cannot merge runs that differ in {differing}")
     groups: dict[tuple[str, ...], list[dict]] = {}  # variant set -> its documents
@@ -726,6 +738,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stories", type=int, default=100)
     parser.add_argument("--steps", type=int, default=None, help="default: the story default")
     parser.add_argument("--guidance", type=float, default=None, help="default: the story default")
+    parser.add_argument("--top-k", type=int, default=None, help="MoC's routed chunks per query (default: the story "
+                        "default); tune such settings on stories of another --seed-offset, never on the reported ones")
+    parser.add_argument("--context-noise", type=float, default=None,
+                        help="shot by shot: the context shots' noise level (default: the story default)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -753,7 +769,8 @@ def main(argv: list[str] | None = None) -> dict:
         assert len(shard) == 2 and shard[1] >= 1
     except (ValueError, AssertionError):
         parser.error(f"--shard must look like 0/4, got {args.shard!r}")
-    config = BenchConfig(stories=args.stories, steps=args.steps, guidance=args.guidance,
+    config = BenchConfig(stories=args.stories, steps=args.steps, guidance=args.guidance, top_k=args.top_k,
+                         context_noise=args.context_noise,
                          modes=tuple(args.modes.split(",")), variants=tuple(args.variants.split(",")),
                          height=args.height, width=args.width, frames=args.frames, seed_offset=args.seed_offset,
                          memory=args.memory, shard=shard, time_limit=args.time_limit, open_top_k=args.open_top_k)

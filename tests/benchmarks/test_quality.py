@@ -222,6 +222,35 @@ def test_shards_merge_into_the_whole_run(tiny_model_dir, tmp_path):
     assert other["config"]["steps"] == 1
 
 
+def test_top_k_and_context_noise_reach_the_stories_and_keep_runs_apart(tiny_model, tiny_model_dir, tmp_path):
+    """--top-k and --context-noise set the rendered stories' MoC top-k and context noise (dense keeps
+    attention dense), are recorded in the JSON, and runs that differ in them do not merge."""
+    config = BenchConfig(top_k=2, context_noise=0.6)
+    moc = to_story(sample_story(5, num_shots=3, frames=2), **story_settings("moc", "shot_by_shot", "auto", config))
+    dense = to_story(sample_story(5, num_shots=3, frames=2), **story_settings("dense", "joint", "auto", config))
+    assert moc.settings.moc.top_k == 2 and moc.settings.context_noise == 0.6 and moc.settings.moc.enabled
+    assert not dense.settings.moc.enabled
+    default = to_story(sample_story(5, num_shots=3, frames=2), **story_settings("moc", "joint", "auto", BenchConfig()))
+    assert default.settings.moc.top_k == MoCConfig().top_k and default.settings.context_noise == 0.25
+    common = ["--model", str(tiny_model_dir), "--steps", "1", "--height", "32", "--width", "48", "--frames", "2",
+              "--device", "cpu", "--modes", "shot_by_shot", "--variants", "moc", "--stories", "1"]
+    base = main(common + ["--json", str(tmp_path / "base.json")])
+    assert base["config"]["moc"]["top_k"] == MoCConfig().top_k and base["config"]["context_noise"] == 0.25
+    for flag, value, name in (("--top-k", "1", "top_k"), ("--context-noise", "0.5", "context_noise")):
+        other = main(common + [flag, value, "--seed-offset", "1", "--json", str(tmp_path / f"{name}.json")])
+        assert str(other["config"]["moc"]["top_k"] if name == "top_k" else other["config"][name]) == value
+        with pytest.raises(ValueError, match=name):
+            main(["--merge", str(tmp_path / "base.json"), str(tmp_path / f"{name}.json")])
+    # a run recorded before context_noise was written down ran at the default and still pools
+    old = json.loads((tmp_path / "base.json").read_text())
+    del old["config"]["context_noise"]
+    old["config"]["seeds"] = [s + 7 for s in old["config"]["seeds"]]
+    for row in old["stories"]:
+        row["seed"] += 7
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main(["--merge", str(tmp_path / "base.json"), str(tmp_path / "old.json")])["config"]["stories"] == 2
+
+
 def test_runs_of_other_variants_join_on_their_common_stories(tiny_model_dir, tmp_path):
     """--variants moc and --variants isolated run apart (two GPU calls) and merged equal one run of
     both on the stories both finished; runs sharing a variant are refused."""
