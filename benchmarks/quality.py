@@ -631,11 +631,10 @@ def merge_results(documents: list[dict]) -> dict:
         raise ValueError("nothing to merge")
     head = dict(documents[0]["config"])
     keys = ("model_identity", "steps", "guidance", "context_noise", "top_k", "height", "width", "frames", "modes")
+    unrecorded = {"context_noise": GenerationSettings().context_noise}  # runs from before it was recorded
 
-    def setting(config: dict, key: str):  # runs from before a setting was recorded ran at its default
-        if key == "top_k":
-            return config.get("moc", {}).get("top_k", MoCSettings().top_k)
-        return config.get(key, GenerationSettings().context_noise if key == "context_noise" else None)
+    def setting(config: dict, key: str):
+        return config["moc"]["top_k"] if key == "top_k" else config.get(key, unrecorded.get(key))
     for doc in documents[1:]:
         differing = [k for k in keys if setting(doc["config"], k) != setting(head, k)]
         if differing:
