@@ -57,6 +57,7 @@ from engine.moc.flex import build_block_mask, flex_moc_attention  # noqa: E402
 from engine.moc.triton_attention import kernel_plan, triton_moc_attention  # noqa: E402
 from engine.moc.forced import sdpa_forced_attention, sdpa_forced_plan  # noqa: E402
 from engine.moc.graphed import GraphedAttention  # noqa: E402
+from engine.moc import triton_gather
 from engine.moc.triton_gather import GATHER_BLOCK, forced_attention, forced_only, gather_moc_attention  # noqa: E402
 
 FRAME_TOKENS = {"16k": 136, "64k": 544, "180k": 1500}
@@ -372,7 +373,14 @@ def main():
     parser.add_argument("--gather-block", default=None, metavar="M,N,WARPS",
                         help="the gather kernels' query rows, key columns and warps a program on the GPU "
                              f"(default {','.join(map(str, GATHER_BLOCK['cuda']))}; recorded in the JSON)")
+    parser.add_argument("--render-merge", default=None, choices=triton_gather.GATHER_MERGES,
+                        help="how gather's forward without gradients merges the routed slots, for every row that "
+                             "leaves it to the engine (moc-auto, moc-gather*): 'buffers' (per-pair partial outputs, "
+                             "then one merge) or 'in_place' (folded into the output slot by slot); default: the "
+                             f"engine's ({triton_gather.GATHER_RENDER_MERGE}); recorded in the JSON")
     args = parser.parse_args()
+    if args.render_merge:
+        triton_gather.GATHER_RENDER_MERGE = args.render_merge
     if args.gather_block:
         try:
             m, n, warps = (int(x) for x in args.gather_block.split(","))
@@ -413,6 +421,7 @@ def write_json(path: Path, rows: list[dict], device: str, date: str) -> None:
             "heads": TINY["heads"] if tiny else HEADS, "head_dim": TINY["head_dim"] if tiny else HEAD_DIM,
             "top_k": 2 if tiny else TOP_K, "dtype": "float32" if tiny else "bfloat16",
             "gather_block": list(GATHER_BLOCK["cpu" if tiny else "cuda"]),
+            "render_merge": triton_gather.GATHER_RENDER_MERGE,
             "workload": "8 shots x 15 frames x frame_tokens (136 / 544 / 1500), chunk = frame, shot anchor, causal "
                         "across shots; structured inputs per benchmarks/workload.py, random = i.i.d. normal",
             "summary": summary(rows), "rows": rows}

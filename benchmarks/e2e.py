@@ -367,7 +367,27 @@ def part_scaling(st, size, device, dtype, log) -> list[dict]:
     return rows
 
 
-def part_render(engine, size, device, steps: int, out: Path, dense: bool, log) -> dict:
+def profiled(fn, device, log, label: str, top: int = 12):
+    """fn() under torch.profiler; logs the top kernels by device time and the top host operations
+    by their own host time (where a slow phase spends it). Returns fn's result."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        result = fn()
+    events = prof.key_averages()
+    if cuda:
+        kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA),
+                         key=lambda e: -e.device_time_total)[:top]
+        log(f"{label}, kernels: " + "; ".join(f"{e.key[:48]} {e.device_time_total / 1e3:.1f} ms x{e.count}"
+                                              for e in kernels))
+    host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    log(f"{label}, host: " + "; ".join(f"{e.key[:48]} {e.self_cpu_time_total / 1e3:.1f} ms x{e.count}" for e in host))
+    return result
+
+
+def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, profile_regenerate: bool = False,
+                shot_by_shot: bool = True) -> dict:
     from engine.events import Progress, ShotDone
 
     def on_event(event):
@@ -377,12 +397,13 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log) -
             s = event.result
             log(f"  shot {s.index + 1}: {s.status}, {s.seconds:.1f} s, {s.frames} frames -> {s.video_path}")
 
-    def render(story, name, **kw):
+    def render(story, name, profiled_as=None, **kw):
         from engine.engine import ResourceError
         _reset_peak(device)
         t0 = time.perf_counter()
         try:
-            result = engine.render(story, out_dir=out / name, on_event=on_event, **kw)
+            go = lambda: engine.render(story, out_dir=out / name, on_event=on_event, **kw)
+            result = profiled(go, device, log, profiled_as) if profiled_as else go()
         except ResourceError as err:  # out of memory under the cap: the engine's message, recorded
             log(f"render {name}: {err}")
             return {"render": name, "seconds": None, "peak_gib": _peak_gib(device), "error": str(err),
@@ -392,6 +413,8 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log) -
         row = {"render": name, "seconds": round(seconds, 2), "peak_gib": _peak_gib(device),
                "statuses": [s.status for s in result.shots], "sparsity": result.summary.get("sparsity"),
                "videos": videos, "videos_ok": all(v["codec"] == "h264" and v["frames"] > 0 for v in videos)}
+        if result.summary.get("both_sides") is not None:
+            row["both_sides"] = result.summary["both_sides"]
         log(f"render {name}: {seconds:.1f} s, peak {row['peak_gib']} GiB, {row['statuses']}")
         return row
 
@@ -401,9 +424,16 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log) -
     middle = (size["shots"] - 1) // 2  # shot 4 of 8: regenerated with the others as cached context
     again = make_story(size, steps, "joint", True)
     again.shots[middle].seed = 9_999  # a new take of it
-    row = render(again, "moc_joint_regenerate", regenerate=middle)
+    # the app's default: both sides as context (the later shots too); then earlier shots only
+    row = render(again, "moc_joint_regenerate", regenerate=middle,
+                 profiled_as="regenerate, both sides" if profile_regenerate else None)
     rows.append({**row, "regenerated_shot": middle})
-    rows.append(render(make_story(size, steps, "shot_by_shot", True, seed0=200), "moc_shot_by_shot"))
+    again.shots[middle].seed = 9_998  # another new take, so it is sampled again
+    row = render(again, "moc_joint_regenerate_earlier", regenerate=middle, both_sides=False,
+                 profiled_as="regenerate, earlier shots only" if profile_regenerate else None)
+    rows.append({**row, "regenerated_shot": middle})
+    if shot_by_shot:
+        rows.append(render(make_story(size, steps, "shot_by_shot", True, seed0=200), "moc_shot_by_shot"))
     if dense:
         with dense_backend("cudnn"):
             rows.append(render(make_story(size, steps, "joint", False, seed0=300), "dense_cudnn_joint"))
@@ -411,7 +441,9 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log) -
             rows.append(render(make_story(size, steps, "joint", False, seed0=400), "dense_flash_joint"))
     by = {r["render"]: r for r in rows}
     joint, again = by["moc_joint"]["seconds"], by["moc_joint_regenerate"]["seconds"]
-    return {"rows": rows, "regenerate_speedup": round(joint / again, 3) if joint and again else None}
+    earlier = by["moc_joint_regenerate_earlier"]["seconds"]
+    return {"rows": rows, "regenerate_speedup": round(joint / again, 3) if joint and again else None,
+            "regenerate_speedup_earlier_only": round(joint / earlier, 3) if joint and earlier else None}
 
 
 def probe(path) -> dict:
@@ -474,6 +506,10 @@ def main(argv=None) -> int:
                         "80 GB H100), so a larger GPU shows whether the story fits one H100; 0: no cap")
     p.add_argument("--repeats", type=int, default=2, help="timed forwards per variant (median)")
     p.add_argument("--render-dense", action="store_true", help="also render the story with dense cuDNN and flash")
+    p.add_argument("--profile-regenerate", action="store_true",
+                   help="render part: run both regenerations under torch.profiler and log their top kernels "
+                        "and host operations (slower; their seconds then include the profiler)")
+    p.add_argument("--no-shot-by-shot", action="store_true", help="render part: leave out the shot-by-shot render")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (default: 30; tiny: 2)")
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer's blocks first (StoryTransformer.compile_blocks; the first "
@@ -545,9 +581,11 @@ def main(argv=None) -> int:
         result["scaling"] = part_scaling(st, size, device, dtype, log)
         write_json()
     if "render" in parts:
-        render = part_render(engine, size, device, args.steps, log_dir, args.render_dense, log)
+        render = part_render(engine, size, device, args.steps, log_dir, args.render_dense, log,
+                             profile_regenerate=args.profile_regenerate, shot_by_shot=not args.no_shot_by_shot)
         result["render"] = render["rows"]
         result["regenerate_speedup"] = render["regenerate_speedup"]
+        result["regenerate_speedup_earlier_only"] = render["regenerate_speedup_earlier_only"]
     print(json.dumps({k: v for k, v in result.items() if k.endswith("speedup") or "speedup_vs" in k}))
     write_json()
     if "scaling" in parts:

@@ -14,6 +14,7 @@
 #    python3 benchmarks/forward_gaps.py --shots 8 --variants moc-auto,dense-cudnn,no-self-attention [--compile]
 # Carry .whl (diffusers: forward_gaps only). Results under $OUT: attention_180k.json,
 # attention_small.json, kernels_log.txt.
+# BACKENDS_180K and BACKENDS_SMALL (env) replace the two runs' backend lists.
 # Usage: bash scripts/gpu_kernels.sh
 set -uo pipefail
 [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -30,9 +31,9 @@ fi
 # 180k first (the issue's targets), then 16k and 64k with the CUDA-graph row; each run writes its
 # JSON after every size and input kind, so a call cut short keeps what finished
 timeout $((430 - SECONDS)) python3 benchmarks/attention.py --sizes 180k --inputs structured random --repeats 5 \
-  --backends moc-triton moc-gather moc-gather-sdpa-forced moc-gather-in-place moc-auto dense-cudnn --kernels \
+  --backends ${BACKENDS_180K:-moc-triton moc-gather moc-gather-sdpa-forced moc-gather-in-place moc-auto dense-cudnn} --kernels \
   --json "$OUT/attention_180k.json" 2>&1 | grep -v "Warning\|warn(" | tail -n 40 | cut -c1-700 | tee -a "$log"
 timeout $((585 - SECONDS)) python3 benchmarks/attention.py --sizes 16k 64k --inputs structured random --repeats 5 \
-  --backends moc-gather-sdpa-forced moc-gather-in-place moc-gather-graph moc-auto dense-cudnn --kernels \
+  --backends ${BACKENDS_SMALL:-moc-gather-sdpa-forced moc-gather-in-place moc-gather-graph moc-auto dense-cudnn} --kernels \
   --json "$OUT/attention_small.json" 2>&1 | grep -v "Warning\|warn(" | tail -n 40 | cut -c1-500 | tee -a "$log"
 ls -la "$OUT"

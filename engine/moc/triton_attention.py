@@ -102,6 +102,20 @@ def _key_ranges_kernel(TILE_CHUNKS, TILE_FULL, chunk_start, chunk_end, LO, HI, C
     tl.store(COUNT + tl.program_id(0), tl.sum(starts.to(tl.int32), 0))
 
 
+# The smallest chunk-count bucket a kernel is compiled for (a constexpr: each new bucket compiles,
+# and the routing top-k autotunes, on first use). One bucket up to 128 chunks (MoC-180k has 120)
+# lets a story's shorter layouts (a regeneration's context passes over 1, 2, ... shots) reuse
+# the variants its full length compiled; on an H100 a cold both-sided regeneration of the 180k
+# story spent about 50 s compiling per-bucket variants. The kernels mask past the chunk count,
+# so the padding costs a few masked loads per program.
+CHUNK_BUCKET_MIN = 128
+
+
+def chunk_bucket(num_chunks: int) -> int:
+    """The power of two a kernel pads `num_chunks` to: at least CHUNK_BUCKET_MIN."""
+    return max(triton.next_power_of_2(num_chunks), CHUNK_BUCKET_MIN)
+
+
 def key_ranges(selection: Selection) -> KeyRanges:
     """Merge each tile's union chunks into ranges: consecutive full chunks form one range, a
     partial chunk is a range of its own (its rows are masked as a whole). One small kernel;
@@ -112,7 +126,7 @@ def key_ranges(selection: Selection) -> KeyRanges:
     count = torch.empty(B, H, T, dtype=torch.int32, device=ids.device)
     start, end = _chunk_bounds(selection)
     _key_ranges_kernel[(B * H * T,)](ids, selection.tile_full.contiguous().view(torch.int8), start, end,
-                                     lo, hi, chunk, count, C, C_PAD=triton.next_power_of_2(C))
+                                     lo, hi, chunk, count, C, C_PAD=chunk_bucket(C))
     return KeyRanges(lo, hi, chunk, count)
 
 

@@ -47,7 +47,7 @@ import triton.language as tl
 
 from .forced import FALLBACK_REASONS, ForcedGroup, sdpa_forced_attention, sdpa_forced_backward, sdpa_forced_plan
 from .selection import Selection
-from .triton_attention import (_attn_bwd_dq_range, check_inputs, _attn_fwd_range, _backward, _key_block,
+from .triton_attention import (_attn_bwd_dq_range, check_inputs, _attn_fwd_range, _backward, _key_block, chunk_bucket,
                                _delta, _forward, _last_dim_contiguous, kernel_plan, key_blocks)
 
 GATHER_BLOCK = {"cuda": (64, 64, 4), "cpu": (16, 16, 1)}  # BLOCK_M, BLOCK_N, warps (CPU: the interpreter)
@@ -70,8 +70,11 @@ GATHER_FWD_BUFFER_BYTES = 1 << 28
 # measured default above); "in_place": one launch per slot folding its partial results straight
 # into the output (no per-pair buffer at all: the forward's peak is the output and the selection,
 # as dense attention's is the output; R + 1 roundings of the output to q's dtype instead of one:
-# relative error 3.5e-3 against 2.3e-3 in bf16 for the merge alone, simulated). Not yet timed on a
-# GPU, so not the default.
+# relative error 3.5e-3 against 2.3e-3 in bf16 for the merge alone, simulated). Timed on one H100
+# (2026-12-07, benchmarks/results/attention_*_inplace_h100.json), it is not the default: at 180k
+# 65.6 / 66.9 ms against the buffers' 66.9 / 68.2 (structured / random, 2 % faster) but a higher
+# forward peak, 3.79 GiB against 3.53 (its sorted pair tables and log-sum-exp cover all heads at
+# once, where the buffers go one head at a time), and slower at 16k (3.9 against 3.2 ms structured).
 GATHER_MERGES = ("buffers", "in_place")
 GATHER_RENDER_MERGE = "buffers"
 FORCED_IMPLS = ("sdpa", "triton")  # how step 1 computes the forced links (see the module docstring)
@@ -441,7 +444,7 @@ def _routed_merge(q, k, v, selection: Selection, sm_scale: float, out: torch.Ten
     grid = (triton.cdiv(P, block_m) + C, B * H)
     _routed_fwd[grid](q, k, v, o_r, lse_r, pairs.query, pairs.slot, pairs.start, pairs.count, pairs.tile_end,
                       lt.chunk_start, lt.chunk_end, sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                      H, C, P, HEAD_DIM=D, C_PAD=max(triton.next_power_of_2(C), 2), BLOCK_M=block_m,
+                      H, C, P, HEAD_DIM=D, C_PAD=chunk_bucket(C), BLOCK_M=block_m,
                       BLOCK_N=block_n, num_warps=warps)
     # each merge program reads its rows of O_f before it writes the same rows: in place is safe
     return merge_partials(out, lse_f, o_r, lse_r, out), pairs
@@ -486,7 +489,7 @@ def _in_place_forward(q, k, v, selection: Selection, sm_scale: float, groups: tu
         _routed_fwd_into[(triton.cdiv(Nq, block_m) + C, B * H)](
             q, k, v, out, lse, by_slot.query, by_slot.start[r], by_slot.count[r], by_slot.tile_end[r],
             lt.chunk_start, lt.chunk_end, sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], H, Nq, C, Nq * R, HEAD_DIM=D, C_PAD=max(triton.next_power_of_2(C), 2),
+            *out.stride()[:3], H, Nq, C, Nq * R, HEAD_DIM=D, C_PAD=chunk_bucket(C),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return out
 
@@ -546,7 +549,7 @@ def _group_backward(q, k, v, out, lse, do, selection: Selection, pairs: RoutedPa
         _routed_bwd_dq[(triton.cdiv(Nq, block_m) + C, B * H)](
             q, k, v, do, dq_acc, lse, delta, by_slot.query, by_slot.start[r], by_slot.count[r], by_slot.tile_end[r],
             lt.chunk_start, lt.chunk_end, sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *do.stride()[:3], H, Nq, C, Nq * R, HEAD_DIM=D, C_PAD=max(triton.next_power_of_2(C), 2),
+            *do.stride()[:3], H, Nq, C, Nq * R, HEAD_DIM=D, C_PAD=chunk_bucket(C),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     del by_slot
     kb_lo, kb_hi, kb_chunk = key_blocks(selection, block_n, q.device)

@@ -22,7 +22,7 @@ import triton.language as tl
 from .layout import TokenLayout
 from .routing import MoCConfig, _drop_in, _drop_off, check_qk, links_on, split_candidates
 from .selection import Selection
-from .triton_attention import token_chunks
+from .triton_attention import chunk_bucket, token_chunks
 
 
 @triton.jit
@@ -60,11 +60,12 @@ def _packed_keys(s, cols):
 
 @triton.jit
 def _route_topk(Q, DESC, ROUTED, qchunk, cand, stride_qb, stride_qh, stride_qm,
-                stride_rb, stride_rh, stride_rm, H, NQ, C,
+                stride_rb, stride_rh, stride_rm, H, NQ, C, N_OUT,
                 HEAD_DIM: tl.constexpr, TOP_K: tl.constexpr, K_PAD: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """routed[b, h, m, :] = the TOP_K candidate chunks of query m by q . desc, best first, -1 when
-    fewer candidates exist. cand (C, C) int8: query chunk i may route to key chunk j.
+    """routed[b, h, m, :N_OUT] = the first N_OUT (<= TOP_K) of the TOP_K candidate chunks of query
+    m by q . desc, best first, -1 when fewer candidates exist. cand (C, C) int8: query chunk i may
+    route to key chunk j.
     Scores: 16-bit q is exact in its own dtype, so q . desc = q . hi + q . lo with desc split into
     two 16-bit halves: two tensor-core dots, fp32-accurate to ~2^-16. fp32 q uses ieee fp32."""
     NONE: tl.constexpr = -9223372036854775807  # below every packed key, -inf scores included
@@ -109,12 +110,20 @@ def _route_topk(Q, DESC, ROUTED, qchunk, cand, stride_qb, stride_qh, stride_qm,
     # write the TOP_K best, best first; NONE (fewer candidates than k) becomes -1
     chunk = 2147483647 - (top & 0xFFFFFFFF).to(tl.int32)
     out = ROUTED + off_b * stride_rb + off_h * stride_rh + rows64[:, None] * stride_rm + slot
-    tl.store(out, tl.where(top > NONE, chunk, -1), mask=row_ok[:, None] & (slot < TOP_K))
+    tl.store(out, tl.where(top > NONE, chunk, -1), mask=row_ok[:, None] & (slot < N_OUT))
 
 
 # Chunks scored at once: a story with more runs the blocks in turn, merging each into the running
 # top-k. 256 holds MoC-180k's 120 chunks in one block.
 BLOCK_C_MAX = 256
+
+
+def block_c(num_chunks: int) -> int:
+    """The kernel's chunk block for a story of `num_chunks` chunks: chunk_bucket's (128 up to 128
+    chunks), at most BLOCK_C_MAX. Every compiled variant is autotuned over 8 configs on first use,
+    so fewer buckets mean less waiting the first time a story's shorter layouts run (the context
+    passes of a regeneration route over 1, 2, ... shots)."""
+    return min(chunk_bucket(num_chunks), BLOCK_C_MAX)
 
 _route_topk_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
@@ -124,6 +133,8 @@ _route_topk_tuned = triton.autotune(
     # on stories of many lengths re-tuned at each new chunk count (up to 24 of them); run 2's first
     # 200 steps averaged 1.4 s a step against 0.41 s once the lengths had all been seen
     key=["HEAD_DIM", "BLOCK_C", "TOP_K"])(_route_topk)
+# (TOP_K in the key: the open shots' top-k over later chunks runs with the first top-k's TOP_K and
+# keeps its first open_slots (N_OUT), so a both-sided regeneration compiles no variant of its own)
 
 
 def triton_chunk_descriptors(k: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
@@ -170,10 +181,9 @@ def route_triton(q: torch.Tensor, k: torch.Tensor, layout: TokenLayout, config: 
         return (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
 
     def top(out, allowed, n):
-        k_pad = max(triton.next_power_of_2(n), 2)
-        block_c = min(max(triton.next_power_of_2(C), 16), BLOCK_C_MAX)
-        args = (q, desc, out, qchunk, allowed, *q.stride()[:3], *out.stride()[:3], H, Nq, C)
-        meta = dict(HEAD_DIM=D, TOP_K=n, K_PAD=k_pad, BLOCK_C=block_c)
+        k = max(n, kk)  # the best n are the first n of the best k (packed keys never tie)
+        args = (q, desc, out, qchunk, allowed, *q.stride()[:3], *out.stride()[:3], H, Nq, C, n)
+        meta = dict(HEAD_DIM=D, TOP_K=k, K_PAD=max(triton.next_power_of_2(k), 2), BLOCK_C=block_c(C))
         if q.is_cuda:
             _route_topk_tuned[grid](*args, **meta)
         else:  # the CPU interpreter (tests)

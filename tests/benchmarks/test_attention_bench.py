@@ -48,6 +48,7 @@ def test_tiny_run_times_gather_both_ways_and_the_forced_links_alone(tmp_path):
     attention.write_json(path, rows, "cpu", "")
     meta = json.loads(path.read_text(), parse_constant=reject)  # strict JSON: no NaN
     assert meta["heads"] == attention.TINY["heads"] and len(meta["rows"]) == len(backends)
+    assert meta["render_merge"] == attention.triton_gather.GATHER_RENDER_MERGE  # what moc-auto's forward ran
 
 
 def test_the_summary_sets_gather_against_the_ideal_of_its_density():

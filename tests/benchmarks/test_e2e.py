@@ -43,14 +43,27 @@ def test_scaling_grows_the_story_one_shot_at_a_time(run):
 def test_renders_write_videos_and_regenerate_keeps_the_other_shots(run):
     work, data = run
     rows = {r["render"]: r for r in data["render"]}
-    assert set(rows) == {"moc_joint", "moc_joint_regenerate", "moc_shot_by_shot"}
+    assert set(rows) == {"moc_joint", "moc_joint_regenerate", "moc_joint_regenerate_earlier", "moc_shot_by_shot"}
     assert all(r["videos_ok"] for r in rows.values())
     joint = rows["moc_joint"]["videos"]
     assert [v["codec"] for v in joint] == ["h264"] * 4 and [v["frames"] for v in joint] == [5, 5, 5, 15]
     assert rows["moc_joint"]["statuses"] == ["generated"] * 3
     assert rows["moc_joint_regenerate"]["statuses"] == ["cached", "generated", "cached"]
+    assert rows["moc_joint_regenerate"]["both_sides"] is True  # the app's default: the later shot is context
+    # earlier shots only: the later shot no longer follows from the new take, so it is stale
+    assert rows["moc_joint_regenerate_earlier"]["statuses"] == ["cached", "generated", "stale"]
+    assert rows["moc_joint_regenerate_earlier"]["both_sides"] is False
+    assert data["regenerate_speedup_earlier_only"] > 0
     assert (work / "out" / "moc_joint" / "story.mp4").stat().st_size > 0
     assert "render moc_joint_regenerate" in (work / "out" / "e2e_log.txt").read_text()
+
+
+def test_profiled_returns_the_result_and_logs_where_the_host_time_went():
+    import torch
+    lines = []
+    out = e2e.profiled(lambda: torch.ones(64, 64) @ torch.ones(64, 64), torch.device("cpu"), lines.append, "mm")
+    assert float(out[0, 0]) == 64.0
+    assert len(lines) == 1 and lines[0].startswith("mm, host: ") and "aten::" in lines[0]
 
 
 def test_the_scaling_plot_is_drawn_from_the_json(run, tmp_path):

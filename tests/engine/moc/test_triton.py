@@ -375,6 +375,41 @@ def test_open_shots_with_their_own_top_k_route_and_attend_like_the_reference(tra
     check_gather(q, k, v, got)
 
 
+def test_a_regenerations_layouts_share_one_compiled_routing_variant(monkeypatch):
+    """Every compiled variant of the routing top-k is autotuned over 8 configs on first use (on an
+    H100 a cold both-sided regeneration of the 180k story spent about 50 s on them). The context
+    passes over 1, 2, ... shots, the joint pass over all of them and the open shots' own top-k
+    over later chunks must all launch the same constexprs, and the gather kernels one chunk
+    bucket for all of them."""
+    from engine.moc import triton_routing
+    from engine.moc.triton_attention import CHUNK_BUCKET_MIN, chunk_bucket
+    seen = set()
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                seen.add(tuple(sorted((k, v) for k, v in meta.items() if k != "BLOCK_M")))
+                return self.kernel[grid](*args, **meta)
+            return launch
+
+    name = "_route_topk_tuned" if CUDA else "_route_topk"
+    monkeypatch.setattr(triton_routing, name, Recorder(getattr(triton_routing, name)))
+    frames = (2, 1, 3, 2, 2)
+    for shots in range(1, len(frames) + 1):
+        layout = TokenLayout(frame_tokens=13 if INTERPRET else 150, shot_frames=frames[:shots])
+        q, k, _ = random_qkv(layout, 1, 2, 64, DTYPES[0], seed=shots, structured=False)
+        for config in (MoCConfig(top_k=2, tile=TILE), MoCConfig(top_k=2, tile=TILE, open_shots=(0,), open_top_k=1)):
+            sel = route(q, k, layout, config, impl="triton")
+            ref = route(q, k, layout, config, impl="reference")
+            assert torch.equal(ref.routed.cpu(), sel.routed.cpu())
+    assert len(seen) == 1, seen
+    assert {chunk_bucket(c) for c in range(1, CHUNK_BUCKET_MIN + 1)} == {CHUNK_BUCKET_MIN}
+    assert chunk_bucket(CHUNK_BUCKET_MIN + 1) == 2 * CHUNK_BUCKET_MIN
+
+
 # ---- backend "gather": the routed part per key chunk -------------------------------------------
 
 def check_gather(q, k, v, sel, scale=None, forced=None):
