@@ -187,7 +187,7 @@ def render_with(args, story, out: Path, parallel, device: str, quiet: bool = Fal
     def on_event(event) -> None:
         if quiet:
             return
-        if isinstance(event, Progress) and event.step and event.step in (1, event.total):
+        if isinstance(event, Progress) and (event.context is not None or event.step in (1, event.total)):
             print(f"  {event.message}", flush=True)
         elif isinstance(event, ShotDone):
             r = event.result

@@ -37,6 +37,7 @@ or the tests' patch: tests/benchmarks/test_attention_bench.py runs them so).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -57,6 +58,7 @@ from engine.moc.flex import build_block_mask, flex_moc_attention  # noqa: E402
 from engine.moc.triton_attention import kernel_plan, triton_moc_attention  # noqa: E402
 from engine.moc.forced import sdpa_forced_attention, sdpa_forced_plan  # noqa: E402
 from engine.moc.graphed import GraphedAttention  # noqa: E402
+from engine.moc.interpret import interpreter_numpy_shim
 from engine.moc import triton_gather
 from engine.moc.triton_gather import GATHER_BLOCK, forced_attention, forced_only, gather_moc_attention  # noqa: E402
 
@@ -403,6 +405,13 @@ def main():
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     print(" ".join(c.rjust(w) for c, w in COLUMNS))
     rows = []
+    interpreted = args.device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    with interpreter_numpy_shim() if interpreted else contextlib.nullcontext():
+        run_sizes(args, rows, device, date)
+    print("\n".join(summary(rows)))
+
+
+def run_sizes(args, rows: list[dict], device: str, date: str) -> None:
     for size in args.sizes:
         for inputs in args.inputs:
             repeats = max(3, args.repeats // 2) if size == "180k" else args.repeats
@@ -411,7 +420,6 @@ def main():
                 rows.append({**row, "device": device, "date": date})
             if args.json:  # after every size, so that a cut-off run still leaves its rows
                 write_json(args.json, rows, device, date)
-    print("\n".join(summary(rows)))
 
 
 def write_json(path: Path, rows: list[dict], device: str, date: str) -> None:

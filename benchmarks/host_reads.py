@@ -127,8 +127,8 @@ def training_step_reads(backend: str, seed: int = 0, route_probe: bool = False) 
     tiny Wan transformer on 2 stories of 3 shots of 2 frames, with `backend` ("triton", "gather");
     route_probe: with the routing probe's loss (training.RouteProbe) on random look labels."""
     from engine.moc import MoCConfig
+    from engine.moc.interpret import interpreter_numpy_shim
     from engine.training import RouteProbe, StoryBatch, TrainingConfig, training_loss
-    from tests.engine.moc.conftest import interpreter_numpy_shim
     tr = tiny_transformer(seed)
     tr.model.train()
     g = torch.Generator().manual_seed(seed)
@@ -154,7 +154,7 @@ def forward_reads(backend: str, seed: int = 0) -> list[dict]:
     from benchmarks.wan_forward import forward
     from engine.backbone import make_cross_plan
     from engine.moc import MoCConfig, TokenLayout
-    from tests.engine.moc.conftest import interpreter_numpy_shim
+    from engine.moc.interpret import interpreter_numpy_shim
     tr = tiny_transformer(seed)
     tr.model.eval()
     g = torch.Generator().manual_seed(seed)

@@ -492,13 +492,24 @@ class StoryEngine:
         encoded = 0
         try:
             for r, run in enumerate(runs):
+                after = both and run.start == regenerate
+                # the context passes before this run's sampling (each a forward of one shot): shown
+                # as they go, since on a GPU the seven of a both-sided regeneration take seconds
+                passes = list(range(encoded, run.start)) + (list(range(run.start + 1, len(plans))) if after else [])
+
+                def reading(j: int, r: int = r, run=run, passes=passes) -> None:
+                    emit(Progress(shot=run.shots[0] if len(run.shots) == 1 else None, step=0,
+                                  total=story.settings.steps, run=r, runs=len(runs), shots=run.shots, context=j,
+                                  message=f"run {r + 1}/{len(runs)}: reading shot {j + 1} as context "
+                                          f"({passes.index(j) + 1} of {len(passes)})"))
                 for j in range(encoded, run.start):
+                    reading(j)
                     sampler.encode_context(j, takes[j].latents, context_noise_seed(int(takes[j].meta["seed"])))
                 encoded = run.start
-                after = both and run.start == regenerate
                 if after:  # later shots as context: encoded without looking at the shot being replaced
                     sampler.hold_context(regenerate)
                     for j in range(regenerate + 1, len(plans)):
+                        reading(j)
                         sampler.encode_context(j, takes[j].latents, context_noise_seed(int(takes[j].meta["seed"])),
                                                exclude=(regenerate,))
                 emit(Progress(shot=run.shots[0] if len(run.shots) == 1 else None, step=0,

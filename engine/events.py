@@ -52,6 +52,7 @@ class Progress:
     runs: int = 1  # sampling runs this render needs
     shots: tuple[int, ...] = ()  # every shot the current run samples
     density: float = 1.0  # attention density of the last step (1.0 = dense)
+    context: int | None = None  # a context pass of this shot (step 0), before the run's sampling
 
 
 @dataclass(frozen=True)

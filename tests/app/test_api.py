@@ -89,8 +89,12 @@ def test_generate_then_regenerate_one_shot(client):
     assert regen_hashes[names[2]] == first[2], context
     # one-sided on request: the later shot's take is kept but stale (its context changed)
     story.shots[1].seed += 1
-    *_, one = client.predict(story.to_dict(), 1, False, api_name="/regenerate")
+    job = client.submit(story.to_dict(), 1, False, api_name="/regenerate")
+    *_, one = job.result(timeout=120)
     assert [s["status"] for s in one["shots"]] == ["cached", "generated", "stale"], one["shots"]
+    # before its steps, the stream named the one context pass it ran (shot 0, read before shot 1)
+    running = [r for _, _, r in job.outputs() if r and r.get("state") == "running"]
+    assert [r["context"] for r in running if r["context"] is not None] == [0], running
 
 
 def wait_for_step(job, at_least: int = 1, timeout: float = 120.0) -> dict:

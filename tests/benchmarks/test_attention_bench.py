@@ -51,6 +51,22 @@ def test_tiny_run_times_gather_both_ways_and_the_forced_links_alone(tmp_path):
     assert meta["render_merge"] == attention.triton_gather.GATHER_RENDER_MERGE  # what moc-auto's forward ran
 
 
+def test_the_command_line_check_runs_the_triton_rows_under_the_interpreter(tmp_path, monkeypatch):
+    """`TRITON_INTERPRET=1 python benchmarks/attention.py --device cpu` (what its help offers as the
+    CPU check) runs the Triton rows; it applies the interpreter's numpy patch itself."""
+    from benchmarks import attention
+    path = tmp_path / "cli.json"
+    monkeypatch.setattr("sys.argv", ["attention.py", "--device", "cpu", "--backends", "moc-gather-sdpa-forced",
+                                     "moc-gather-in-place", "dense-cudnn", "--render-merge", "in_place",
+                                     "--json", str(path)])
+    attention.main()
+    meta = json.loads(path.read_text(), parse_constant=reject)
+    # dense-cudnn is a GPU row: left out on the CPU
+    assert {r["backend"] for r in meta["rows"]} == {"moc-gather-sdpa-forced", "moc-gather-in-place"}
+    assert meta["render_merge"] == "in_place" and all(r["fwd_ms"] > 0 for r in meta["rows"])
+    attention.triton_gather.GATHER_RENDER_MERGE = "buffers"  # the module-level setting, as it was
+
+
 def test_the_summary_sets_gather_against_the_ideal_of_its_density():
     from benchmarks import attention
     rows = [{"size": "180k", "inputs": "random", "backend": "dense-cudnn", "attn_ms": 350.0, "density": 1.0},

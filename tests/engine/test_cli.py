@@ -73,6 +73,7 @@ def test_saved_wan_pipeline_renders_through_the_cli(tiny_wan, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert [s["status"] for s in summary["shots"]] == ["cached", "generated"]  # seed -1: a new take
+    assert "reading shot 1 as context (1 of 1)" in again.stdout  # the context pass is shown as it runs
 
 
 def test_wan_checkpoint_loads_offline_with_umt5_and_vae(tiny_wan):

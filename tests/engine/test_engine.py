@@ -263,6 +263,27 @@ def test_regenerate_with_a_fixed_seed_twice_is_a_cache_hit(make_engine):
     assert [b.shots[2].status for b in both] == ["cached", "cached"]
 
 
+@pytest.mark.parametrize("both_sides", [False, True])
+def test_a_regeneration_shows_each_context_pass_before_its_steps(make_engine, both_sides):
+    """The context passes before a regeneration's sampling take seconds on a GPU (a both-sided one
+    reads every other shot): each is announced, in the order it runs, before the first step."""
+    engine = make_engine()
+    story = tiny_story("joint", seeds=(1, 2, 3))
+    engine.render(story)
+    story.shots[1].seed = 7
+    events = []
+    engine.render(story, regenerate=1, both_sides=both_sides, on_event=events.append)
+    progress = [e for e in events if isinstance(e, Progress)]
+    reading = [e.message for e in progress if e.context is not None]
+    expected = [0, 2] if both_sides else [0]  # the shots before and, both-sided, after shot 1
+    assert reading == [f"run 1/1: reading shot {j + 1} as context ({i + 1} of {len(expected)})"
+                       for i, j in enumerate(expected)]
+    first_step = next(i for i, e in enumerate(progress) if e.step > 0)
+    assert [e.context for e in progress[:first_step] if e.context is not None] == expected
+    assert all(e.context is None for e in progress[first_step:])
+    assert all(e.shots == (1,) and e.step == 0 for e in progress[:first_step])  # the shot being made
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_memory_pins_and_blocks_in_a_render(make_engine, mode):
     """Shot 2 pins shot 0 and blocks shot 1: the report shows shot 2's queries on every frame of

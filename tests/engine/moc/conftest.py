@@ -1,10 +1,9 @@
 """Shared helpers for the MoC tests: random layouts, naive specifications, the interpreter patch."""
 
-import contextlib
-
 import torch
 
 from engine.moc import MoCConfig, TokenLayout, forced_links
+from engine.moc.interpret import interpreter_numpy_shim  # noqa: F401  (the MoC tests import it from here)
 
 
 def random_layout(gen: torch.Generator, *, text: bool = False, chunking: str = "frame") -> TokenLayout:
@@ -43,20 +42,3 @@ def naive_routing_mask(q, k, layout: TokenLayout, config: MoCConfig, q_offset: i
                     out[b, h, t, j] = bool(forced[i, j]) or j in best
     return out
 
-
-@contextlib.contextmanager
-def interpreter_numpy_shim():
-    """Triton 3.6's interpreter turns a loaded scalar into a one-element array and calls int() on it
-    for range(); numpy >= 2.3 refuses that. Read the element instead, inside this block only."""
-    import triton.runtime.interpreter as interpreter
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interpreter._patch_lang_tensor = patched
-    try:
-        yield
-    finally:
-        interpreter._patch_lang_tensor = original
