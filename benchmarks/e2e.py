@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import datetime
+import itertools
 import json
 import sys
 import tempfile
@@ -386,11 +387,34 @@ def profiled(fn, device, log, label: str, top: int = 12):
     return result
 
 
+def phase_split(marks: list[tuple[str, float]], start: float, end: float) -> dict[str, float]:
+    """Wall seconds of a render by phase, from its progress events in order: "before" (planning,
+    the cached shots), "context" (context passes), "sampling" (from a run's start to its last
+    step), "after" (from a run's last step on: decoding, videos, the next run's set-up, the story
+    files). Each mark opens its phase, which lasts to the next mark (the last to `end`). On a GPU
+    the events come from the host, which runs at most a queue ahead of the device."""
+    out = {"before": 0.0, "context": 0.0, "sampling": 0.0, "after": 0.0}
+    points = [("before", start), *marks, ("end", end)]
+    for (phase, t), (_, t_next) in itertools.pairwise(points):
+        out[phase] += max(0.0, t_next - t)
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, profile_regenerate: bool = False,
                 shot_by_shot: bool = True) -> dict:
     from engine.events import Progress, ShotDone
 
+    marks: list[tuple[str, float]] = []  # (phase, when) of the render in flight, for its phase split
+
     def on_event(event):
+        if isinstance(event, Progress):
+            now = time.perf_counter()
+            if event.context is not None:
+                marks.append(("context", now))
+            elif event.step == 0:
+                marks.append(("sampling", now))
+            elif event.step == event.total:
+                marks.append(("after", now))
         if isinstance(event, Progress) and event.step in (0, event.total):
             log(f"  {event.message}")
         elif isinstance(event, ShotDone):
@@ -400,6 +424,7 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, p
     def render(story, name, profiled_as=None, **kw):
         from engine.engine import ResourceError
         _reset_peak(device)
+        marks.clear()
         t0 = time.perf_counter()
         try:
             go = lambda: engine.render(story, out_dir=out / name, on_event=on_event, **kw)
@@ -415,7 +440,8 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, p
                "videos": videos, "videos_ok": all(v["codec"] == "h264" and v["frames"] > 0 for v in videos)}
         if result.summary.get("both_sides") is not None:
             row["both_sides"] = result.summary["both_sides"]
-        log(f"render {name}: {seconds:.1f} s, peak {row['peak_gib']} GiB, {row['statuses']}")
+        row["phases_s"] = phase_split(marks, t0, t0 + seconds)
+        log(f"render {name}: {seconds:.1f} s, peak {row['peak_gib']} GiB, {row['statuses']}, phases {row['phases_s']}")
         return row
 
     rows = []

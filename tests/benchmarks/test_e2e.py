@@ -54,8 +54,19 @@ def test_renders_write_videos_and_regenerate_keeps_the_other_shots(run):
     assert rows["moc_joint_regenerate_earlier"]["statuses"] == ["cached", "generated", "stale"]
     assert rows["moc_joint_regenerate_earlier"]["both_sides"] is False
     assert data["regenerate_speedup_earlier_only"] > 0
+    for r in rows.values():  # the phases add up to the render's wall time
+        assert sum(r["phases_s"].values()) == pytest.approx(r["seconds"], abs=0.05)
+        assert r["phases_s"]["sampling"] > 0
+    assert rows["moc_joint"]["phases_s"]["context"] == 0  # one run with no context before it
+    assert rows["moc_joint_regenerate"]["phases_s"]["context"] > 0  # shots 1 and 3 read as context
     assert (work / "out" / "moc_joint" / "story.mp4").stat().st_size > 0
     assert "render moc_joint_regenerate" in (work / "out" / "e2e_log.txt").read_text()
+
+
+def test_phase_split_gives_each_mark_the_time_to_the_next():
+    marks = [("context", 1.0), ("context", 1.5), ("sampling", 3.0), ("after", 7.0), ("sampling", 8.0), ("after", 9.0)]
+    assert e2e.phase_split(marks, 0.2, 10.0) == {"before": 0.8, "context": 2.0, "sampling": 5.0, "after": 2.0}
+    assert e2e.phase_split([], 0.0, 2.5) == {"before": 2.5, "context": 0.0, "sampling": 0.0, "after": 0.0}
 
 
 def test_profiled_returns_the_result_and_logs_where_the_host_time_went():
