@@ -408,15 +408,10 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, p
 
     def on_event(event):
         if isinstance(event, Progress):
-            now = time.perf_counter()
-            if event.context is not None:
-                marks.append(("context", now))
-            elif event.step == 0:
-                marks.append(("sampling", now))
-            elif event.step == event.total:
-                marks.append(("after", now))
-        if isinstance(event, Progress) and event.step in (0, event.total):
-            log(f"  {event.message}")
+            if event.step in (0, event.total):  # a context pass, a run's start, a run's last step
+                phase = "context" if event.context is not None else "sampling" if event.step == 0 else "after"
+                marks.append((phase, time.perf_counter()))
+                log(f"  {event.message}")
         elif isinstance(event, ShotDone):
             s = event.result
             log(f"  shot {s.index + 1}: {s.status}, {s.seconds:.1f} s, {s.frames} frames -> {s.video_path}")

@@ -145,6 +145,13 @@ class TakeInfo:
     current: bool  # what a render of the story shows for this shot now
 
 
+def reading_progress(run, index: int, runs: int, steps: int, shot: int, i: int, n: int) -> Progress:
+    """The event of context pass i of n before run `index` (of `runs`): shot `shot` read as context."""
+    return Progress(shot=run.shots[0] if len(run.shots) == 1 else None, step=0, total=steps, run=index, runs=runs,
+                    shots=run.shots, context=shot,
+                    message=f"run {index + 1}/{runs}: reading shot {shot + 1} as context ({i + 1} of {n})")
+
+
 class StoryEngine:
     def __init__(self, model: StoryModel, cache: ShotCache | None, cache_dir: Path,
                  options: SamplerOptions = SamplerOptions(), parallel: SequenceParallel | None = None):
@@ -493,25 +500,20 @@ class StoryEngine:
         try:
             for r, run in enumerate(runs):
                 after = both and run.start == regenerate
-                # the context passes before this run's sampling (each a forward of one shot): shown
-                # as they go, since on a GPU the seven of a both-sided regeneration take seconds
-                passes = list(range(encoded, run.start)) + (list(range(run.start + 1, len(plans))) if after else [])
-
-                def reading(j: int, r: int = r, run=run, passes=passes) -> None:
-                    emit(Progress(shot=run.shots[0] if len(run.shots) == 1 else None, step=0,
-                                  total=story.settings.steps, run=r, runs=len(runs), shots=run.shots, context=j,
-                                  message=f"run {r + 1}/{len(runs)}: reading shot {j + 1} as context "
-                                          f"({passes.index(j) + 1} of {len(passes)})"))
-                for j in range(encoded, run.start):
-                    reading(j)
+                # the context passes before this run's sampling (each a forward of one shot) are
+                # announced as they go: on a GPU the seven of a both-sided regeneration take seconds
+                later = range(run.start + 1, len(plans)) if after else range(0)
+                passes = run.start - encoded + len(later)
+                for i, j in enumerate(range(encoded, run.start)):
+                    emit(reading_progress(run, r, len(runs), story.settings.steps, j, i, passes))
                     sampler.encode_context(j, takes[j].latents, context_noise_seed(int(takes[j].meta["seed"])))
-                encoded = run.start
                 if after:  # later shots as context: encoded without looking at the shot being replaced
                     sampler.hold_context(regenerate)
-                    for j in range(regenerate + 1, len(plans)):
-                        reading(j)
+                    for i, j in enumerate(later, run.start - encoded):
+                        emit(reading_progress(run, r, len(runs), story.settings.steps, j, i, passes))
                         sampler.encode_context(j, takes[j].latents, context_noise_seed(int(takes[j].meta["seed"])),
                                                exclude=(regenerate,))
+                encoded = run.start
                 emit(Progress(shot=run.shots[0] if len(run.shots) == 1 else None, step=0,
                               total=story.settings.steps, message=f"run {r + 1}/{len(runs)}: starting",
                               run=r, runs=len(runs), shots=run.shots))

@@ -125,16 +125,18 @@ def block_c(num_chunks: int) -> int:
     passes of a regeneration route over 1, 2, ... shots)."""
     return min(chunk_bucket(num_chunks), BLOCK_C_MAX)
 
+
+# TOP_K is in the key, but the open shots' top-k over later chunks runs with the first top-k's TOP_K
+# and stores only its first open_slots (N_OUT), so a both-sided regeneration compiles no variant of
+# its own
 _route_topk_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=st)
              for bm, w, st in [(64, 4, 2), (32, 4, 2), (128, 8, 2), (64, 8, 1), (32, 8, 1), (32, 2, 1),
                                (16, 2, 1), (16, 4, 1)]],
-    # keyed on BLOCK_C (the chunk count's power-of-two bucket, 16 to 256), not C: keyed on C, training
+    # keyed on BLOCK_C (block_c: 128 up to 128 chunks, else 256), not C: keyed on C, training
     # on stories of many lengths re-tuned at each new chunk count (up to 24 of them); run 2's first
     # 200 steps averaged 1.4 s a step against 0.41 s once the lengths had all been seen
     key=["HEAD_DIM", "BLOCK_C", "TOP_K"])(_route_topk)
-# (TOP_K in the key: the open shots' top-k over later chunks runs with the first top-k's TOP_K and
-# keeps its first open_slots (N_OUT), so a both-sided regeneration compiles no variant of its own)
 
 
 def triton_chunk_descriptors(k: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
