@@ -83,7 +83,8 @@ class Api:
             elif isinstance(event, Progress):
                 yield None, None, {"state": "running", "shot": event.shot, "step": event.step,
                                    "total": event.total, "run": event.run, "runs": event.runs,
-                                   "message": event.message, "context": event.context}
+                                   "message": event.message, "context": event.context,
+                                   "context_shots": list(event.context_shots)}
             elif isinstance(event, ShotDone):
                 shots[event.index] = shot_dict(event.result)
             elif isinstance(event, Finished):

@@ -200,6 +200,8 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
                 with torch.no_grad():
                     chosen = model_attention(q, k, v, layout, config, backend="auto")[1]
                 dispatch = "dense" if chosen is None else str(chosen.info["backend"])
+                if chosen is not None and chosen.info.get("graph"):  # replayed from a CUDA graph
+                    dispatch += "-graph"
                 chosen_grad = model_attention(q, k, v, layout, config, backend="auto")[1]  # q, k, v need grads
                 dispatch_grad = "dense" if chosen_grad is None else str(chosen_grad.info["backend"])
                 density = 1.0 if chosen is None else sel.density()

@@ -15,7 +15,9 @@ like any checkpoint. Parts (--parts, all by default):
   render    StoryEngine.render of the story (joint, then shot by shot) with MoC: H.264 for every
             shot and the story, the routing report, peak memory; with --render-dense also dense.
             Then regenerate one middle shot with the others as cached context (both sides),
-            against rendering all 8.
+            against rendering all 8; with earlier shots only; with both sides again, its context
+            passes one shot each (SamplerOptions.context_pass_tokens=1) and then grouped again,
+            each row with its seconds by phase and each context pass's seconds.
 
 Every part runs with this process's GPU memory capped at what an 80 GB H100 offers (--memory-gib,
 79 GiB), so the lent H200 shows whether the story fits an H100; a render that does not fit records
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import datetime
 import itertools
 import json
@@ -137,6 +140,10 @@ def _sync(device) -> None:
 def _reset_peak(device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def _alloc_retries(device) -> int | None:
+    return int(torch.cuda.memory_stats(device).get("num_alloc_retries", 0)) if device.type == "cuda" else None
 
 
 def _peak_gib(device) -> float | None:
@@ -400,6 +407,12 @@ def phase_split(marks: list[tuple[str, float]], start: float, end: float) -> dic
     return {k: round(v, 3) for k, v in out.items()}
 
 
+def context_passes(marks: list[tuple[str, float]], end: float) -> list[float]:
+    """Wall seconds of each context pass, in order, from the same marks as `phase_split`."""
+    points = [*marks, ("end", end)]
+    return [round(t_next - t, 3) for (phase, t), (_, t_next) in itertools.pairwise(points) if phase == "context"]
+
+
 def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, profile_regenerate: bool = False,
                 shot_by_shot: bool = True) -> dict:
     from engine.events import Progress, ShotDone
@@ -420,6 +433,7 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, p
         from engine.engine import ResourceError
         _reset_peak(device)
         marks.clear()
+        retries0 = _alloc_retries(device)
         t0 = time.perf_counter()
         try:
             go = lambda: engine.render(story, out_dir=out / name, on_event=on_event, **kw)
@@ -436,6 +450,11 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, p
         if result.summary.get("both_sides") is not None:
             row["both_sides"] = result.summary["both_sides"]
         row["phases_s"] = phase_split(marks, t0, t0 + seconds)
+        row["context_passes_s"] = context_passes(marks, t0 + seconds)
+        if retries0 is not None:  # the allocator freed its cache and retried (each a device-wide wait)
+            row["alloc_retries"] = _alloc_retries(device) - retries0
+        if row["context_passes_s"]:
+            log(f"render {name}: context passes {row['context_passes_s']} s")
         log(f"render {name}: {seconds:.1f} s, peak {row['peak_gib']} GiB, {row['statuses']}, phases {row['phases_s']}")
         return row
 
@@ -453,6 +472,16 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, p
     row = render(again, "moc_joint_regenerate_earlier", regenerate=middle, both_sides=False,
                  profiled_as="regenerate, earlier shots only" if profile_regenerate else None)
     rows.append({**row, "regenerated_shot": middle})
+    # the same both-sided regeneration again, now with its context passes one shot each (as before
+    # StorySampler.context_groups), then grouped once more: each against the other with the
+    # process equally warm
+    options = engine.options
+    for name, tokens, seed in (("moc_joint_regenerate_pass_per_shot", 1, 9_997),
+                               ("moc_joint_regenerate_again", options.context_pass_tokens, 9_996)):
+        engine.options = dataclasses.replace(options, context_pass_tokens=tokens)
+        again.shots[middle].seed = seed
+        rows.append({**render(again, name, regenerate=middle), "regenerated_shot": middle})
+    engine.options = options
     if shot_by_shot:
         rows.append(render(make_story(size, steps, "shot_by_shot", True, seed0=200), "moc_shot_by_shot"))
     if dense:

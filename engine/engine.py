@@ -73,7 +73,7 @@ from engine.moc.attention import resolve_backend, triton_available
 from engine.routing_report import ShotRouting, build_report, recorded_steps
 from engine.sampler import Run, SamplerOptions, StepInfo, StorySampler
 from engine.shot_cache import MAX_HISTORY, ShotCache, Take
-from engine.story import MAX_SEED, Story, StoryError, atomic_write_text
+from engine.story import MAX_SEED, Story, StoryError, atomic_write_text, json_text
 from engine.video import concat_mp4, copy_mp4, write_mp4
 
 DECODE_RANGE = "storyboard.decode"  # profiler range of a shot's latents -> frames (benchmarks/cpu_profile.py)
@@ -145,11 +145,12 @@ class TakeInfo:
     current: bool  # what a render of the story shows for this shot now
 
 
-def reading_progress(run, index: int, runs: int, steps: int, shot: int, i: int, n: int) -> Progress:
-    """The event of context pass i of n before run `index` (of `runs`): shot `shot` read as context."""
+def reading_progress(run, index: int, runs: int, steps: int, shots: list[int], i: int, n: int) -> Progress:
+    """The event of context pass i of n before run `index` (of `runs`): `shots` read as context."""
+    label = f"shot {shots[0] + 1}" if len(shots) == 1 else f"shots {shots[0] + 1}-{shots[-1] + 1}"
     return Progress(shot=run.shots[0] if len(run.shots) == 1 else None, step=0, total=steps, run=index, runs=runs,
-                    shots=run.shots, context=shot,
-                    message=f"run {index + 1}/{runs}: reading shot {shot + 1} as context ({i + 1} of {n})")
+                    shots=run.shots, context=shots[0], context_shots=tuple(shots),
+                    message=f"run {index + 1}/{runs}: reading {label} as context ({i + 1} of {n})")
 
 
 class StoryEngine:
@@ -500,19 +501,25 @@ class StoryEngine:
         try:
             for r, run in enumerate(runs):
                 after = both and run.start == regenerate
-                # the context passes before this run's sampling (each a forward of one shot) are
-                # announced as they go: on a GPU the seven of a both-sided regeneration take seconds
-                later = range(run.start + 1, len(plans)) if after else range(0)
-                passes = run.start - encoded + len(later)
-                for i, j in enumerate(range(encoded, run.start)):
-                    emit(reading_progress(run, r, len(runs), story.settings.steps, j, i, passes))
-                    sampler.encode_context(j, takes[j].latents, context_noise_seed(int(takes[j].meta["seed"])))
+                # the context passes before this run's sampling (forwards over the cached shots,
+                # several consecutive ones per pass where routing is causal and memory allows:
+                # StorySampler.context_groups) are announced as they go: on a GPU the passes of a
+                # both-sided regeneration take seconds
+                later = list(range(run.start + 1, len(plans))) if after else []
+                groups = sampler.context_groups(list(range(encoded, run.start)))
+                later_groups = sampler.context_groups(later) if later else []
+                passes = len(groups) + len(later_groups)
+
+                def read(group, i, exclude=()):
+                    emit(reading_progress(run, r, len(runs), story.settings.steps, group, i, passes))
+                    sampler.encode_contexts(group, [takes[j].latents for j in group],
+                                            [context_noise_seed(int(takes[j].meta["seed"])) for j in group], exclude)
+                for i, group in enumerate(groups):
+                    read(group, i)
                 if after:  # later shots as context: encoded without looking at the shot being replaced
                     sampler.hold_context(regenerate)
-                    for i, j in enumerate(later, run.start - encoded):
-                        emit(reading_progress(run, r, len(runs), story.settings.steps, j, i, passes))
-                        sampler.encode_context(j, takes[j].latents, context_noise_seed(int(takes[j].meta["seed"])),
-                                               exclude=(regenerate,))
+                    for i, group in enumerate(later_groups, len(groups)):
+                        read(group, i, exclude=(regenerate,))
                 encoded = run.start
                 emit(Progress(shot=run.shots[0] if len(run.shots) == 1 else None, step=0,
                               total=story.settings.steps, message=f"run {r + 1}/{len(runs)}: starting",
@@ -550,7 +557,7 @@ class StoryEngine:
                 summary["both_sides_note"] = why_not
             summary["cache_saved_s"] = round(cache_saved, 3)  # what the cached takes cost when they were made
             summary["takes_gone"] = [p.index for p in plans if p.gone]  # remembered takes sampled anew
-            atomic_write_text(out_dir / "routing.json", json.dumps(routing))
+            atomic_write_text(out_dir / "routing.json", json_text(routing))
             atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
             return video, summary
 

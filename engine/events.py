@@ -52,7 +52,8 @@ class Progress:
     runs: int = 1  # sampling runs this render needs
     shots: tuple[int, ...] = ()  # every shot the current run samples
     density: float = 1.0  # attention density of the last step (1.0 = dense)
-    context: int | None = None  # a context pass of this shot (step 0), before the run's sampling
+    context: int | None = None  # a context pass (step 0) before the run's sampling: its first shot
+    context_shots: tuple[int, ...] = ()  # every shot that context pass reads (consecutive)
 
 
 @dataclass(frozen=True)

@@ -125,10 +125,33 @@ class RoutingRecorder:
         self.flops_moc = {s: 0.0 for s in live_shots}
         self.flops_dense = {s: 0.0 for s in live_shots}
         self.attn_seconds = {s: 0.0 for s in live_shots}
-        self.last_density = 1.0
-        self.total_flops_moc = 0.0  # every query of every call (context tokens included)
-        self.total_flops_dense = 0.0
+        self._last_density = 1.0
+        self._total_flops_moc = 0.0  # every query of every call (context tokens included)
+        self._total_flops_dense = 0.0
         self.backends: dict[str, int] = {}  # attention calls per backend that ran ("dense-auto": auto chose dense)
+        # calls whose statistics still sit on the GPU: read back together by `flush`, once per forward,
+        # so that recording never makes the host wait for the GPU inside a forward (a wait per layer
+        # left the GPU idle while the host queued the next layer)
+        self._pending: list[tuple] = []
+        self.defer = False  # True: defer on the CPU too (tests of the read-back); the GPU always defers
+
+    # ---- what the sampler and the engine read (each reads the pending calls back first) ----------
+
+    @property
+    def last_density(self) -> float:
+        """Density of the last attention call recorded (1.0 for a dense one)."""
+        self.flush()
+        return self._last_density
+
+    @property
+    def total_flops_moc(self) -> float:
+        self.flush()
+        return self._total_flops_moc
+
+    @property
+    def total_flops_dense(self) -> float:
+        self.flush()
+        return self._total_flops_dense
 
     def begin_step(self, step: int) -> None:
         self.capture = step in self.steps
@@ -140,49 +163,93 @@ class RoutingRecorder:
         for s in self.live_shots:
             self.attn_seconds[s] += seconds * self.layout.shot_frames[s] / total
 
+    def add_events(self, start, end) -> None:
+        """Attention time of one call on the GPU, between two recorded CUDA events (timing
+        enabled): read with the pending statistics, so the host does not wait for it."""
+        self._pending.append(("time", start, end))
+
     def _shot_query_ranges(self):
         for s in self.live_shots:
             a, b = self.layout.shot_range(s)
             yield s, a - self.q_offset, b - self.q_offset
 
     def record_dense(self, layer: int, q_shape, num_keys: int, q_offset: int, backend: str = "dense") -> None:
-        B, H, Nq, D = q_shape
         self.backends[backend] = self.backends.get(backend, 0) + 1
-        self.total_flops_moc += float(B * H * Nq * num_keys * 4 * D)
-        self.total_flops_dense += float(B * H * Nq * num_keys * 4 * D)
+        self._pending.append(("dense", layer, self.step_slot if self.capture else -1, tuple(q_shape), num_keys))
+        if len(self._pending) == 1 and not self.defer:  # nothing waits on the GPU before it
+            self.flush()
+
+    def record(self, layer: int, selection: Selection, head_dim: int) -> None:
+        """Count one attention call. Its statistics are reduced on the selection's device and
+        read back by `flush` (at once on the CPU)."""
+        B, H, Nq = selection.shape
+        name = str(selection.info.get("backend", "?"))
+        self.backends[name] = self.backends.get(name, 0) + 1
+        attended = selection.attended_keys()  # (B, H, Nq) float64, on the device
+        ranges = list(self._shot_query_ranges())
+        # reduce on the device: only (shots, H) numbers (and at recorded steps the (C, C) counts) come back
+        per_shot = torch.stack([attended[:, :, a:b].sum(dim=(0, 2)) for _, a, b in ranges])  # (S_live, H)
+        total = attended.sum()
+        routed = forced = None
+        if self.capture:
+            routed = selection.chunk_counts(host=False).double().sum(0)  # (C, C) over heads
+            forced = selection.forced_host if selection.forced_host is not None else selection.forced
+        qchunk = selection.layout.tensors.token_chunk[selection.q_offset:selection.q_offset + Nq]  # host
+        self._pending.append(("moc", layer, self.step_slot if self.capture else -1, (B, H, Nq, selection.num_keys),
+                              head_dim, [per_shot, total, routed, forced], qchunk))
+        if not per_shot.is_cuda and not self.defer:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read every pending call's statistics back from the GPU in one copy and add them up."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        on_gpu = [t for p in pending if p[0] == "moc" for t in p[5] if t is not None and t.is_cuda]
+        if on_gpu:
+            flat = torch.cat([t.reshape(-1).double() for t in on_gpu]).cpu()  # the one wait
+            parts = iter(flat.split([t.numel() for t in on_gpu]))
+            for p in pending:
+                if p[0] == "moc":
+                    p[5][:] = [t if t is None or not t.is_cuda else next(parts).view(t.shape) for t in p[5]]
+        for p in pending:
+            if p[0] == "time":
+                p[2].synchronize()
+                self.add_seconds(p[1].elapsed_time(p[2]) / 1e3)
+            elif p[0] == "dense":
+                self._add_dense(*p[1:])
+            else:
+                self._add_moc(*p[1:])
+
+    def _add_dense(self, layer: int, slot: int, q_shape, num_keys: int) -> None:
+        B, H, Nq, D = q_shape
+        self._total_flops_moc += float(B * H * Nq * num_keys * 4 * D)
+        self._total_flops_dense += float(B * H * Nq * num_keys * 4 * D)
         for s, a, b in self._shot_query_ranges():
             self.att_sum[s][layer, self.h0:self.h1] += B * (b - a)
             self.att_n[s][layer] += B * (b - a)
             f = float(B * H * (b - a) * num_keys * 4 * D)
             self.flops_moc[s] += f
             self.flops_dense[s] += f
-            if self.capture:
-                self.frame_sel[s][self.step_slot, layer] = 1.0
-        self.last_density = 1.0
+            if slot >= 0:
+                self.frame_sel[s][slot, layer] = 1.0
+        self._last_density = 1.0
 
-    def record(self, layer: int, selection: Selection, head_dim: int) -> None:
-        B, H, Nq = selection.shape
-        name = str(selection.info.get("backend", "?"))
-        self.backends[name] = self.backends.get(name, 0) + 1
-        N = selection.num_keys
-        attended = selection.attended_keys()  # (B, H, Nq) float64, on the device
-        ranges = list(self._shot_query_ranges())
-        # reduce on the device, move only (shots, H) numbers to the CPU
-        per_shot = torch.stack([attended[:, :, a:b].sum(dim=(0, 2)) for _, a, b in ranges]).cpu()  # (S_live, H)
-        total = float(per_shot.sum()) if len(ranges) and ranges[0][1] == 0 and ranges[-1][2] == Nq else float(attended.sum())
-        self.total_flops_moc += total * 4 * head_dim
-        self.total_flops_dense += float(B * H * Nq * N) * 4 * head_dim
-        for (s, a, b), row in zip(ranges, per_shot):
+    def _add_moc(self, layer: int, slot: int, shape, head_dim: int, stats, qchunk: torch.Tensor) -> None:
+        B, H, Nq, N = shape
+        per_shot, total, routed, forced = stats
+        total = float(total)
+        self._total_flops_moc += total * 4 * head_dim
+        self._total_flops_dense += float(B * H * Nq * N) * 4 * head_dim
+        for (s, a, b), row in zip(self._shot_query_ranges(), per_shot):
             self.att_sum[s][layer, self.h0:self.h1] += (row / N).numpy()
             self.att_n[s][layer] += B * (b - a)
             self.flops_moc[s] += float(row.sum()) * 4 * head_dim
             self.flops_dense[s] += float(B * H * (b - a) * N) * 4 * head_dim
-        self.last_density = total / (B * H * Nq * N)
-        if not self.capture:
+        self._last_density = total / (B * H * Nq * N)
+        if slot < 0:
             return
-        routed = selection.chunk_counts().double().sum(0)  # (C, C) routed (query token, head) pairs, summed over heads
-        forced = selection.forced.cpu().double()  # (C, C)
-        qchunk = selection.query_chunks.cpu()
+        forced = forced.double()
         q_tokens = torch.bincount(qchunk, minlength=self.layout.num_chunks).double()  # (C,) query tokens per chunk
         pairs = routed / B + H * forced * q_tokens[:, None]  # (C, C) (token, head) pairs attending chunk j
         covered = pairs * self.chunk_len[None, :]  # weight by key-chunk length: keys attended
@@ -201,7 +268,7 @@ class RoutingRecorder:
         routed_by_shot = routed @ by_key_shot  # (C, S)
         for s, _, _ in self._shot_query_ranges():
             f0, f1 = self.layout.shot_frame_range(s)
-            self.frame_sel[s][self.step_slot, layer] = frac[f0:f1]
+            self.frame_sel[s][slot, layer] = frac[f0:f1]
             self.routed_frames[s][layer] += picks[f0:f1]
             rows = (self.chunk_shot == s)
             self.recall[s] += routed_by_shot[rows].sum(0).numpy()
@@ -212,6 +279,7 @@ class RoutingRecorder:
         summed, per-(query, head) means averaged over the ranks (each holds as many heads), and
         a backend's calls counted once per call (a fraction where the ranks' heads ran different
         backends). Every rank must call it, once, after the run."""
+        self.flush()
         live = self.live_shots
         parts = ([self.att_sum[s] for s in live] + [self.recall[s] for s in live]
                  + [np.array([self.flops_moc[s], self.flops_dense[s]]) for s in live]
@@ -225,7 +293,7 @@ class RoutingRecorder:
             pos += a.size
         for i, s in enumerate(live):
             self.flops_moc[s], self.flops_dense[s] = (float(x) for x in parts[2 * len(live) + i])
-        self.total_flops_moc, self.total_flops_dense = (float(x) for x in parts[-1])
+        self._total_flops_moc, self._total_flops_dense = (float(x) for x in parts[-1])
         calls: dict[str, float] = {}
         for backends in parallel.all_gather_object(self.backends):
             for name, n in backends.items():
@@ -233,6 +301,7 @@ class RoutingRecorder:
         self.backends = {name: int(n) if float(n).is_integer() else round(n, 3) for name, n in calls.items()}
 
     def shot_routing(self, shot: int) -> ShotRouting:
+        self.flush()
         recall = self.recall[shot]
         total = recall.sum()
         return ShotRouting(steps=list(self.steps),

@@ -30,6 +30,24 @@ from engine.routing_report import RoutingRecorder
 from engine.story import Story
 
 
+# activation bytes of a forward per token and batch entry: dim x (elem + 8) (the hidden states and
+# Wan's float32 residual and norm temporaries) + 2 x ffn_dim x elem (the FFN's inner activations),
+# x ACTIVATION_MARGIN. The formula gives 100 KiB a token for Wan2.1-1.3B with guidance; its joint
+# render at MoC-180k peaked at 19.8 GiB with the weights (H100, benchmarks/results/e2e_h100.json),
+# 115 KiB a token
+ACTIVATION_MARGIN = 1.3
+
+
+def free_gpu_bytes(device: torch.device) -> int:
+    """Bytes this process can still allocate on `device`: the GPU's free memory plus what torch's
+    allocator holds unused, within the per-process memory fraction when one is set."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    held = torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    return max(0, min(free + held, int(fraction * total) - allocated))
+
+
 @dataclass(frozen=True)
 class SamplerOptions:
     context_cache: bool = True  # False: recompute the context tokens every step (the baseline)
@@ -41,6 +59,10 @@ class SamplerOptions:
     # CPU) it kept the look in 17 of 48 regenerations, against 13 with the one shared top-k and 18
     # with earlier shots only (model card, "Regenerating a middle shot").
     open_top_k: int = 2
+    # query tokens of one context pass (several consecutive context shots share a pass where
+    # routing is causal: StorySampler.can_group); 0 = as many as the GPU's free memory holds beside
+    # the context K/V cache (all of them on the CPU); 1 = one pass per shot
+    context_pass_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -102,6 +124,8 @@ class StorySampler:
             neg = enc.encode([self.settings.negative_caption] + [""] * len(story.shots))
             self.segments.append(neg)
         self.kv: ContextKV | None = None
+        self._layouts: dict[int, TokenLayout] = {}  # end -> layout of shots [0, end)
+        self._inputs: tuple | None = None  # (key, (text, cross plan, rotary)) of the last forward's shape
         self.context_latents: dict[int, torch.Tensor] = {}  # shot -> noisy context latents (recompute path)
         self.forwards = 0  # transformer forwards (work counter)
         self.forward_tokens = 0  # query tokens pushed through the transformer (work counter)
@@ -111,10 +135,14 @@ class StorySampler:
     # ---- geometry -----------------------------------------------------------------------------
 
     def layout(self, end: int) -> TokenLayout:
-        """Token layout of shots [0, end)."""
-        moc = self.settings.moc
-        return TokenLayout(frame_tokens=self.frame_tokens, shot_frames=tuple(self.shot_frames[:end]),
-                           chunking=moc.chunking, chunk_size=moc.chunk_size)
+        """Token layout of shots [0, end): one object per `end` for the whole render, so the tables
+        routing and the kernels derive from it (TokenLayout.memo, copied to the GPU once) are built
+        once, not once per forward (each copy would make the host wait for the GPU)."""
+        if end not in self._layouts:
+            moc = self.settings.moc
+            self._layouts[end] = TokenLayout(frame_tokens=self.frame_tokens, shot_frames=tuple(self.shot_frames[:end]),
+                                             chunking=moc.chunking, chunk_size=moc.chunk_size)
+        return self._layouts[end]
 
     def shot_latent_shape(self, shot: int) -> tuple[int, int, int, int]:
         return (self.channels, self.shot_frames[shot], self.h, self.w)
@@ -149,17 +177,24 @@ class StorySampler:
         for s in live:
             a, b = layout.shot_range(s)
             ranges.append((a - q_offset, b - q_offset, s))
-        text, cross = make_cross_plan([seg[:end + 1] for seg in self.segments], ranges, self.device)
         frame_start = layout.shot_frame_range(live[0])[0]
         frames = x.shape[1]
-        rotary = self.transformer.rotary(frame_start, frames, self.h, self.w, self.device)
+        key = (end, tuple(ranges), frame_start, frames)
+        if self._inputs is None or self._inputs[0] != key:  # every step of a run reuses them
+            text, cross = make_cross_plan([seg[:end + 1] for seg in self.segments], ranges, self.device)
+            rotary = self.transformer.rotary(frame_start, frames, self.h, self.w, self.device)
+            self._inputs = key, (text, cross, rotary)
+        text, cross, rotary = self._inputs[1]
         plan = ForwardPlan(
             self_attn=SelfAttentionPlan(layout=layout, q_offset=q_offset, moc=moc or self.moc_config,
                                         backend=self.backend, kv=kv, recorder=recorder, parallel=self.parallel),
             cross_attn=cross, rotary=rotary)
         dtype = self.model.dtype
         xb = x[None].expand(B, *x.shape).to(self.device, dtype)
-        t = timestep.to(self.device, torch.float32)
+        if timestep.ndim == 0 and timestep.device.type == "cpu":  # made on the device: no copy to wait for
+            t = torch.full((), float(timestep), dtype=torch.float32, device=self.device)
+        else:
+            t = timestep.to(self.device, torch.float32)
         tb = t[None].expand(B, *t.shape) if t.ndim == 1 else t.expand(B)
         with torch.no_grad():
             out = self.transformer.forward(xb, tb, text.to(dtype), plan).float()
@@ -177,7 +212,10 @@ class StorySampler:
         t_c = self.settings.context_noise
         g = torch.Generator().manual_seed(noise_seed)
         noise = torch.randn(latents.shape, generator=g)
-        return ((1 - t_c) * latents.float().cpu() + t_c * noise).to(self.device)
+        x = (1 - t_c) * latents.float().cpu() + t_c * noise
+        if torch.device(self.device).type == "cuda":  # pinned: the copy need not wait for the GPU's queue
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
 
     def hold_context(self, shot: int) -> None:
         """Keep shot `shot`'s positions in the context K/V without a pass: a both-sided
@@ -189,28 +227,95 @@ class StorySampler:
     def encode_context(self, shot: int, latents: torch.Tensor, noise_seed: int, exclude: tuple[int, ...] = ()) -> None:
         """Make shot `shot` (with every earlier shot already context) context for later shots.
         exclude: earlier shots this pass must not attend (blocked for it; a pin on them is dropped)."""
-        self._check_stop(f"before the context pass of shot {shot + 1}")
-        x = self.noisy_context(shot, latents, noise_seed)
+        self.encode_contexts([shot], [latents], [noise_seed], exclude)
+
+    def can_group(self) -> bool:
+        """Whether consecutive context shots may share one pass: only where no shot's queries can
+        see a later shot's keys (causal MoC routing, no pin forward in the story), so that a shot's
+        K/V in a shared pass are what its own pass after the earlier ones would write. Dense
+        attention (MoC off) sees every key of the forward, so it never groups."""
+        moc = self.moc_config
+        return (self.options.context_cache and moc is not None and moc.causal
+                and all(k < q for q, k in moc.pins))
+
+    def context_pass_tokens(self) -> int:
+        """Query tokens one context pass may take: SamplerOptions.context_pass_tokens when set,
+        else on a GPU what the memory left beside the context K/V cache holds (ACTIVATION_BYTES per
+        token and batch entry, a measured bound), else no limit."""
+        if self.options.context_pass_tokens > 0:
+            return self.options.context_pass_tokens
+        device = torch.device(self.device)
+        if device.type != "cuda":
+            return 1 << 62
+        self._kv()  # allocated first: the pass runs beside it
+        free = free_gpu_bytes(device)
+        cfg = self.transformer.config
+        dim = cfg.num_attention_heads * cfg.attention_head_dim
+        elem = torch.finfo(self.model.dtype).bits // 8
+        per_token = self.batch * (dim * (elem + 8) + 2 * cfg.ffn_dim * elem) * ACTIVATION_MARGIN
+        return max(1, int(free // per_token))
+
+    def context_groups(self, shots: list[int]) -> list[list[int]]:
+        """`shots` (consecutive, in story order) cut into the context passes that read them: as
+        few as `context_pass_tokens` allows where `can_group`, else one pass per shot."""
+        if not self.can_group():
+            return [[s] for s in shots]
+        budget = self.context_pass_tokens()
+        frame = self.frame_tokens
+        groups: list[list[int]] = []
+        for s in shots:
+            tokens = self.shot_frames[s] * frame
+            if groups and (sum(self.shot_frames[g] for g in groups[-1]) * frame + tokens) <= budget:
+                groups[-1].append(s)
+            else:
+                groups.append([s])
+        return groups
+
+    def encode_contexts(self, shots: list[int], latents: list[torch.Tensor], noise_seeds: list[int],
+                        exclude: tuple[int, ...] = ()) -> None:
+        """Make `shots` (consecutive, in story order, every earlier shot already context) context
+        for later shots in one pass: the shots' latents re-noised and denoised together at t_c,
+        each attending its own shot and what routing picks among the earlier ones (`can_group`
+        must hold for more than one shot). A pass that runs out of GPU memory is run again one
+        shot at a time. exclude: earlier shots these must not attend (blocked; a pin on them is dropped)."""
+        shots = list(shots)
+        if any(b != a + 1 for a, b in zip(shots, shots[1:])):
+            raise ValueError(f"context shots of one pass must be consecutive, got {[s + 1 for s in shots]}")
+        if len(shots) > 1 and not self.can_group():
+            raise ValueError("several shots in one context pass need causal MoC routing with the context K/V cache")
+        label = f"shot {shots[0] + 1}" if len(shots) == 1 else f"shots {shots[0] + 1}-{shots[-1] + 1}"
+        self._check_stop(f"before the context pass of {label}")
+        xs = [self.noisy_context(s, x, seed) for s, x, seed in zip(shots, latents, noise_seeds)]
         if not self.options.context_cache:
             if exclude:
                 raise ValueError("excluding shots from a context pass needs the context K/V cache")
-            self.context_latents[shot] = x
+            self.context_latents.update(zip(shots, xs))
             return
         moc = None
         if exclude:
             if self.moc_config is None:
                 raise ValueError("excluding shots from a context pass needs MoC routing (settings.moc.enabled)")
-            gone = {(shot, e) for e in exclude}
+            gone = {(s, e) for s in shots for e in exclude}
             moc = replace(self.moc_config, pins=tuple(p for p in self.moc_config.pins if p not in gone),
                           blocks=tuple(sorted(set(self.moc_config.blocks) | gone)))
         kv = self._kv()
-        layout = self.layout(shot + 1)
-        a, b = layout.shot_range(shot)
+        end = shots[-1] + 1
+        layout = self.layout(end)
+        a, b = layout.shot_range(shots[0])[0], layout.shot_range(shots[-1])[1]
         t_c = torch.tensor(self.settings.context_noise * self.model.num_train_timesteps)
-        work = RoutingRecorder(layout, [shot], a, self.transformer.num_layers, self.transformer.num_heads, 1,
+        work = RoutingRecorder(layout, shots, a, self.transformer.num_layers, self.transformer.num_heads, 1,
                                head_range=self.heads)
         work.begin_step(-1)  # count work only, record no routing maps
-        self._forward(x, t_c, shot + 1, a, [shot], kv, work, moc)
+        try:
+            self._forward(torch.cat(xs, dim=1), t_c, end, a, shots, kv, work, moc)
+        except torch.OutOfMemoryError:
+            if len(shots) == 1 or self.parallel is not None:  # ranks must not retry apart
+                raise
+            del xs
+            torch.cuda.empty_cache()
+            for s, x, seed in zip(shots, latents, noise_seeds):
+                self.encode_contexts([s], [x], [seed], exclude)
+            return
         if self.parallel is not None:
             work.merge(self.parallel)
         self.attn_flops_moc += work.total_flops_moc
@@ -264,6 +369,7 @@ class StorySampler:
         scheduler.set_timesteps(steps, device=self.device)
         T = self.model.num_train_timesteps
         t_c = self.settings.context_noise * T
+        host_timesteps = scheduler.timesteps.cpu().tolist()  # read once: no wait for the GPU per step
         for i, t in enumerate(scheduler.timesteps):
             self._check_stop(f"at step {i + 1}/{steps} of shot{'s' if len(run.shots) > 1 else ''} "
                              f"{', '.join(str(s + 1) for s in run.shots)}")
@@ -277,11 +383,11 @@ class StorySampler:
                 ctx = [self.context_latents[s] for s in range(run.start)]
                 full = torch.cat(ctx + [x], dim=1)
                 n_ctx = q_offset
-                per_token = torch.full((layout.num_tokens,), float(t))
+                per_token = torch.full((layout.num_tokens,), host_timesteps[i])
                 per_token[:n_ctx] = t_c
                 flow = self._forward(full, per_token, run.end, 0, list(range(run.end)), None, recorder)
                 flow = flow[:, full.shape[1] - x.shape[1]:]
-            sigma = float(t) / T
+            sigma = host_timesteps[i] / T
             x0 = x.float() - sigma * flow  # clean estimate (flow matching: x_t = (1 - s) x0 + s noise)
             x = scheduler.step(flow.to(x.dtype), t, x, return_dict=False)[0]
             if self.on_step is not None:

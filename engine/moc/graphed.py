@@ -24,20 +24,29 @@ from .routing import MoCConfig
 
 class GraphedAttention:
     """`attend(q, k, v, layout, config, backend=backend)` forward for q (B, H, Nq, D) and k, v
-    (B, H, N, D) of fixed shapes, dtype and device, captured once and replayed per call."""
+    (B, H, N, D) of fixed shapes, dtype and device, captured once and replayed per call.
+    route_shapes: the shapes of (q_route, k_route) when routing scores other tensors than q and k
+    (pre-RoPE routing); they are then static buffers too. `inputs` (q, k, v[, q_route, k_route]):
+    real tensors to fill the buffers with for the warm-up (finite random ones otherwise)."""
 
     def __init__(self, layout: TokenLayout, config: MoCConfig, q_shape: tuple[int, ...], kv_shape: tuple[int, ...],
                  dtype: torch.dtype, device: torch.device | str, backend: str = "gather", q_offset: int = 0,
-                 warmup: int = 2, seed: int = 0):
+                 warmup: int = 2, seed: int = 0, route_shapes: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
+                 scale: float | None = None, inputs: tuple[torch.Tensor, ...] | None = None):
         device = torch.device(device)
         if device.type != "cuda":
             raise ValueError(f"GraphedAttention needs a CUDA device (CUDA graphs), got {device}: call "
                              "engine.moc.attend directly instead")
-        g = torch.Generator(device).manual_seed(seed)  # finite inputs for the eager warm-up runs
-        self.q = torch.randn(q_shape, generator=g, device=device, dtype=dtype)
-        self.k = torch.randn(kv_shape, generator=g, device=device, dtype=dtype)
-        self.v = torch.randn(kv_shape, generator=g, device=device, dtype=dtype)
-        self.layout, self.config, self.backend, self.q_offset = layout, config, backend, q_offset
+        shapes = [q_shape, kv_shape, kv_shape] + list(route_shapes or ())
+        if inputs is not None:
+            self.buffers = [x.detach().clone(memory_format=torch.contiguous_format) for x in inputs]
+        else:
+            g = torch.Generator(device).manual_seed(seed)  # finite inputs for the eager warm-up runs
+            self.buffers = [torch.randn(shape, generator=g, device=device, dtype=dtype) for shape in shapes]
+        if [tuple(b.shape) for b in self.buffers] != [tuple(s) for s in shapes]:
+            raise ValueError(f"inputs of shapes {[tuple(b.shape) for b in self.buffers]} do not match {shapes}")
+        self.q, self.k, self.v = self.buffers[:3]
+        self.layout, self.config, self.backend, self.q_offset, self.scale = layout, config, backend, q_offset, scale
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.no_grad():  # warm up off the default stream, as capture wants
@@ -49,18 +58,23 @@ class GraphedAttention:
             self.out, self.selection = self._attend()
 
     def _attend(self):
+        q_route, k_route = self.buffers[3:] if len(self.buffers) == 5 else (None, None)
         return attend(self.q, self.k, self.v, self.layout, self.config, backend=self.backend,
-                      q_offset=self.q_offset)
+                      q_offset=self.q_offset, q_route=q_route, k_route=k_route, scale=self.scale, graph=False)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_route: torch.Tensor | None = None,
+                 k_route: torch.Tensor | None = None) -> torch.Tensor:
         """The attention of q over k, v: (B, H, Nq, D), the graph's static output."""
-        for name, x, buf in (("q", q, self.q), ("k", k, self.k), ("v", v, self.v)):
-            if x.shape != buf.shape or x.dtype != buf.dtype or x.device != buf.device:
+        given = [q, k, v] + ([q_route, k_route] if len(self.buffers) == 5 else [])
+        if (q_route is not None or k_route is not None) and len(self.buffers) == 3:
+            raise ValueError("this graph routes on q and k: capture one with route_shapes to pass q_route, k_route")
+        for name, x, buf in zip(("q", "k", "v", "q_route", "k_route"), given, self.buffers):
+            if x is None or x.shape != buf.shape or x.dtype != buf.dtype or x.device != buf.device:
+                got = None if x is None else (tuple(x.shape), x.dtype, x.device)
                 raise ValueError(f"{name} must be {tuple(buf.shape)} {buf.dtype} on {buf.device} as captured, "
-                                 f"got {tuple(x.shape)} {x.dtype} on {x.device}: capture a new GraphedAttention")
-        self.q.copy_(q)
-        self.k.copy_(k)
-        self.v.copy_(v)
+                                 f"got {got}: capture a new GraphedAttention")
+        for x, buf in zip(given, self.buffers):
+            buf.copy_(x)
         self.graph.replay()
         return self.out
 

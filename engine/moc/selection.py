@@ -180,15 +180,17 @@ class Selection:
         moc = float(self.attended_keys().sum()) * 4 * head_dim
         return moc, float(B * H * Nq * self.num_keys) * 4 * head_dim
 
-    def chunk_counts(self) -> torch.Tensor:
-        """(H, C, C) int64 routed selections: rows are query chunks, columns key chunks."""
+    def chunk_counts(self, host: bool = True) -> torch.Tensor:
+        """(H, C, C) int64 routed selections: rows are query chunks, columns key chunks; on the
+        host, or with host=False where the selection is (no wait for the GPU)."""
         B, H, Nq, R = self.routed.shape
         C = self.layout.num_chunks
         key = torch.where(self.routed >= 0, self.routed.long(), C)  # (B, H, Nq, R)
         flat = (self.query_chunks.long()[None, None, :, None] * (C + 1) + key).permute(1, 0, 2, 3).reshape(H, -1)
         counts = torch.zeros(H, C * (C + 1), dtype=torch.int64, device=self.routed.device)
         counts.scatter_add_(1, flat, torch.ones_like(flat))
-        return counts.view(H, C, C + 1)[..., :C].cpu()
+        counts = counts.view(H, C, C + 1)[..., :C]
+        return counts.cpu() if host else counts
 
     def stats(self) -> RoutingStats:
         routed_union = self.tile_count.float() - self._forced_per_tile().float()[None, None]

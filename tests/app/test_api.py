@@ -95,6 +95,7 @@ def test_generate_then_regenerate_one_shot(client):
     # before its steps, the stream named the one context pass it ran (shot 0, read before shot 1)
     running = [r for _, _, r in job.outputs() if r and r.get("state") == "running"]
     assert [r["context"] for r in running if r["context"] is not None] == [0], running
+    assert [r["context_shots"] for r in running if r["context"] is not None] == [[0]], running
 
 
 def wait_for_step(job, at_least: int = 1, timeout: float = 120.0) -> dict:

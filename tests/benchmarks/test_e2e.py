@@ -43,7 +43,10 @@ def test_scaling_grows_the_story_one_shot_at_a_time(run):
 def test_renders_write_videos_and_regenerate_keeps_the_other_shots(run):
     work, data = run
     rows = {r["render"]: r for r in data["render"]}
-    assert set(rows) == {"moc_joint", "moc_joint_regenerate", "moc_joint_regenerate_earlier", "moc_shot_by_shot"}
+    assert set(rows) == {"moc_joint", "moc_joint_regenerate", "moc_joint_regenerate_earlier", "moc_shot_by_shot",
+                         "moc_joint_regenerate_pass_per_shot", "moc_joint_regenerate_again"}
+    for name in ("moc_joint_regenerate_pass_per_shot", "moc_joint_regenerate_again"):
+        assert rows[name]["statuses"] == ["cached", "generated", "cached"] and rows[name]["both_sides"] is True
     assert all(r["videos_ok"] for r in rows.values())
     joint = rows["moc_joint"]["videos"]
     assert [v["codec"] for v in joint] == ["h264"] * 4 and [v["frames"] for v in joint] == [5, 5, 5, 15]
@@ -59,6 +62,7 @@ def test_renders_write_videos_and_regenerate_keeps_the_other_shots(run):
         assert r["phases_s"]["sampling"] > 0
     assert rows["moc_joint"]["phases_s"]["context"] == 0  # one run with no context before it
     assert rows["moc_joint_regenerate"]["phases_s"]["context"] > 0  # shots 1 and 3 read as context
+    assert len(rows["moc_joint_regenerate"]["context_passes_s"]) == 2
     assert (work / "out" / "moc_joint" / "story.mp4").stat().st_size > 0
     assert "render moc_joint_regenerate" in (work / "out" / "e2e_log.txt").read_text()
 
@@ -67,6 +71,8 @@ def test_phase_split_gives_each_mark_the_time_to_the_next():
     marks = [("context", 1.0), ("context", 1.5), ("sampling", 3.0), ("after", 7.0), ("sampling", 8.0), ("after", 9.0)]
     assert e2e.phase_split(marks, 0.2, 10.0) == {"before": 0.8, "context": 2.0, "sampling": 5.0, "after": 2.0}
     assert e2e.phase_split([], 0.0, 2.5) == {"before": 2.5, "context": 0.0, "sampling": 0.0, "after": 0.0}
+    assert e2e.context_passes(marks, 10.0) == [0.5, 1.5]  # each pass to the next mark
+    assert e2e.context_passes([("sampling", 1.0)], 2.0) == []
 
 
 def test_profiled_returns_the_result_and_logs_where_the_host_time_went():

@@ -33,8 +33,9 @@ def make_engine(tiny_model, tmp_path):
 
 
 def tiny_story(mode: str = "joint", seeds=(3, 5, 7), frames=(3, 2, 3), **moc) -> Story:
-    """Three shots of odd lengths at 48x80 (6x10 latent cells, 3x5 = 15 tokens per frame)."""
-    captions = ["a red square slides left", "a blue circle grows", "the red square returns"]
+    """Three shots (or four, given four seeds and frames) of odd lengths at 48x80 (6x10 latent
+    cells, 3x5 = 15 tokens per frame)."""
+    captions = ["a red square slides left", "a blue circle grows", "the red square returns", "the circle shrinks"]
     shots = [Shot(c, f, s) for c, f, s in zip(captions, frames, seeds)]
     settings = GenerationSettings(steps=3, guidance=3.0, height=48, width=80, fps=4, mode=mode,
                                   context_noise=0.3, moc=MoCSettings(**{"top_k": 2, **moc}))

@@ -284,6 +284,30 @@ def test_a_regeneration_shows_each_context_pass_before_its_steps(make_engine, bo
     assert all(e.shots == (1,) and e.step == 0 for e in progress[:first_step])  # the shot being made
 
 
+def test_a_regeneration_reads_consecutive_cached_shots_in_one_pass_and_gets_the_same_take(make_engine):
+    """Regenerating shot 3 of 4 with both sides: shots 1-2 are read in one context pass (causal
+    routing, no memory limit on the CPU) and shot 4 in a second; the new take equals the one made
+    with one pass per shot (SamplerOptions(context_pass_tokens=1)) up to float rounding."""
+    takes = {}
+    for tokens in (0, 1):
+        engine = make_engine(f"tokens{tokens}", options=SamplerOptions(preview=False, context_pass_tokens=tokens))
+        story = tiny_story("joint", seeds=(1, 2, 3, 4), frames=(2, 3, 2, 2))
+        engine.render(story)
+        story.shots[2].seed = 9
+        events = []
+        result = engine.render(story, regenerate=2, on_event=events.append)
+        reading = [e for e in events if isinstance(e, Progress) and e.context is not None]
+        takes[tokens] = engine.cache.get(result.shots[2].key).latents
+        if tokens == 0:
+            assert [e.context_shots for e in reading] == [(0, 1), (3,)]
+            assert [e.message for e in reading] == ["run 1/1: reading shots 1-2 as context (1 of 2)",
+                                                    "run 1/1: reading shot 4 as context (2 of 2)"]
+        else:
+            assert [e.context_shots for e in reading] == [(0,), (1,), (3,)]
+    torch.testing.assert_close(takes[0], takes[1], atol=1e-4, rtol=1e-4)
+    assert takes[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_memory_pins_and_blocks_in_a_render(make_engine, mode):
     """Shot 2 pins shot 0 and blocks shot 1: the report shows shot 2's queries on every frame of

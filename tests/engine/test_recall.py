@@ -7,7 +7,7 @@ import torch
 
 from engine.codec import middle_video_frame, video_frames_of_latent
 from engine.moc import Selection, TokenLayout
-from engine.moc.routing import MoCConfig, forced_links
+from engine.moc.routing import MoCConfig, forced_links, route
 from engine.recall import recall, thumbnail, with_thumbnails
 from engine.routing_report import RoutingRecorder, ShotRouting, build_report
 
@@ -94,6 +94,61 @@ def test_recorder_counts_routed_picks_per_query_frame_and_layer_not_forced_links
     result = recall(report | {"pins": [[2, 1]]}, 2, layer=0)
     assert shares(result) == {(0, 0): round(1 / 2.5, 6), (0, 1): round(1.5 / 2.5, 6)}
     assert result.pinned == [1]  # the pinned shot is listed apart; its frames were never routed to
+
+
+def test_recorder_read_back_deferred_to_one_flush_equals_recording_each_call():
+    """On a GPU the recorder keeps each call's statistics on the device and reads them back in one
+    copy per forward (`flush`). Deferred (here on the CPU, defer=True) over two steps of two layers,
+    dense and MoC calls mixed, every statistic equals recording each call at once; and nothing is
+    added up until something reads (last_density, totals, shot_routing)."""
+    layout = TokenLayout(frame_tokens=3, shot_frames=(2, 3, 2))
+    config = MoCConfig(top_k=2)
+    g = torch.Generator().manual_seed(5)
+    calls = []
+    for step in range(2):
+        for layer in range(2):
+            q, k = (torch.randn(2, 3, layout.num_tokens, 8, generator=g) for _ in range(2))
+            calls.append((step, layer, None if (step, layer) == (1, 0) else route(q, k, layout, config)))
+    recorders = []
+    for defer in (False, True):
+        rec = RoutingRecorder(layout, [0, 1, 2], 0, num_layers=2, num_heads=3, steps=2)
+        rec.defer = defer
+        for step, layer, selection in calls:
+            if layer == 0:
+                rec.begin_step(step)
+            if selection is None:
+                rec.record_dense(layer, (2, 3, layout.num_tokens, 8), layout.num_tokens, 0)
+            else:
+                rec.record(layer, selection, head_dim=8)
+        recorders.append(rec)
+    now, later = recorders
+    assert later._pending and not now._pending and not later.att_n[1].any()  # nothing added up yet
+    assert later.last_density == now.last_density and not later._pending
+    assert later.total_flops_moc == pytest.approx(now.total_flops_moc) and later.backends == now.backends
+    for shot in range(3):
+        a, b = now.shot_routing(shot), later.shot_routing(shot)
+        for name in ("frame_selection", "density", "recall", "routed_frames"):
+            np.testing.assert_allclose(getattr(b, name), getattr(a, name), err_msg=name)
+        assert b.flops_moc == pytest.approx(a.flops_moc) and b.flops_dense == a.flops_dense
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the recorder defers its reads there)")
+def test_recorder_on_a_gpu_reads_back_once_and_equals_the_cpu():
+    """On CUDA a call's statistics stay on the device until read; they equal the CPU's."""
+    layout = TokenLayout(frame_tokens=5, shot_frames=(3, 2, 3))
+    config = MoCConfig(top_k=2)
+    g = torch.Generator().manual_seed(9)
+    recs = {d: RoutingRecorder(layout, [0, 1, 2], 0, num_layers=3, num_heads=2, steps=1) for d in ("cpu", "cuda")}
+    for rec in recs.values():
+        rec.begin_step(0)
+    for layer in range(3):
+        q, k = (torch.randn(1, 2, layout.num_tokens, 16, generator=g) for _ in range(2))
+        for device, rec in recs.items():
+            rec.record(layer, route(q.to(device), k.to(device), layout, config, impl="reference"), head_dim=16)
+    assert len(recs["cuda"]._pending) == 3 and not recs["cpu"]._pending
+    a, b = recs["cpu"].shot_routing(2), recs["cuda"].shot_routing(2)
+    for name in ("frame_selection", "density", "recall", "routed_frames"):
+        np.testing.assert_allclose(getattr(b, name), getattr(a, name), err_msg=name)
 
 
 def test_video_frames_of_a_latent_frame_and_thumbnails():

@@ -48,3 +48,65 @@ def test_the_forward_without_the_buffers_equals_the_forward_through_them(make_en
     through = sampler._forward(x, t, len(shots), 0, shots, sampler._kv(), None)
     torch.testing.assert_close(direct, through, atol=1e-5, rtol=1e-5)
     assert direct.abs().sum() > 0
+
+
+def _context_kv(engine, story, groups, exclude_after=None):
+    """The context K/V after reading every shot of `story` as context, in passes `groups`
+    (each a list of consecutive shots); with exclude_after=m, shot m is held and the shots after
+    it are read with m excluded, as a both-sided regeneration does."""
+    sampler = StorySampler(engine.model, story)
+    g = torch.Generator().manual_seed(11)
+    latents = {s: torch.randn(sampler.shot_latent_shape(s), generator=g) for s in range(len(story.shots))}
+    for group in groups:
+        exclude = ()
+        if exclude_after is not None and group[0] > exclude_after:
+            exclude = (exclude_after,)
+            if sampler.kv is None or sampler.kv.context_end == sampler.layout(exclude_after + 1).shot_range(exclude_after)[0]:
+                sampler.hold_context(exclude_after)
+        sampler.encode_contexts(group, [latents[s] for s in group], [100 + s for s in group], exclude)
+    return sampler.kv, sampler
+
+
+@pytest.mark.parametrize("both_sided", [False, True])
+def test_shots_read_in_one_context_pass_write_what_one_pass_each_writes(make_engine, both_sided):
+    """Consecutive context shots share one forward where routing is causal: each shot's queries
+    see its own shot and routed earlier chunks only, so its K/V (every layer) are those of its own
+    pass after the earlier shots'. Also with the shot being regenerated held and excluded (the
+    later shots of a both-sided regeneration)."""
+    engine = make_engine()
+    story = tiny_story("joint", seeds=(3, 5, 7, 9), frames=(3, 2, 3, 2))
+    if both_sided:
+        one, grouped = [[0], [2], [3]], [[0], [2, 3]]
+        held = 1
+    else:
+        one, grouped = [[0], [1], [2], [3]], [[0, 1, 2], [3]]
+        held = None
+    kv_one, sampler = _context_kv(engine, story, one, held)
+    kv_grouped, _ = _context_kv(engine, story, grouped, held)
+    assert sampler.can_group() and kv_one.context_end == kv_grouped.context_end == sampler.layout(4).num_tokens
+    for layer in range(len(kv_one.k)):
+        for a, b in ((kv_one.k[layer], kv_grouped.k[layer]), (kv_one.v[layer], kv_grouped.v[layer])):
+            torch.testing.assert_close(b, a, atol=2e-5, rtol=2e-5)
+            assert a.abs().sum() > 0
+    if both_sided:  # the held shot's positions were never written by a pass
+        a, b = sampler.layout(2).shot_range(1)
+        assert kv_one.k[0][:, a:b].abs().sum() == 0 and kv_grouped.k[0][:, a:b].abs().sum() == 0
+
+
+def test_context_groups_follow_the_token_budget_and_never_group_dense_attention(make_engine):
+    engine = make_engine()
+    story = tiny_story("joint", seeds=(3, 5, 7, 9), frames=(3, 2, 3, 2))
+    frame = StorySampler(engine.model, story).frame_tokens
+    assert StorySampler(engine.model, story).context_groups([0, 1, 2, 3]) == [[0, 1, 2, 3]]  # the CPU: no limit
+    from engine.sampler import SamplerOptions
+    tight = StorySampler(engine.model, story, options=SamplerOptions(context_pass_tokens=5 * frame))
+    assert tight.context_groups([0, 1, 2, 3]) == [[0, 1], [2, 3]]
+    assert tight.context_groups([2]) == [[2]]
+    one = StorySampler(engine.model, story, options=SamplerOptions(context_pass_tokens=1))
+    assert one.context_groups([0, 1, 2]) == [[0], [1], [2]]
+    dense = StorySampler(engine.model, tiny_story("joint", enabled=False))
+    assert not dense.can_group() and dense.context_groups([0, 1]) == [[0], [1]]
+    with pytest.raises(ValueError, match="causal MoC"):
+        dense.encode_contexts([0, 1], [None, None], [1, 2])
+    with pytest.raises(ValueError, match="consecutive"):
+        tight.encode_contexts([0, 2], [None, None], [1, 2])

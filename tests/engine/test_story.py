@@ -119,3 +119,24 @@ def test_fuzzed_top_level_gives_story_or_story_error(value):
         Story.from_dict(value)
     except StoryError:
         pass
+
+
+@pytest.mark.parametrize("orjson_installed", [True, False])
+def test_json_text_reads_back_as_the_standard_library_writes_it(monkeypatch, orjson_installed):
+    """json_text (routing.json): orjson where installed, else json; either way the same values."""
+    import builtins
+
+    from engine.story import json_text
+    report = {"shot_frames": [3, 2], "density": [[0.1234, 1e-05], [0.0, 1.0]], "steps": [],
+              "frame_selection": {"all": [[0.5]], "3": {"all": [[0.25]], "0": [[1.0]]}}, "sparsity": 0.75,
+              "backends": {"gather": 30}, "note": "shot 1 \u2192 shot 2", "routed_shots": [True, False], "none": None}
+    if not orjson_installed:
+        real_import = builtins.__import__
+
+        def no_orjson(name, *args, **kwargs):
+            if name == "orjson":
+                raise ImportError("no orjson here")
+            return real_import(name, *args, **kwargs)
+        monkeypatch.setattr(builtins, "__import__", no_orjson)
+    text = json_text(report)
+    assert json.loads(text) == report and ", " not in text  # compact either way

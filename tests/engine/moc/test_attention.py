@@ -235,3 +235,22 @@ def test_graphed_attention_says_it_needs_cuda():
     layout = TokenLayout(frame_tokens=8, shot_frames=(2, 2))
     with pytest.raises(ValueError, match="needs a CUDA device.*engine.moc.attend"):
         GraphedAttention(layout, MoCConfig(top_k=1), (1, 1, 32, 16), (1, 1, 32, 16), torch.float32, "cpu")
+
+
+def test_a_graph_that_cannot_be_captured_warns_once_and_the_call_runs_eagerly(monkeypatch):
+    """graphed_attend returns None where capturing fails (here: no CUDA), says why once, and
+    remembers it for the shape; attend on the CPU never tries (auto runs its CPU backend)."""
+    import engine.moc.attention as am
+    monkeypatch.setattr(am, "_graphs", am.collections.OrderedDict())
+    layout = TokenLayout(frame_tokens=8, shot_frames=(2, 2))
+    q = k = v = torch.randn(1, 1, 32, 16)
+    with pytest.warns(UserWarning, match="could not be captured in a CUDA graph.*ValueError"):
+        assert am.graphed_attend(q, k, v, layout, MoCConfig(top_k=1), 0) is None
+    assert list(am._graphs.values()) == [None]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second capture, no second warning
+        assert am.graphed_attend(q, k, v, layout, MoCConfig(top_k=1), 0) is None
+        with torch.no_grad():
+            _, sel = am.attend(q, k, v, layout, MoCConfig(top_k=1))
+    assert not sel.info.get("graph") and len(am._graphs) == 1

@@ -633,6 +633,39 @@ def test_graphed_gather_replays_the_eager_forward_on_new_inputs():
         graphed(q[:, :, 1:], k, v)
 
 
+@gpu_only
+def test_auto_without_gradients_replays_a_captured_graph_and_matches_eager(monkeypatch):
+    """attend(backend="auto") with no gradients at GATHER_MIN_KEYS..GRAPH_MAX_KEYS keys replays a
+    CUDA graph (graphed_attend): on fresh inputs each call, at an odd layout with a context offset
+    and pre-RoPE routing inputs, it equals the eager call (same selection, same output), returns a
+    fresh tensor each time, and with gradients it runs eagerly."""
+    import engine.moc.attention as am
+    from engine.moc import TokenLayout, attend
+    monkeypatch.setattr(am, "dense_is_faster", lambda *args: False)  # two small heads: dense would win
+    layout = TokenLayout(frame_tokens=137, shot_frames=(31, 29, 33))  # 12,741 keys, chunks off the tiles
+    assert am.GATHER_MIN_KEYS <= layout.num_tokens <= am.GRAPH_MAX_KEYS
+    q_offset = 31 * 137 + 50
+    config = MoCConfig(top_k=3)
+    outs = []
+    for seed, structured in ((41, False), (42, True), (43, True)):
+        q, k, v = random_qkv(layout, 2, 2, 64, torch.bfloat16, seed=seed, structured=structured)
+        qr, kr = random_qkv(layout, 2, 2, 64, torch.bfloat16, seed=seed + 100, structured=structured)[:2]
+        q, qr = q[:, :, q_offset:].contiguous(), qr[:, :, q_offset:].contiguous()
+        with torch.no_grad():
+            got, sel = attend(q, k, v, layout, config, q_offset=q_offset, q_route=qr, k_route=kr)
+            routed = sel.routed.clone()
+            want, eager = attend(q, k, v, layout, config, q_offset=q_offset, q_route=qr, k_route=kr, graph=False)
+        assert sel.info.get("graph") and not eager.info.get("graph") and eager.info["backend"] == "gather"
+        assert torch.equal(routed, eager.routed)
+        assert rel(got, want) < 1e-3
+        outs.append((got, want))
+    for got, want in outs:  # an earlier output is not overwritten by later replays
+        assert rel(got, want) < 1e-3
+    q.requires_grad_(True)
+    _, sel = attend(q, k, v, layout, config, q_offset=q_offset, q_route=qr, k_route=kr)
+    assert not sel.info.get("graph")
+
+
 def test_auto_sends_tiles_that_route_apart_to_gather(monkeypatch):
     """sparse_choice ("auto" on the GPU): the walk ratio is the plan's tile rows x union keys over
     the attended pairs; routing shared by whole chunks (structured inputs) walks less than routing
