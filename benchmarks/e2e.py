@@ -414,7 +414,7 @@ def context_passes(marks: list[tuple[str, float]], end: float) -> list[float]:
 
 
 def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, profile_regenerate: bool = False,
-                shot_by_shot: bool = True) -> dict:
+                shot_by_shot: bool = True, skip: set[str] = frozenset()) -> dict:
     from engine.events import Progress, ShotDone
 
     marks: list[tuple[str, float]] = []  # (phase, when) of the render in flight, for its phase split
@@ -478,6 +478,8 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, p
     options = engine.options
     for name, tokens, seed in (("moc_joint_regenerate_pass_per_shot", 1, 9_997),
                                ("moc_joint_regenerate_again", options.context_pass_tokens, 9_996)):
+        if name in skip:
+            continue
         engine.options = dataclasses.replace(options, context_pass_tokens=tokens)
         again.shots[middle].seed = seed
         rows.append({**render(again, name, regenerate=middle), "regenerated_shot": middle})
@@ -560,6 +562,8 @@ def main(argv=None) -> int:
                    help="render part: run both regenerations under torch.profiler and log their top kernels "
                         "and host operations (slower; their seconds then include the profiler)")
     p.add_argument("--no-shot-by-shot", action="store_true", help="render part: leave out the shot-by-shot render")
+    p.add_argument("--skip", default="", help="render part: comma-separated render rows to leave out "
+                                              "(moc_joint_regenerate_pass_per_shot, moc_joint_regenerate_again)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (default: 30; tiny: 2)")
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer's blocks first (StoryTransformer.compile_blocks; the first "
@@ -632,7 +636,8 @@ def main(argv=None) -> int:
         write_json()
     if "render" in parts:
         render = part_render(engine, size, device, args.steps, log_dir, args.render_dense, log,
-                             profile_regenerate=args.profile_regenerate, shot_by_shot=not args.no_shot_by_shot)
+                             profile_regenerate=args.profile_regenerate, shot_by_shot=not args.no_shot_by_shot,
+                             skip={x.strip() for x in args.skip.split(",") if x.strip()})
         result["render"] = render["rows"]
         result["regenerate_speedup"] = render["regenerate_speedup"]
         result["regenerate_speedup_earlier_only"] = render["regenerate_speedup_earlier_only"]

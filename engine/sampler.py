@@ -41,10 +41,11 @@ ACTIVATION_MARGIN = 1.3
 def free_gpu_bytes(device: torch.device) -> int:
     """Bytes this process can still allocate on `device`: the GPU's free memory plus what torch's
     allocator holds unused, within the per-process memory fraction when one is set."""
-    free, total = torch.cuda.mem_get_info(device)
-    allocated = torch.cuda.memory_allocated(device)
-    held = torch.cuda.memory_reserved(device) - allocated
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(index)
+    allocated = torch.cuda.memory_allocated(index)
+    held = torch.cuda.memory_reserved(index) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(index)
     return max(0, min(free + held, int(fraction * total) - allocated))
 
 

@@ -110,3 +110,27 @@ def test_context_groups_follow_the_token_budget_and_never_group_dense_attention(
         dense.encode_contexts([0, 1], [None, None], [1, 2])
     with pytest.raises(ValueError, match="consecutive"):
         tight.encode_contexts([0, 2], [None, None], [1, 2])
+
+
+def test_free_gpu_bytes_counts_the_allocators_spare_memory_within_the_process_fraction(monkeypatch):
+    """What a grouped context pass may use on a GPU (checked here with the CUDA queries stubbed,
+    each asked for by device index, as torch requires of some of them)."""
+    from engine.sampler import free_gpu_bytes
+    GiB = 1 << 30
+    asked = []
+
+    def by_index(value):
+        def query(index):
+            assert isinstance(index, int), f"asked with {index!r}, not a device index"
+            asked.append(index)
+            return value
+        return query
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", by_index((10 * GiB, 80 * GiB)))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", by_index(60 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", by_index(65 * GiB))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", by_index(1.0))
+    assert free_gpu_bytes(torch.device("cuda")) == 15 * GiB  # free on the card + held unused by torch
+    assert set(asked) == {1}
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", by_index(0.875))  # capped at 70 GiB
+    assert free_gpu_bytes(torch.device("cuda", 0)) == 10 * GiB and asked[-1] == 0
