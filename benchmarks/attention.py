@@ -58,6 +58,7 @@ from engine.moc.flex import build_block_mask, flex_moc_attention  # noqa: E402
 from engine.moc.triton_attention import kernel_plan, triton_moc_attention  # noqa: E402
 from engine.moc.forced import sdpa_forced_attention, sdpa_forced_plan  # noqa: E402
 from engine.moc.graphed import GraphedAttention  # noqa: E402
+import engine.moc.attention as moc_attention_module
 from engine.moc.interpret import interpreter_numpy_shim
 from engine.moc import triton_gather
 from engine.moc.triton_gather import GATHER_BLOCK, forced_attention, forced_only, gather_moc_attention  # noqa: E402
@@ -382,7 +383,12 @@ def main():
                              "leaves it to the engine (moc-auto, moc-gather*): 'buffers' (per-pair partial outputs, "
                              "then one merge) or 'in_place' (folded into the output slot by slot); default: the "
                              f"engine's ({triton_gather.GATHER_RENDER_MERGE}); recorded in the JSON")
+    parser.add_argument("--auto-graphs", action="store_true",
+                        help="let moc-auto without gradients replay a captured CUDA graph at 12k-32k keys "
+                             "(engine.moc.attention.AUTO_GRAPHS, off by default); recorded in the JSON")
     args = parser.parse_args()
+    if args.auto_graphs:
+        moc_attention_module.AUTO_GRAPHS = True
     if args.render_merge:
         triton_gather.GATHER_RENDER_MERGE = args.render_merge
     if args.gather_block:
@@ -432,6 +438,7 @@ def write_json(path: Path, rows: list[dict], device: str, date: str) -> None:
             "top_k": 2 if tiny else TOP_K, "dtype": "float32" if tiny else "bfloat16",
             "gather_block": list(GATHER_BLOCK["cpu" if tiny else "cuda"]),
             "render_merge": triton_gather.GATHER_RENDER_MERGE,
+            "auto_graphs": moc_attention_module.AUTO_GRAPHS,
             "workload": "8 shots x 15 frames x frame_tokens (136 / 544 / 1500), chunk = frame, shot anchor, causal "
                         "across shots; structured inputs per benchmarks/workload.py, random = i.i.d. normal",
             "summary": summary(rows), "rows": rows}

@@ -7,7 +7,10 @@ through the transformer; without it, every step pushes the live shot *and all co
 Work is counted, not guessed: query tokens through the transformer (projections + FFN scale
 with it) and self-attention FLOPs (QK^T + PV over the attended keys), plus wall time.
 
-Run:  python benchmarks/context_cache.py [--shots 4 --frames 6 --steps 10]   (CPU is fine)
+Also: a both-sided regeneration with its context passes grouped (consecutive cached shots in one
+forward) against one pass per shot (`--only grouped` runs that part alone).
+
+Run:  python benchmarks/context_cache.py [--shots 4 --frames 6 --steps 10] [--only grouped]   (CPU is fine)
 Prints a table and writes benchmarks/results/context_cache.json.
 """
 
@@ -73,6 +76,46 @@ def regenerate_vs_full(shots: int, frames: int, steps: int) -> dict:
     return {"full_joint_seconds": full, "regenerate_last_seconds": regen, "ratio": full / regen}
 
 
+def grouped_context_passes(shots: int, frames: int, steps: int, repeats: int = 3) -> dict:
+    """Through the engine: regenerating a middle shot with both sides as cached context, its
+    context passes grouped (consecutive cached shots in one forward, StorySampler.context_groups;
+    with no memory limit on the CPU: the earlier shots in one pass, the later ones in another)
+    against one pass per shot (SamplerOptions(context_pass_tokens=1)). Same seeds both ways, so
+    the new takes must agree to float rounding. Interleaved repeats, best of each."""
+    import tempfile
+
+    from engine.engine import StoryEngine
+    from engine.events import Progress
+    story = make_story(shots, frames, steps).with_settings(mode="joint")
+    middle = shots // 2
+    best, passes, takes = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = {tokens: StoryEngine.load(None, device="cpu", cache_dir=Path(tmp) / f"tokens{tokens}",
+                                            options=SamplerOptions(preview=False, context_pass_tokens=tokens))
+                   for tokens in (0, 1)}
+        for engine in engines.values():
+            engine.render(story)  # the cached takes both regenerations read
+        for rep in range(repeats):
+            for tokens, engine in engines.items():
+                story.shots[middle].seed = 500 + rep
+                events, made = [], []
+
+                def go(engine=engine, events=events, made=made):
+                    made.append(engine.render(story, regenerate=middle, on_event=events.append))
+                seconds = _timed(go)
+                best[tokens] = min(best.get(tokens, seconds), seconds)
+                passes[tokens] = [list(e.context_shots) for e in events
+                                  if isinstance(e, Progress) and e.context is not None]
+                takes[tokens] = engine.cache.get(made[0].shots[middle].key).latents
+    diff = float((takes[0] - takes[1]).abs().max())
+    grouped, single = best[0], best[1]
+    print(f"regenerate shot {middle + 1} of {shots}, both sides: context passes {passes[0]} {grouped:.2f} s, "
+          f"one per shot {passes[1]} {single:.2f} s -> {single / grouped:.2f}x; max |latent difference| {diff:.2e}")
+    return {"regenerated_shot": middle, "max_abs_latent_difference": diff, "grouped_seconds": grouped,
+            "one_pass_per_shot_seconds": single, "ratio": single / grouped, "grouped_passes": passes[0],
+            "one_pass_per_shot_passes": passes[1], "repeats": repeats}
+
+
 def _timed(fn) -> float:
     started = time.perf_counter()
     fn()
@@ -83,6 +126,13 @@ def main(argv: list[str]) -> None:
     opts = dict(zip(argv[::2], argv[1::2]))
     shots, frames, steps = int(opts.get("--shots", 4)), int(opts.get("--frames", 6)), int(opts.get("--steps", 10))
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    out = ROOT / "benchmarks" / "results" / "context_cache.json"
+    if opts.get("--only") == "grouped":  # this part alone, merged into the JSON
+        result = json.loads(out.read_text()) if out.exists() else {}
+        result["grouped_context_passes"] = grouped_context_passes(shots, frames, steps)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out.relative_to(ROOT)}")
+        return
     model = StoryModel.load(None, device="cpu")
     story = make_story(shots, frames, steps)
     run(model, make_story(2, 2, 1), True)  # warm-up (allocator, first-call overheads)
@@ -106,7 +156,7 @@ def main(argv: list[str]) -> None:
         print(f"{label:40s} {a:14.4g} {b:14.4g} {ratio:7.2f}x")
     print(f"max |latent difference| between the two: {diff:.2e}")
     result["regenerate_last_shot"] = regenerate_vs_full(shots, frames, steps)
-    out = ROOT / "benchmarks" / "results" / "context_cache.json"
+    result["grouped_context_passes"] = grouped_context_passes(shots, frames, steps)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")

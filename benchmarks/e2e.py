@@ -15,9 +15,10 @@ like any checkpoint. Parts (--parts, all by default):
   render    StoryEngine.render of the story (joint, then shot by shot) with MoC: H.264 for every
             shot and the story, the routing report, peak memory; with --render-dense also dense.
             Then regenerate one middle shot with the others as cached context (both sides),
-            against rendering all 8; with earlier shots only; with both sides again, its context
-            passes one shot each (SamplerOptions.context_pass_tokens=1) and then grouped again,
-            each row with its seconds by phase and each context pass's seconds.
+            against rendering all 8; with earlier shots only; with both sides again, consecutive
+            cached shots read in one context pass each as memory allows (context_pass_tokens=0),
+            and as by default once more; each row with its seconds by phase and each context
+            pass's seconds.
 
 Every part runs with this process's GPU memory capped at what an 80 GB H100 offers (--memory-gib,
 79 GiB), so the lent H200 shows whether the story fits an H100; a render that does not fit records
@@ -472,11 +473,11 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, p
     row = render(again, "moc_joint_regenerate_earlier", regenerate=middle, both_sides=False,
                  profiled_as="regenerate, earlier shots only" if profile_regenerate else None)
     rows.append({**row, "regenerated_shot": middle})
-    # the same both-sided regeneration again, now with its context passes one shot each (as before
-    # StorySampler.context_groups), then grouped once more: each against the other with the
-    # process equally warm
+    # the same both-sided regeneration again, now with consecutive cached shots read in one context
+    # pass each where memory allows (SamplerOptions.context_pass_tokens=0; one pass per shot is the
+    # default), then as by default once more: each against the other with the process equally warm
     options = engine.options
-    for name, tokens, seed in (("moc_joint_regenerate_pass_per_shot", 1, 9_997),
+    for name, tokens, seed in (("moc_joint_regenerate_grouped", 0, 9_997),
                                ("moc_joint_regenerate_again", options.context_pass_tokens, 9_996)):
         if name in skip:
             continue
@@ -563,7 +564,7 @@ def main(argv=None) -> int:
                         "and host operations (slower; their seconds then include the profiler)")
     p.add_argument("--no-shot-by-shot", action="store_true", help="render part: leave out the shot-by-shot render")
     p.add_argument("--skip", default="", help="render part: comma-separated render rows to leave out "
-                                              "(moc_joint_regenerate_pass_per_shot, moc_joint_regenerate_again)")
+                                              "(moc_joint_regenerate_grouped, moc_joint_regenerate_again)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (default: 30; tiny: 2)")
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer's blocks first (StoryTransformer.compile_blocks; the first "

@@ -12,8 +12,8 @@ This benchmark lists them by where they happen, with `torch.cuda.set_sync_debug_
            both sides (the app's default), after a first render: context passes, sampling steps,
            the routing report, decoding.
 
-Each row: the site (the innermost frame in this project's code and the operation's own line),
-how many times it synchronised. The JSON has the rows and the totals per MoC call / per forward.
+Each row: the site (the innermost frames in this project's code, forward_gaps.sync_sites, which
+counts one transformer forward the same way), how many times it synchronised. The JSON has the rows and the totals per MoC call / per forward.
 
     python benchmarks/host_syncs.py --json benchmarks/results/host_syncs_h100.json   (GPU)
 """
@@ -25,10 +25,7 @@ import json
 import sys
 import tempfile
 import time
-import traceback
-import warnings
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,46 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SYNC_WARNING = "synchronizing CUDA operation"  # what torch's sync debug mode warns with
-
-
-def site_of(stack: list[traceback.FrameSummary], root: Path = ROOT) -> str:
-    """'file:line (function) <- file:line' of a synchronisation: the innermost frame in this
-    project's code, then the frame that called it there (the project's own caller), or the
-    innermost frame at all when no project frame is on the stack."""
-    ours = [f for f in stack if str(root) in f.filename and "host_syncs.py" not in f.filename]
-    if not ours:
-        f = stack[-1]
-        return f"{f.filename}:{f.lineno} ({f.name})"
-
-    def name(f):
-        return f"{Path(f.filename).relative_to(root)}:{f.lineno} ({f.name})"
-    return name(ours[-1]) + (f" <- {name(ours[-2])}" if len(ours) > 1 else "")
-
-
-@contextmanager
-def count_syncs(enabled: bool = True):
-    """Counter {site: synchronisations} of the block, from torch's sync debug mode (CUDA only:
-    a disabled or CPU run counts nothing)."""
-    sites: Counter = Counter()
-    if not enabled:
-        yield sites
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        previous = warnings.showwarning
-
-        def hook(message, category, filename, lineno, file=None, line=None):
-            if SYNC_WARNING in str(message):
-                sites[site_of(traceback.extract_stack()[:-1])] += 1
-            else:
-                previous(message, category, filename, lineno, file, line)
-        warnings.showwarning = hook
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            yield sites
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+# sync_sites: the synchronising call sites inside a block, by torch's sync debug mode
+from benchmarks.forward_gaps import sync_sites
 
 
 def table(title: str, sites: Counter, per: int, unit: str) -> list[dict]:
@@ -98,7 +57,7 @@ def audit_attend(device, tokens: int = 16_320, calls: int = 3) -> dict:
         for _ in range(2):  # compile, autotune, memoise
             attend(q, k, v, layout, config)
         torch.cuda.synchronize(device)
-        with count_syncs() as sites:
+        with sync_sites() as sites:
             for _ in range(calls):
                 _, sel = attend(q, k, v, layout, config)
         torch.cuda.synchronize(device)
@@ -128,7 +87,7 @@ def audit_render(device, work: Path, layers: int, steps: int) -> dict:
         if isinstance(event, Progress) and (event.context is not None or event.step >= 1):
             forwards.append(event)
     t0 = time.perf_counter()
-    with count_syncs() as sites:
+    with sync_sites() as sites:
         result = engine.render(story, out_dir=work / "again", regenerate=1, on_event=on_event)
     torch.cuda.synchronize(device)
     again = time.perf_counter() - t0

@@ -60,10 +60,13 @@ class SamplerOptions:
     # CPU) it kept the look in 17 of 48 regenerations, against 13 with the one shared top-k and 18
     # with earlier shots only (model card, "Regenerating a middle shot").
     open_top_k: int = 2
-    # query tokens of one context pass (several consecutive context shots share a pass where
-    # routing is causal: StorySampler.can_group); 0 = as many as the GPU's free memory holds beside
-    # the context K/V cache (all of them on the CPU); 1 = one pass per shot
-    context_pass_tokens: int = 0
+    # query tokens of one context pass: 1 = one pass per cached shot; more = several consecutive
+    # cached shots share a pass where routing is causal (StorySampler.can_group) up to this many
+    # tokens; 0 = as many as the GPU's free memory holds beside the context K/V cache (all of them on
+    # the CPU). One per shot by default: on the CPU grouping was no faster (the default 4-shot story,
+    # regenerating shot 3 both-sided: 10.36 s grouped against 10.08 s, benchmarks/context_cache.py
+    # --only grouped), and on the GPU it is not measured yet
+    context_pass_tokens: int = 1
 
 
 @dataclass(frozen=True)
@@ -240,9 +243,9 @@ class StorySampler:
                 and all(k < q for q, k in moc.pins))
 
     def context_pass_tokens(self) -> int:
-        """Query tokens one context pass may take: SamplerOptions.context_pass_tokens when set,
-        else on a GPU what the memory left beside the context K/V cache holds (ACTIVATION_BYTES per
-        token and batch entry, a measured bound), else no limit."""
+        """Query tokens one context pass may take: SamplerOptions.context_pass_tokens when set (> 0),
+        else on a GPU what the memory left beside the context K/V cache holds (the activation bytes
+        per token and batch entry of the formula above ACTIVATION_MARGIN), else no limit."""
         if self.options.context_pass_tokens > 0:
             return self.options.context_pass_tokens
         device = torch.device(self.device)

@@ -14,7 +14,8 @@
 #    python3 benchmarks/forward_gaps.py --shots 8 --variants moc-auto,dense-cudnn,no-self-attention [--compile]
 # Carry .whl (diffusers: forward_gaps only). Results under $OUT: attention_180k.json,
 # attention_small.json, kernels_log.txt.
-# BACKENDS_180K and BACKENDS_SMALL (env) replace the two runs' backend lists.
+# BACKENDS_180K and BACKENDS_SMALL (env) replace the two runs' backend lists; AUTO_GRAPHS=1 lets
+# moc-auto replay a CUDA graph at 16k (engine.moc.attention.AUTO_GRAPHS, off by default).
 # Usage: bash scripts/gpu_kernels.sh
 set -uo pipefail
 [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
@@ -33,7 +34,7 @@ fi
 timeout $((430 - SECONDS)) python3 benchmarks/attention.py --sizes 180k --inputs structured random --repeats 5 \
   --backends ${BACKENDS_180K:-moc-triton moc-gather moc-gather-sdpa-forced moc-gather-in-place moc-auto dense-cudnn} --kernels \
   --json "$OUT/attention_180k.json" 2>&1 | grep -v "Warning\|warn(" | tail -n 40 | cut -c1-700 | tee -a "$log"
-timeout $((585 - SECONDS)) python3 benchmarks/attention.py --sizes 16k 64k --inputs structured random --repeats 5 \
+timeout $((585 - SECONDS)) python3 benchmarks/attention.py --sizes 16k 64k --inputs structured random --repeats 5 ${AUTO_GRAPHS:+--auto-graphs} \
   --backends ${BACKENDS_SMALL:-moc-gather-sdpa-forced moc-gather-in-place moc-gather-graph moc-auto dense-cudnn} --kernels \
   --json "$OUT/attention_small.json" 2>&1 | grep -v "Warning\|warn(" | tail -n 40 | cut -c1-500 | tee -a "$log"
 ls -la "$OUT"

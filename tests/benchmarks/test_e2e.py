@@ -44,8 +44,8 @@ def test_renders_write_videos_and_regenerate_keeps_the_other_shots(run):
     work, data = run
     rows = {r["render"]: r for r in data["render"]}
     assert set(rows) == {"moc_joint", "moc_joint_regenerate", "moc_joint_regenerate_earlier", "moc_shot_by_shot",
-                         "moc_joint_regenerate_pass_per_shot", "moc_joint_regenerate_again"}
-    for name in ("moc_joint_regenerate_pass_per_shot", "moc_joint_regenerate_again"):
+                         "moc_joint_regenerate_grouped", "moc_joint_regenerate_again"}
+    for name in ("moc_joint_regenerate_grouped", "moc_joint_regenerate_again"):
         assert rows[name]["statuses"] == ["cached", "generated", "cached"] and rows[name]["both_sides"] is True
     assert all(r["videos_ok"] for r in rows.values())
     joint = rows["moc_joint"]["videos"]

@@ -97,8 +97,10 @@ def test_context_groups_follow_the_token_budget_and_never_group_dense_attention(
     engine = make_engine()
     story = tiny_story("joint", seeds=(3, 5, 7, 9), frames=(3, 2, 3, 2))
     frame = StorySampler(engine.model, story).frame_tokens
-    assert StorySampler(engine.model, story).context_groups([0, 1, 2, 3]) == [[0, 1, 2, 3]]  # the CPU: no limit
     from engine.sampler import SamplerOptions
+    assert StorySampler(engine.model, story).context_groups([0, 1, 2, 3]) == [[0], [1], [2], [3]]  # the default
+    free = StorySampler(engine.model, story, options=SamplerOptions(context_pass_tokens=0))
+    assert free.context_groups([0, 1, 2, 3]) == [[0, 1, 2, 3]]  # 0 on the CPU: no limit
     tight = StorySampler(engine.model, story, options=SamplerOptions(context_pass_tokens=5 * frame))
     assert tight.context_groups([0, 1, 2, 3]) == [[0, 1], [2, 3]]
     assert tight.context_groups([2]) == [[2]]

@@ -642,6 +642,7 @@ def test_auto_without_gradients_replays_a_captured_graph_and_matches_eager(monke
     import engine.moc.attention as am
     from engine.moc import TokenLayout, attend
     monkeypatch.setattr(am, "dense_is_faster", lambda *args: False)  # two small heads: dense would win
+    monkeypatch.setattr(am, "AUTO_GRAPHS", True)
     layout = TokenLayout(frame_tokens=137, shot_frames=(31, 29, 33))  # 12,741 keys, chunks off the tiles
     assert am.GATHER_MIN_KEYS <= layout.num_tokens <= am.GRAPH_MAX_KEYS
     q_offset = 31 * 137 + 50
