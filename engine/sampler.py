@@ -257,14 +257,17 @@ class StorySampler:
         dim = cfg.num_attention_heads * cfg.attention_head_dim
         elem = torch.finfo(self.model.dtype).bits // 8
         per_token = self.batch * (dim * (elem + 8) + 2 * cfg.ffn_dim * elem) * ACTIVATION_MARGIN
-        return max(1, int(free // per_token))
+        world = self.parallel.world if self.parallel is not None else 1  # each rank holds 1 / world of them
+        return max(1, int(free * world // per_token))
 
     def context_groups(self, shots: list[int]) -> list[list[int]]:
         """`shots` (consecutive, in story order) cut into the context passes that read them: as
         few as `context_pass_tokens` allows where `can_group`, else one pass per shot."""
         if not self.can_group():
             return [[s] for s in shots]
-        budget = self.context_pass_tokens()
+        # with several ranks rank 0's budget decides: every rank must run the same passes
+        budget = (self.context_pass_tokens() if self.parallel is None
+                  else self.parallel.on_rank0(self.context_pass_tokens))
         frame = self.frame_tokens
         groups: list[list[int]] = []
         for s in shots:

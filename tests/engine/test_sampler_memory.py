@@ -136,3 +136,27 @@ def test_free_gpu_bytes_counts_the_allocators_spare_memory_within_the_process_fr
     assert set(asked) == {1}
     monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", by_index(0.875))  # capped at 70 GiB
     assert free_gpu_bytes(torch.device("cuda", 0)) == 10 * GiB and asked[-1] == 0
+
+
+def test_with_several_ranks_rank_0s_budget_decides_the_context_passes(make_engine):
+    """Every rank must run the same passes (each forward has collectives): the grouping follows
+    the budget rank 0 computes and broadcasts (SequenceParallel.on_rank0), not the local one."""
+    from engine.sampler import SamplerOptions
+    engine = make_engine()
+    story = tiny_story("joint", seeds=(3, 5, 7, 9), frames=(3, 2, 3, 2))
+
+    class Ranks:  # what StorySampler asks of SequenceParallel for this
+        world = 2
+
+        def heads(self, n):
+            return 0, n
+
+        def on_rank0(self, decide):
+            self.local = decide()
+            return 5 * frame  # rank 0's answer
+
+    ranks = Ranks()
+    sampler = StorySampler(engine.model, story, options=SamplerOptions(context_pass_tokens=0), parallel=ranks)
+    frame = sampler.frame_tokens
+    assert sampler.context_groups([0, 1, 2, 3]) == [[0, 1], [2, 3]]
+    assert ranks.local > 10 * frame  # this rank alone (the CPU: no limit) would have read all four at once
