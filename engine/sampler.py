@@ -13,6 +13,7 @@ concatenated along time in story order, so a run is one token sequence (frame-ma
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -28,7 +29,6 @@ from engine.parallel import SequenceParallel
 from engine.processors import ForwardPlan, SelfAttentionPlan
 from engine.routing_report import RoutingRecorder
 from engine.story import Story
-
 
 # activation bytes of a forward per token and batch entry: dim x (elem + 8) (the hidden states and
 # Wan's float32 residual and norm temporaries) + 2 x ffn_dim x elem (the FFN's inner activations),
@@ -286,7 +286,7 @@ class StorySampler:
         must hold for more than one shot). A pass that runs out of GPU memory is run again one
         shot at a time. exclude: earlier shots these must not attend (blocked; a pin on them is dropped)."""
         shots = list(shots)
-        if any(b != a + 1 for a, b in zip(shots, shots[1:])):
+        if any(b != a + 1 for a, b in itertools.pairwise(shots)):
             raise ValueError(f"context shots of one pass must be consecutive, got {[s + 1 for s in shots]}")
         if len(shots) > 1 and not self.can_group():
             raise ValueError("several shots in one context pass need causal MoC routing with the context K/V cache")
