@@ -138,7 +138,11 @@ def render_headless(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:  # the ranks other than 0 render in step, quietly, and write nothing (StoryEngine.writes)
-        return render_with(args, story, out, parallel, device, quiet=parallel.rank != 0)
+        code = render_with(args, story, out, parallel, device, quiet=parallel.rank != 0)
+        # Rank 0 is still writing videos when the others return: meet before the teardown, so that no
+        # rank tears its group down while a peer has already gone (gloo aborted such a rank 0 in CI).
+        dist.barrier()
+        return code
     finally:
         dist.destroy_process_group()
 

@@ -88,11 +88,12 @@ def story_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Sel
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SelfAttentionPlan, layer: int,
                q_route: torch.Tensor | None, k_route: torch.Tensor | None) -> torch.Tensor:
     """story_attention on whole tokens: q, k, v (B, N, H, D) -> (B, N, H, D)."""
-    started = time.perf_counter()
-    timing = None
+    timing = started = None
     if plan.recorder is not None and q.is_cuda:  # attention time on the GPU, read back with the statistics
         timing = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         timing[0].record()
+    elif plan.recorder is not None:
+        started = time.perf_counter()
     n = q.shape[1]
     end = plan.layout.num_tokens
     if plan.kv is not None:
@@ -109,6 +110,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SelfAtte
     if plan.moc is None:
         with record_function(ATTENTION_RANGE):
             out = dense_attention(qh, k_all, v_all)
+        _stop_clock(plan, timing, started)
         if plan.recorder is not None:
             plan.recorder.record_dense(layer, qh.shape, k_all.shape[2], plan.q_offset)
     else:
@@ -119,16 +121,22 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SelfAtte
             out, selection = attend(qh, k_all, v_all, plan.layout, plan.moc, backend=plan.backend,
                                     q_offset=plan.q_offset, training=plan.training, generator=plan.generator,
                                     q_route=q_r, k_route=kr_all)
+        _stop_clock(plan, timing, started)
         if plan.recorder is not None and selection is None:  # "auto" judged dense SDPA faster here
             plan.recorder.record_dense(layer, qh.shape, k_all.shape[2], plan.q_offset, backend="dense-auto")
         elif plan.recorder is not None:
             plan.recorder.record(layer, selection, D)
+    return out.transpose(1, 2)  # (B, N, H, D)
+
+
+def _stop_clock(plan: SelfAttentionPlan, timing, started: float | None) -> None:
+    """Attention time of one call for the recorder, taken before the recorder's own reductions:
+    an end event on the GPU (read back with the statistics), else the wall time since `started`."""
     if timing is not None:
         timing[1].record()
         plan.recorder.add_events(*timing)
-    elif plan.recorder is not None:
+    elif started is not None:
         plan.recorder.add_seconds(time.perf_counter() - started)
-    return out.transpose(1, 2)  # (B, N, H, D)
 
 
 class _PlannedProcessor:

@@ -31,6 +31,7 @@ a shot has none: what the recall pictures are read from).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -90,6 +91,28 @@ class ShotRouting:
         return float(self.density.mean())
 
 
+class _TimedCall(NamedTuple):
+    """One attention call's time on the GPU: two recorded CUDA events (timing enabled)."""
+    start: torch.cuda.Event
+    end: torch.cuda.Event
+
+
+class _DenseCall(NamedTuple):
+    layer: int
+    slot: int  # recorded-step slot, -1 off the recorded steps
+    q_shape: tuple[int, int, int, int]  # (B, H, Nq, D)
+    num_keys: int
+
+
+class _MocCall(NamedTuple):
+    layer: int
+    slot: int
+    shape: tuple[int, int, int, int]  # (B, H, Nq, N keys)
+    head_dim: int
+    stats: list  # [per-shot attended keys (S_live, H), total, routed (C, C) or None, forced or None]: device tensors until flushed
+    qchunk: torch.Tensor  # (Nq,) chunk of each query token, on the host
+
+
 class RoutingRecorder:
     """Accumulates statistics of one sampling run (the live shots of one layout)."""
 
@@ -132,7 +155,7 @@ class RoutingRecorder:
         # calls whose statistics still sit on the GPU: read back together by `flush`, once per forward,
         # so that recording never makes the host wait for the GPU inside a forward (a wait per layer
         # left the GPU idle while the host queued the next layer)
-        self._pending: list[tuple] = []
+        self._pending: list[_TimedCall | _DenseCall | _MocCall] = []
         self.defer = False  # True: defer on the CPU too (tests of the read-back); the GPU always defers
 
     # ---- what the sampler and the engine read (each reads the pending calls back first) ----------
@@ -166,7 +189,7 @@ class RoutingRecorder:
     def add_events(self, start, end) -> None:
         """Attention time of one call on the GPU, between two recorded CUDA events (timing
         enabled): read with the pending statistics, so the host does not wait for it."""
-        self._pending.append(("time", start, end))
+        self._pending.append(_TimedCall(start, end))
 
     def _shot_query_ranges(self):
         for s in self.live_shots:
@@ -175,7 +198,7 @@ class RoutingRecorder:
 
     def record_dense(self, layer: int, q_shape, num_keys: int, q_offset: int, backend: str = "dense") -> None:
         self.backends[backend] = self.backends.get(backend, 0) + 1
-        self._pending.append(("dense", layer, self.step_slot if self.capture else -1, tuple(q_shape), num_keys))
+        self._pending.append(_DenseCall(layer, self.step_slot if self.capture else -1, tuple(q_shape), num_keys))
         if len(self._pending) == 1 and not self.defer:  # nothing waits on the GPU before it
             self.flush()
 
@@ -195,8 +218,8 @@ class RoutingRecorder:
             routed = selection.chunk_counts(host=False).double().sum(0)  # (C, C) over heads
             forced = selection.forced_host if selection.forced_host is not None else selection.forced
         qchunk = selection.layout.tensors.token_chunk[selection.q_offset:selection.q_offset + Nq]  # host
-        self._pending.append(("moc", layer, self.step_slot if self.capture else -1, (B, H, Nq, selection.num_keys),
-                              head_dim, [per_shot, total, routed, forced], qchunk))
+        self._pending.append(_MocCall(layer, self.step_slot if self.capture else -1, (B, H, Nq, selection.num_keys),
+                                      head_dim, [per_shot, total, routed, forced], qchunk))
         if not per_shot.is_cuda and not self.defer:
             self.flush()
 
@@ -205,21 +228,21 @@ class RoutingRecorder:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        on_gpu = [t for p in pending if p[0] == "moc" for t in p[5] if t is not None and t.is_cuda]
+        calls = [p for p in pending if isinstance(p, _MocCall)]
+        on_gpu = [t for p in calls for t in p.stats if t is not None and t.is_cuda]
         if on_gpu:
             flat = torch.cat([t.reshape(-1).double() for t in on_gpu]).cpu()  # the one wait
             parts = iter(flat.split([t.numel() for t in on_gpu]))
-            for p in pending:
-                if p[0] == "moc":
-                    p[5][:] = [t if t is None or not t.is_cuda else next(parts).view(t.shape) for t in p[5]]
+            for p in calls:
+                p.stats[:] = [t if t is None or not t.is_cuda else next(parts).view(t.shape) for t in p.stats]
         for p in pending:
-            if p[0] == "time":
-                p[2].synchronize()
-                self.add_seconds(p[1].elapsed_time(p[2]) / 1e3)
-            elif p[0] == "dense":
-                self._add_dense(*p[1:])
+            if isinstance(p, _TimedCall):
+                p.end.synchronize()
+                self.add_seconds(p.start.elapsed_time(p.end) / 1e3)
+            elif isinstance(p, _DenseCall):
+                self._add_dense(*p)
             else:
-                self._add_moc(*p[1:])
+                self._add_moc(*p)
 
     def _add_dense(self, layer: int, slot: int, q_shape, num_keys: int) -> None:
         B, H, Nq, D = q_shape

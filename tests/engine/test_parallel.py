@@ -137,7 +137,7 @@ def test_cli_renders_across_two_processes(tiny_model_dir, tmp_path):
     path = story.save(tmp_path / "story.json")
     proc = torchrun("launch.py", "--story", path, "--out", tmp_path / "out", "--model", tiny_model_dir,
                     "--cache-dir", tmp_path / "cache", "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[:3000]}\n...\n{proc.stderr[-2000:]}"
     assert "sequence parallel: 2 processes, 1 heads each" in proc.stdout
     assert proc.stdout.count("shot 00: generated") == 1  # rank 0 reports, the other rank is quiet
     for name in ("story.mp4", "shot_02.mp4", "routing.json", "summary.json"):

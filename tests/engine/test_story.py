@@ -140,3 +140,7 @@ def test_json_text_reads_back_as_the_standard_library_writes_it(monkeypatch, orj
         monkeypatch.setattr(builtins, "__import__", no_orjson)
     text = json_text(report)
     assert json.loads(text) == report and ", " not in text  # compact either way
+    # a non-finite number is null on both paths (strict JSON: `NaN` would not parse in a browser)
+    odd = json_text({"a": [1.5, float("nan")], "b": {"c": float("inf")}, "d": (float("-inf"), 2)})
+    assert odd == '{"a":[1.5,null],"b":{"c":null},"d":[null,2]}'
+    json.loads(odd, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
