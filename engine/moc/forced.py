@@ -185,6 +185,8 @@ def sdpa_forced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gro
             out_g, lse_g = attention_with_lse(q[:, :, a:b], kg, vg, scale)
             out[:, :, a:b] = out_g
             lse[:, :, a:b] = lse_g * LOG2E
+            del out_g, lse_g  # before the next call allocates its own (66 MiB a shot at MoC-180k)
+        del kg, vg
     return out, lse
 
 

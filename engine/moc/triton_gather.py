@@ -75,6 +75,14 @@ GATHER_FWD_BUFFER_BYTES = 1 << 28
 # 65.6 / 66.9 ms against the buffers' 66.9 / 68.2 (structured / random, 2 % faster) but a higher
 # forward peak, 3.79 GiB against 3.53 (its sorted pair tables and log-sum-exp cover all heads at
 # once, where the buffers go one head at a time), and slower at 16k (3.9 against 3.2 ms structured).
+# The in-place merge sorts the pairs of a group of heads at a time, so that its tables (int32 keys,
+# the sort's int16 ids, int64 order and int32 queries, and the GPU radix sort's double buffers:
+# about IN_PLACE_PAIR_BYTES a pair) stay under GATHER_IN_PLACE_BUFFER_BYTES: at MoC-180k two heads
+# a group, at 16k all twelve. Over all heads at once they put the in-place forward's peak 0.54 GiB
+# above dense cuDNN's at MoC-180k (H100, above); `python benchmarks/attention_memory.py` traces
+# what each way holds at its peak.
+IN_PLACE_PAIR_BYTES = 32
+GATHER_IN_PLACE_BUFFER_BYTES = 1 << 26
 GATHER_MERGES = ("buffers", "in_place")
 GATHER_RENDER_MERGE = "buffers"
 FORCED_IMPLS = ("sdpa", "triton")  # how step 1 computes the forced links (see the module docstring)
@@ -145,11 +153,13 @@ class SlotPairs:
 
 def slot_pairs(routed: torch.Tensor, num_chunks: int, block_m: int) -> SlotPairs:
     """routed (B, H, Nq, R) int32 chunk ids (-1 empty) -> the pairs sorted by (slot, chunk): one
-    sort for all slots; slot r's tables are `start[r]`, `count[r]`, `tile_end[r]` (contiguous)."""
+    sort for all slots; slot r's tables are `start[r]`, `count[r]`, `tile_end[r]` (contiguous).
+    The sort keys are built in int32 (R * C + 1 ids), not int64: at MoC-180k each 64-bit
+    temporary of all heads is 86 MB."""
     B, H, Nq, R = routed.shape
     C = num_chunks
-    flat = routed.reshape(B * H, Nq * R).long()
-    slot = torch.arange(Nq * R, device=routed.device) % R
+    flat = routed.reshape(B * H, Nq * R)
+    slot = torch.arange(Nq * R, device=routed.device, dtype=torch.int32) % R
     order, counts, start = _sorted_by(torch.where(flat >= 0, slot * C + flat, R * C), R * C)  # empty: last
     counts, start = (x.view(B * H, R, C).transpose(0, 1) for x in (counts, start))
     tiles = ((counts + block_m - 1) // block_m).cumsum(-1)
@@ -473,24 +483,32 @@ def _grouped_forward(q, k, v, selection: Selection, sm_scale: float, groups: tup
 
 def _in_place_forward(q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None):
     """The forward without gradients and without per-pair buffers: step 1 over all heads into the
-    output, then one launch per routed slot (its pairs sorted by chunk, `slot_pairs`) that folds
-    its partial results into the output and a running log-sum-exp in place. Beside the output it
-    holds the log-sum-exp (B, H, Nq) float32 and the pair tables; the output is rounded to q's
-    dtype after each slot (R + 1 roundings instead of one)."""
+    output, then per group of heads (`in_place_heads_per_group`) one launch per routed slot (its
+    pairs sorted by chunk, `slot_pairs`) that folds its partial results into the output and a
+    running log-sum-exp in place. Beside the output it holds the log-sum-exp (B, H, Nq) float32
+    and one head group's pair tables; the output is rounded to q's dtype after each slot (R + 1
+    roundings instead of one)."""
     B, H, Nq, D = q.shape
     R = selection.routed.shape[-1]
     C = selection.layout.num_chunks
     out, lse_f, _, _ = forced_attention(q, k, v, selection, sm_scale, groups)
-    lse = lse_f.contiguous()
     block_m, block_n, warps = _blocks(q)
     lt = selection.layout.tensors_on(q.device)
-    by_slot = slot_pairs(selection.routed, C, block_m)
-    for r in range(R):
-        _routed_fwd_into[(triton.cdiv(Nq, block_m) + C, B * H)](
-            q, k, v, out, lse, by_slot.query, by_slot.start[r], by_slot.count[r], by_slot.tile_end[r],
-            lt.chunk_start, lt.chunk_end, sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *out.stride()[:3], H, Nq, C, Nq * R, HEAD_DIM=D, C_PAD=chunk_bucket(C),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    group = in_place_heads_per_group(q, R)
+    for h0 in range(0, H, group):
+        h1 = min(h0 + group, H)
+        heads = slice(h0, h1)
+        sel = selection if (h0, h1) == (0, H) else selection.heads(h0, h1)
+        lse = lse_f[:, heads].contiguous()  # the group's running log-sum-exp, (B * heads, Nq) for the kernel
+        by_slot = slot_pairs(sel.routed, C, block_m)
+        qg, kg, vg, og = q[:, heads], k[:, heads], v[:, heads], out[:, heads]  # views: strides of the whole
+        for r in range(R):
+            _routed_fwd_into[(triton.cdiv(Nq, block_m) + C, B * (h1 - h0))](
+                qg, kg, vg, og, lse, by_slot.query, by_slot.start[r], by_slot.count[r], by_slot.tile_end[r],
+                lt.chunk_start, lt.chunk_end, sm_scale, *qg.stride()[:3], *kg.stride()[:3], *vg.stride()[:3],
+                *og.stride()[:3], h1 - h0, Nq, C, Nq * R, HEAD_DIM=D, C_PAD=chunk_bucket(C),
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        del by_slot, lse  # before the next group's tables
     return out
 
 
@@ -604,6 +622,19 @@ def head_buffer_bytes(q: torch.Tensor, slots: int, grad: bool) -> int:
     return max(partials, B * Nq * D * 4) if grad else partials
 
 
+def in_place_head_bytes(q: torch.Tensor, slots: int) -> int:
+    """One head's share of the in-place merge's peak: its pairs' tables while they are sorted
+    (IN_PLACE_PAIR_BYTES a pair, the GPU sort's workspace included)."""
+    B, _, Nq, _ = q.shape
+    return B * Nq * slots * IN_PLACE_PAIR_BYTES
+
+
+def in_place_heads_per_group(q: torch.Tensor, slots: int) -> int:
+    """How many heads the in-place merge sorts and runs at once, so that their pair tables stay
+    under GATHER_IN_PLACE_BUFFER_BYTES (at least one)."""
+    return max(1, min(q.shape[1], GATHER_IN_PLACE_BUFFER_BYTES // in_place_head_bytes(q, slots)))
+
+
 def heads_per_group(q: torch.Tensor, slots: int, grad: bool) -> int:
     """How many heads run at once so that one group's buffers stay under GATHER_BUFFER_BYTES, or
     GATHER_FWD_BUFFER_BYTES without gradients (at least one)."""
@@ -611,7 +642,8 @@ def heads_per_group(q: torch.Tensor, slots: int, grad: bool) -> int:
     return max(1, min(q.shape[1], budget // head_buffer_bytes(q, slots, grad)))
 
 
-__all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "GATHER_FWD_BUFFER_BYTES", "GATHER_MERGES",
-           "GATHER_RENDER_MERGE", "RoutedPairs", "SlotPairs", "forced_attention", "forced_default", "forced_only",
-           "gather_moc_attention", "head_buffer_bytes", "heads_per_group", "merge_partials", "routed_pairs",
-           "slot_pairs"]
+__all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "GATHER_FWD_BUFFER_BYTES",
+           "GATHER_IN_PLACE_BUFFER_BYTES", "GATHER_MERGES", "GATHER_RENDER_MERGE", "IN_PLACE_PAIR_BYTES", "RoutedPairs",
+           "SlotPairs", "forced_attention", "forced_default", "forced_only", "gather_moc_attention",
+           "head_buffer_bytes", "heads_per_group", "in_place_head_bytes", "in_place_heads_per_group",
+           "merge_partials", "routed_pairs", "slot_pairs"]

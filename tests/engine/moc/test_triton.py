@@ -600,6 +600,30 @@ def test_gather_in_place_merge_matches_reference(name, layout, q_offset, forced)
     assert rel(out, ref) < tolerance(dtype)
 
 
+@pytest.mark.parametrize("heads_at_once", [1, 2])
+def test_gather_in_place_in_head_groups_matches_reference(monkeypatch, heads_at_once):
+    """The in-place merge sorts and runs a group of heads at a time (in_place_heads_per_group, under
+    GATHER_IN_PLACE_BUFFER_BYTES): one head at a time, or two then one of three, batch 2, a context
+    offset and ragged slots, gives the float32 reference's output and the buffered merge's."""
+    from engine.moc import triton_gather
+    name, layout, q_offset = LAYOUTS[-1]
+    q, k, v = random_qkv(layout, 2, 3, 64, DTYPES[0], seed=181 + heads_at_once)
+    q = q[:, :, q_offset:]
+    g = torch.Generator(device=DEVICE).manual_seed(6)
+    sel = route(q, k, layout, MoCConfig(top_k=3, tile=TILE), q_offset=q_offset, training=True, generator=g,
+                impl="reference")
+    R = sel.routed.shape[-1]
+    monkeypatch.setattr(triton_gather, "GATHER_IN_PLACE_BUFFER_BYTES",
+                        heads_at_once * triton_gather.in_place_head_bytes(q, R))
+    assert triton_gather.in_place_heads_per_group(q, R) == heads_at_once
+    ref = reference_attention(q.float(), k.float(), v.float(), sel)
+    with torch.no_grad():
+        in_place = triton_gather.gather_moc_attention(q, k, v, sel, merge="in_place")
+        buffered = triton_gather.gather_moc_attention(q, k, v, sel, merge="buffers")
+    assert rel(in_place, ref) < tolerance(q.dtype), f"{rel(in_place, ref):.2e}"
+    assert rel(in_place, buffered) < tolerance(q.dtype)
+
+
 def test_gather_equals_the_tile_kernel():
     layout = LAYOUTS[2][1]
     q, k, v = random_qkv(layout, 1, 2, 64, DTYPES[-1], seed=141)
