@@ -606,7 +606,7 @@ def test_gather_in_place_in_head_groups_matches_reference(monkeypatch, heads_at_
     GATHER_IN_PLACE_BUFFER_BYTES): one head at a time, or two then one of three, batch 2, a context
     offset and ragged slots, gives the float32 reference's output and the buffered merge's."""
     from engine.moc import triton_gather
-    name, layout, q_offset = LAYOUTS[-1]
+    _, layout, q_offset = LAYOUTS[-1]
     q, k, v = random_qkv(layout, 2, 3, 64, DTYPES[0], seed=181 + heads_at_once)
     q = q[:, :, q_offset:]
     g = torch.Generator(device=DEVICE).manual_seed(6)
