@@ -68,13 +68,17 @@ HEADS, HEAD_DIM, TOP_K = 12, 128, 5
 # --device cpu: a tiny story of the same structure (3 shots x 3 frames x 19 tokens, 2 heads x 64,
 # float32: the interpreter miscomputes bf16 dots), to check that the script runs, not to time it
 TINY = {"shots": 3, "frames_per_shot": 3, "frame_tokens": 19, "heads": 2, "head_dim": 64}
-BACKENDS = ("moc-triton", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-in-place", "moc-gather-graph",
-            "moc-flex", "moc-auto", "forced-triton", "forced-sdpa", "dense-cudnn", "dense-flash")
+BACKENDS = ("moc-triton", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-in-place", "moc-gather-pieces",
+            "moc-gather-graph", "moc-flex", "moc-auto", "forced-triton", "forced-sdpa", "dense-cudnn", "dense-flash")
+# moc-gather-pieces: the buffered merge with a head's queries in pieces whose partial outputs stay
+# under this many bytes (triton_gather.GATHER_FWD_PIECE_BYTES, set for the row alone)
+PIECE_BYTES = 64 << 20
 # backends without a backward (their fwd_bwd columns stay empty); moc-gather-graph: routing and
 # gather's forward replayed from one CUDA graph (engine/moc/graphed.py), the inputs copied in
-FORWARD_ONLY = ("forced-triton", "forced-sdpa", "moc-gather-graph", "moc-gather-in-place")
+FORWARD_ONLY = ("forced-triton", "forced-sdpa", "moc-gather-graph", "moc-gather-in-place", "moc-gather-pieces")
 CPU_BACKENDS = ("forced-sdpa",)  # what --device cpu runs without Triton; the rest need TRITON_INTERPRET=1
-CPU_INTERPRETED = ("moc-triton", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-in-place", "forced-triton")
+CPU_INTERPRETED = ("moc-triton", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-in-place", "moc-gather-pieces",
+                   "forced-triton")
 
 
 def time_ms(fn, repeats: int, warmup: int = 2) -> float:
@@ -95,6 +99,17 @@ def time_ms(fn, repeats: int, warmup: int = 2) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def in_pieces(fn, *args, **kwargs):
+    """fn(*args, **kwargs) with triton_gather.GATHER_FWD_PIECE_BYTES at PIECE_BYTES (the
+    moc-gather-pieces row), put back after."""
+    saved = triton_gather.GATHER_FWD_PIECE_BYTES
+    triton_gather.GATHER_FWD_PIECE_BYTES = PIECE_BYTES
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        triton_gather.GATHER_FWD_PIECE_BYTES = saved
 
 
 def peak_gib(fn) -> float:
@@ -170,6 +185,7 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
         "moc-gather-sdpa-forced": lambda s: gather_moc_attention(q, k, v, s, forced="sdpa"),
         # the same without per-pair buffers: each routed slot folded into the output in place (forward only)
         "moc-gather-in-place": lambda s: gather_moc_attention(q, k, v, s, forced="sdpa", merge="in_place"),
+        "moc-gather-pieces": lambda s: in_pieces(gather_moc_attention, q, k, v, s, forced="sdpa", merge="buffers"),
     }
     # step 1 of "gather" alone: the forced links (no routing), (out, lse in log2 units) either way
     scale = head_dim ** -0.5
@@ -224,7 +240,8 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
             with torch.no_grad():
                 out = attn()  # also compiles / autotunes
             err, lse_err = float("nan"), float("nan")
-            compared = ("moc-flex", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-in-place", "moc-gather-graph")
+            compared = ("moc-flex", "moc-gather", "moc-gather-sdpa-forced", "moc-gather-in-place", "moc-gather-pieces",
+                        "moc-gather-graph")
             if backend in compared and reference_out is not None:
                 err = float((out.float() - reference_out).norm() / reference_out.norm())
             if backend == "moc-triton":

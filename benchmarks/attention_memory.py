@@ -36,7 +36,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from triton.runtime import KernelInterface
 
-from benchmarks.attention import FRAME_TOKENS, HEAD_DIM, HEADS, TOP_K
+from benchmarks.attention import (
+    FRAME_TOKENS,
+    HEAD_DIM,
+    HEADS,
+    PIECE_BYTES,
+    TOP_K,
+    in_pieces,
+)
 from benchmarks.workload import moc_layout
 from engine.moc import (
     MoCConfig,
@@ -49,7 +56,9 @@ from engine.moc.attention import dense_attention
 GIB = 2 ** 30
 # SDPA calls whose outputs the stand-in allocates: (out (B, H, L, D) in q's dtype, lse (B, H, L) float32)
 SDPA_OPS = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,)
-WAYS = ("dense", "gather-buffers", "gather-in-place")
+# gather-pieces: the buffered merge with a head's queries in pieces (benchmarks/attention.py's
+# moc-gather-pieces row: GATHER_FWD_PIECE_BYTES at its PIECE_BYTES)
+WAYS = ("dense", "gather-buffers", "gather-pieces", "gather-in-place")
 
 
 class AllocationTrace(TorchDispatchMode):
@@ -122,6 +131,8 @@ def forward(way: str, q, k, v, layout, config: MoCConfig):
     if way == "dense":
         return dense_attention(q, k, v)
     selection = triton_routing.route_triton(q, k, layout, config)
+    if way == "gather-pieces":
+        return in_pieces(triton_gather.gather_moc_attention, q, k, v, selection, forced="sdpa", merge="buffers")
     merge = "in_place" if way == "gather-in-place" else "buffers"
     return triton_gather.gather_moc_attention(q, k, v, selection, forced="sdpa", merge=merge)
 
@@ -147,8 +158,13 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", nargs="+", default=["16k", "64k", "180k"], choices=list(FRAME_TOKENS))
     p.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
     p.add_argument("--top", type=int, default=8, help="tensors listed per row, largest first")
+    p.add_argument("--piece-mib", type=float,
+                   help="triton_gather.GATHER_FWD_PIECE_BYTES for this run, in MiB (the buffered merge's "
+                        "per-piece budget without gradients; default: the engine's)")
     p.add_argument("--json", type=Path, help="write the rows here")
     args = p.parse_args(argv)
+    if args.piece_mib is not None:
+        triton_gather.GATHER_FWD_PIECE_BYTES = int(args.piece_mib * 2 ** 20)
     rows = []
     print(f"{'size':>5} {'way':<24} {'peak GiB':>9} {'above dense':>12}  largest live at the peak")
     with stubbed_kernels() as stubbed:
@@ -170,7 +186,9 @@ def main(argv=None) -> int:
                     "CPU with every Triton launch and SDPA call stubbed (outputs allocated, nothing computed)",
             "command": "python benchmarks/attention_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "torch": torch.__version__, "heads": HEADS, "head_dim": HEAD_DIM, "top_k": TOP_K,
-            "gather_fwd_buffer_bytes": triton_gather.GATHER_FWD_BUFFER_BYTES, "stubbed_kernels": stubbed,
+            "gather_fwd_buffer_bytes": triton_gather.GATHER_FWD_BUFFER_BYTES,
+            "gather_fwd_piece_bytes": triton_gather.GATHER_FWD_PIECE_BYTES, "pieces_row_piece_bytes": PIECE_BYTES,
+            "gather_in_place_buffer_bytes": triton_gather.GATHER_IN_PLACE_BUFFER_BYTES, "stubbed_kernels": stubbed,
             "rows": rows}, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0

@@ -65,6 +65,10 @@ GATHER_BLOCK = {"cuda": (64, 64, 4), "cpu": (16, 16, 1)}  # BLOCK_M, BLOCK_N, wa
 # 268.7 at 1 GiB: the backward's per-group launches), so that budget stays.
 GATHER_BUFFER_BYTES = 1 << 30
 GATHER_FWD_BUFFER_BYTES = 1 << 28
+# Without gradients a head whose partial outputs pass GATHER_FWD_PIECE_BYTES runs its queries in
+# pieces that fit it (query_rows_per_piece): the same pairs and the same arithmetic, so the same
+# output bit for bit, with a smaller buffer.
+GATHER_FWD_PIECE_BYTES = 1 << 28
 # How the forward without gradients merges the routed slots (gather_moc_attention's `merge`):
 # "buffers": per head group, every slot's partial output in a buffer, then one merge kernel (the
 # measured default above); "in_place": one launch per slot folding its partial results straight
@@ -461,20 +465,30 @@ def _routed_merge(q, k, v, selection: Selection, sm_scale: float, out: torch.Ten
 
 
 def _grouped_forward(q, k, v, selection: Selection, sm_scale: float, groups: tuple[ForcedGroup, ...] | None,
-                     group: int):
+                     group: int, rows: int | None = None):
     """The forward: step 1 over all heads at once, straight into the output (cuDNN runs best on
     all heads, and no separate O_f is held); then steps 2 and 3 per group of `group` heads, each
     with its own per-pair buffers, merged into the output in place. Returns (out, per group (h0,
     h1, its selection, lse (B, h1 - h0, Nq) float32, pairs, forced selection, plan)); the forced
     selection and its plan are the group's own only where one group holds every head (else None:
-    the backward builds them per group)."""
-    H = q.shape[1]
+    the backward builds them per group). `rows` (no gradients only: nothing is kept for a
+    backward, and no state returned): a group's queries run in pieces of that many rows, each
+    with buffers of its own size (query_rows_per_piece)."""
+    H, Nq = q.shape[1], q.shape[2]
     out, lse_f, forced, plan = forced_attention(q, k, v, selection, sm_scale, groups)
     states = []
     for h0 in range(0, H, group):
         h1 = min(h0 + group, H)
         whole = (h0, h1) == (0, H)
         sel = selection if whole else selection.heads(h0, h1)
+        if rows is not None and rows < Nq:
+            for a in range(0, Nq, rows):  # a piece's pairs index its own rows; the keys are all of them
+                b = min(a + rows, Nq)
+                piece = Selection(sel.layout, sel.tile, sel.q_offset + a, sel.forced, sel.routed[:, :, a:b],
+                                  forced_host=sel.forced_host)
+                _routed_merge(q[:, h0:h1, a:b], k[:, h0:h1], v[:, h0:h1], piece, sm_scale, out[:, h0:h1, a:b],
+                              lse_f[:, h0:h1, a:b])
+            continue
         lse, pairs = _routed_merge(q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], sel, sm_scale, out[:, h0:h1],
                                    lse_f[:, h0:h1])
         states.append((h0, h1, sel, lse, pairs, forced if whole else None, plan if whole else None))
@@ -610,7 +624,10 @@ def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sele
     selection.info["merge"] = merge
     if merge == "in_place":
         return _in_place_forward(q, k, v, selection, sm_scale, groups)
-    return _grouped_forward(q, k, v, selection, sm_scale, groups, group)[0]
+    rows = query_rows_per_piece(q, selection.routed.shape[-1])
+    if rows < q.shape[2]:  # one head's buffers pass the piece budget: one head at a time, in pieces
+        group = 1
+    return _grouped_forward(q, k, v, selection, sm_scale, groups, group, rows=rows)[0]
 
 
 def head_buffer_bytes(q: torch.Tensor, slots: int, grad: bool) -> int:
@@ -620,6 +637,17 @@ def head_buffer_bytes(q: torch.Tensor, slots: int, grad: bool) -> int:
     B, _, Nq, D = q.shape
     partials = B * Nq * slots * D * q.element_size()
     return max(partials, B * Nq * D * 4) if grad else partials
+
+
+def query_rows_per_piece(q: torch.Tensor, slots: int) -> int:
+    """Query rows whose partial outputs (one per slot, q's dtype) fit GATHER_FWD_PIECE_BYTES, for
+    the forward without gradients: one head's queries run in pieces of this many rows where its
+    buffers would pass that budget (at least BLOCK_M rows; all of them where they fit)."""
+    B, _, Nq, D = q.shape
+    per_row = B * slots * D * q.element_size()
+    if Nq * per_row <= GATHER_FWD_PIECE_BYTES:
+        return Nq
+    return max(_blocks(q)[0], GATHER_FWD_PIECE_BYTES // per_row)
 
 
 def in_place_head_bytes(q: torch.Tensor, slots: int) -> int:
@@ -643,7 +671,7 @@ def heads_per_group(q: torch.Tensor, slots: int, grad: bool) -> int:
 
 
 __all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "GATHER_FWD_BUFFER_BYTES",
-           "GATHER_IN_PLACE_BUFFER_BYTES", "GATHER_MERGES", "GATHER_RENDER_MERGE", "IN_PLACE_PAIR_BYTES", "RoutedPairs",
+           "GATHER_FWD_PIECE_BYTES", "GATHER_IN_PLACE_BUFFER_BYTES", "GATHER_MERGES", "GATHER_RENDER_MERGE", "IN_PLACE_PAIR_BYTES", "RoutedPairs",
            "SlotPairs", "forced_attention", "forced_default", "forced_only", "gather_moc_attention",
            "head_buffer_bytes", "heads_per_group", "in_place_head_bytes", "in_place_heads_per_group",
-           "merge_partials", "routed_pairs", "slot_pairs"]
+           "merge_partials", "query_rows_per_piece", "routed_pairs", "slot_pairs"]

@@ -18,9 +18,13 @@ def reject(constant):
     raise ValueError(f"not JSON: {constant}")
 
 
-def test_tiny_run_times_gather_both_ways_and_the_forced_links_alone(tmp_path):
+def test_tiny_run_times_gather_both_ways_and_the_forced_links_alone(tmp_path, monkeypatch):
     from benchmarks import attention
-    backends = ("moc-gather", "moc-gather-sdpa-forced", "moc-gather-in-place", "forced-triton", "forced-sdpa")
+    from engine.moc import triton_gather
+    backends = ("moc-gather", "moc-gather-sdpa-forced", "moc-gather-in-place", "moc-gather-pieces", "forced-triton",
+                "forced-sdpa")
+    monkeypatch.setattr(attention, "PIECE_BYTES", 1)  # the pieces row in pieces of one tile of rows
+    budget = triton_gather.GATHER_FWD_PIECE_BYTES
     with interpreter_numpy_shim():
         rows = attention.bench_size("tiny", "structured", backends, repeats=1, kernels=True)
     by = {r["backend"]: r for r in rows}
@@ -41,6 +45,9 @@ def test_tiny_run_times_gather_both_ways_and_the_forced_links_alone(tmp_path):
     in_place = by["moc-gather-in-place"]  # gather without per-pair buffers: forward only, same selection
     assert in_place["fwd_bwd_ms"] is None and in_place["density"] == by["moc-gather"]["density"]
     assert in_place["fwd_ms"] > 0 and "kernels_fwd_bwd" not in in_place
+    pieces = by["moc-gather-pieces"]  # the buffered merge in query pieces: forward only; the budget put back
+    assert pieces["fwd_bwd_ms"] is None and pieces["density"] == by["moc-gather"]["density"] and pieces["fwd_ms"] > 0
+    assert triton_gather.GATHER_FWD_PIECE_BYTES == budget
     lines = attention.summary([{**r, "device": "cpu", "date": ""} for r in rows])
     assert any("forced links alone" in line for line in lines)
     assert any("gather attention with forced=sdpa" in line for line in lines)

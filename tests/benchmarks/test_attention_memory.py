@@ -1,5 +1,5 @@
 """benchmarks/attention_memory.py: the allocation trace counts what is live, and the traced forwards
-hold what their code allocates (the 16k workload: a second each on the CPU)."""
+hold what their code allocates (the 16k workload: a second each on the CPU; 64k for the pieces)."""
 
 import os
 
@@ -31,7 +31,9 @@ def test_the_16k_forwards_hold_what_their_code_allocates():
     kernels = dict(vars(triton_gather))
     with attention_memory.stubbed_kernels() as stubbed:
         assert "triton_gather._routed_fwd_into" in stubbed and "triton_routing._route_topk" in stubbed
-        dense, buffers, in_place = (attention_memory.trace("16k", way, top=50) for way in attention_memory.WAYS)
+        rows = {way: attention_memory.trace("16k", way, top=50) for way in attention_memory.WAYS}
+    dense, buffers, pieces, in_place = (rows[way] for way in ("dense", "gather-buffers", "gather-pieces",
+                                                              "gather-in-place"))
     # put back on leaving: the kernels and the environment
     assert os.environ.get("TRITON_INTERPRET") == env
     assert triton_gather._routed_fwd_into is kernels["_routed_fwd_into"]
@@ -43,6 +45,18 @@ def test_the_16k_forwards_hold_what_their_code_allocates():
     partials = N * 5 * HEAD_DIM * 2 * HEADS
     assert any(t["tensor"].startswith("empty (12, 81600, 128)") for t in buffers["live_at_peak"])
     assert buffers["peak_gib"] * 2 ** 30 > out + partials
+    assert pieces["peak_gib"] == buffers["peak_gib"]  # 20 MiB a head at 16k: within the pieces' budget, no pieces
     # in place: no per-pair buffer; the output, the selection and one group's pair tables
     assert not any(t["tensor"].startswith("empty (12, 81600, 128)") for t in in_place["live_at_peak"])
     assert out < in_place["peak_gib"] * 2 ** 30 < out + partials / 4
+
+
+def test_pieces_bound_the_buffers_at_64k():
+    """At 64k one head's partial outputs (80 MiB) pass the pieces row's 64 MiB: the buffered merge
+    runs one head at a time in pieces, and the largest buffer is at most the budget."""
+    from benchmarks.attention import PIECE_BYTES
+    with attention_memory.stubbed_kernels():
+        buffers, pieces = (attention_memory.trace("64k", way, top=50) for way in ("gather-buffers", "gather-pieces"))
+    biggest = max(t["mib"] for t in pieces["live_at_peak"] if t["tensor"].startswith("empty ("))
+    assert biggest <= PIECE_BYTES / 2 ** 20
+    assert pieces["peak_gib"] < buffers["peak_gib"] - 0.15

@@ -624,6 +624,32 @@ def test_gather_in_place_in_head_groups_matches_reference(monkeypatch, heads_at_
     assert rel(in_place, buffered) < tolerance(q.dtype)
 
 
+@pytest.mark.parametrize("budget_rows", [1, 37])
+def test_gather_without_gradients_in_query_pieces_is_the_same_output(monkeypatch, budget_rows):
+    """Without gradients a head whose partial outputs pass GATHER_FWD_PIECE_BYTES runs its queries
+    in pieces (one tile of rows at the smallest; or 37 rows, off the tile grid), one head at a
+    time: the same output bit for bit as all queries at once, and the reference's; batch 2, a
+    context offset and ragged slots."""
+    from engine.moc import triton_gather
+    _, layout, q_offset = LAYOUTS[-1]
+    q, k, v = random_qkv(layout, 2, 3, 64, DTYPES[0], seed=191 + budget_rows)
+    q = q[:, :, q_offset:]
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    sel = route(q, k, layout, MoCConfig(top_k=3, tile=TILE), q_offset=q_offset, training=True, generator=g,
+                impl="reference")
+    R = sel.routed.shape[-1]
+    with torch.no_grad():
+        whole = triton_gather.gather_moc_attention(q, k, v, sel, merge="buffers")
+        assert triton_gather.query_rows_per_piece(q, R) == q.shape[2]  # fits: no pieces
+        per_row = 2 * R * 64 * q.element_size()
+        monkeypatch.setattr(triton_gather, "GATHER_FWD_PIECE_BYTES", budget_rows * per_row)
+        rows = triton_gather.query_rows_per_piece(q, R)
+        assert rows == max(budget_rows, triton_gather.GATHER_BLOCK[DEVICE][0]) < q.shape[2]
+        pieces = triton_gather.gather_moc_attention(q, k, v, sel, merge="buffers")
+    assert torch.equal(pieces, whole)
+    assert rel(pieces, reference_attention(q.float(), k.float(), v.float(), sel)) < tolerance(q.dtype)
+
+
 def test_gather_equals_the_tile_kernel():
     layout = LAYOUTS[2][1]
     q, k, v = random_qkv(layout, 1, 2, 64, DTYPES[-1], seed=141)
