@@ -8,11 +8,15 @@ real call returns. The fused path's sizes never depend on the routing's values (
 back to the host), so the allocations are those the GPU sees; the values are not computed.
 
 A dispatch mode counts the bytes of every storage the forward allocates, live after each op, and
-names the tensors live at the peak. Not counted: a kernel's own workspace (cuDNN's), the caching
-allocator's rounding (512-byte blocks), and the inputs q, k, v (allocated before the call).
-Compare `peak_gib` between rows; `above_dense_gib` is what issue 10's "peak memory no higher than
-dense" is about. The H100's measured forward peaks (BENCHMARKS.md, 2026-12-07) check the model:
-at MoC-180k gather with buffers peaked 0.28 GiB above dense cuDNN, in place over all heads 0.54.
+names the tensors live at the peak. Not counted: a kernel's own workspace (cuDNN's; the GPU's
+radix sort's), the caching allocator's rounding (512-byte blocks), and the inputs q, k, v (and
+the output gradient of the "+bwd" ways, allocated before the call). Compare `peak_gib` between
+rows; `above_dense_gib` is what issue 10's "peak memory no higher than dense" is about. The H100's
+measured forward peaks (BENCHMARKS.md, 2026-12-07) check the model: at MoC-180k gather with
+buffers peaked 0.28 GiB above dense cuDNN (traced: 0.35), in place over all heads 0.54 (traced
+0.33 before this file's changes: the GPU sort's double buffers of all heads' pairs are not
+traced), at 16k 0.25 and 0.05 (traced 0.25 and 0.03). With gradients the trace overstates MoC's
+excess: dense cuDNN's backward keeps a float32 dQ accumulator of its own, which is not traced.
 
     python benchmarks/attention_memory.py --json benchmarks/results/attention_memory_cpu.json
     python benchmarks/attention_memory.py --sizes 16k --top 12
@@ -54,11 +58,15 @@ from engine.moc import (
 from engine.moc.attention import dense_attention
 
 GIB = 2 ** 30
-# SDPA calls whose outputs the stand-in allocates: (out (B, H, L, D) in q's dtype, lse (B, H, L) float32)
-SDPA_OPS = (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,)
+# SDPA calls whose outputs the stand-in allocates: the forward's (out (B, H, L, D) in q's dtype, lse
+# (B, H, L) float32) and the backward's (dq, dk, dv) shaped as its q, k, v (arguments 1-3)
+SDPA_FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+SDPA_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 # gather-pieces: the buffered merge with a head's queries in pieces (benchmarks/attention.py's
-# moc-gather-pieces row: GATHER_FWD_PIECE_BYTES at its PIECE_BYTES)
+# moc-gather-pieces row: GATHER_FWD_PIECE_BYTES at its PIECE_BYTES); "+bwd": forward and backward
+# (torch.autograd.grad with a given output gradient), as benchmarks/attention.py's fwd_bwd peak
 WAYS = ("dense", "gather-buffers", "gather-pieces", "gather-in-place")
+GRAD_WAYS = ("dense+bwd", "gather+bwd")
 
 
 class AllocationTrace(TorchDispatchMode):
@@ -73,9 +81,11 @@ class AllocationTrace(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in SDPA_OPS:
+        if func is SDPA_FORWARD:
             q = args[0]
             out = (torch.empty_like(q), torch.empty(q.shape[:-1], dtype=torch.float32))
+        elif func is SDPA_BACKWARD:
+            out = tuple(torch.empty_like(x) for x in args[1:4])
         else:
             out = func(*args, **kwargs)
         for key in [key for key, (ref, _, _) in self.live.items() if ref.expired()]:
@@ -127,7 +137,12 @@ def stubbed_kernels():
 
 
 def forward(way: str, q, k, v, layout, config: MoCConfig):
-    """One forward without gradients the way `way` runs it (routing included for MoC)."""
+    """One forward the way `way` runs it (routing included for MoC); "+bwd" ways with gradients."""
+    if way == "dense+bwd":
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    if way == "gather+bwd":
+        selection = triton_routing.route_triton(q.detach(), k.detach(), layout, config)
+        return triton_gather.gather_moc_attention(q, k, v, selection, forced="sdpa")
     if way == "dense":
         return dense_attention(q, k, v)
     selection = triton_routing.route_triton(q, k, layout, config)
@@ -141,12 +156,18 @@ def trace(size: str, way: str, top: int = 8) -> dict:
     """One row: the peak of `way`'s forward at `size` (call it inside `stubbed_kernels`)."""
     layout = moc_layout(frame_tokens=FRAME_TOKENS[size])
     N = layout.num_tokens
-    q, k, v = (torch.empty(1, HEADS, N, HEAD_DIM, dtype=torch.bfloat16) for _ in range(3))
+    grad = way in GRAD_WAYS
+    q, k, v = (torch.empty(1, HEADS, N, HEAD_DIM, dtype=torch.bfloat16, requires_grad=grad) for _ in range(3))
+    do = torch.empty(1, HEADS, N, HEAD_DIM, dtype=torch.bfloat16) if grad else None
     config = MoCConfig(top_k=TOP_K)
     t0 = time.perf_counter()
-    with torch.no_grad(), AllocationTrace() as traced:
+    with torch.set_grad_enabled(grad), AllocationTrace() as traced:
         out = forward(way, q, k, v, layout, config)
+        if grad:
+            grads = torch.autograd.grad(out, (q, k, v), do)
     seconds = time.perf_counter() - t0
+    if grad:
+        del grads
     return {"size": size, "tokens": N, "way": way,
             "peak_gib": traced.peak / GIB, "output_gib": out.untyped_storage().nbytes() / GIB,
             "live_at_peak": [{"mib": round(nbytes / 2 ** 20, 2), "tensor": what} for nbytes, what in traced.at_peak[:top]],
@@ -156,7 +177,7 @@ def trace(size: str, way: str, top: int = 8) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", nargs="+", default=["16k", "64k", "180k"], choices=list(FRAME_TOKENS))
-    p.add_argument("--ways", nargs="+", default=list(WAYS), choices=WAYS)
+    p.add_argument("--ways", nargs="+", default=list(WAYS + GRAD_WAYS), choices=WAYS + GRAD_WAYS)
     p.add_argument("--top", type=int, default=8, help="tensors listed per row, largest first")
     p.add_argument("--piece-mib", type=float,
                    help="triton_gather.GATHER_FWD_PIECE_BYTES for this run, in MiB (the buffered merge's "
@@ -172,7 +193,7 @@ def main(argv=None) -> int:
             dense = None
             for way in args.ways:
                 row = trace(size, way, args.top)
-                if way == "dense":
+                if way in ("dense", "dense+bwd"):  # the rows after it compare with it
                     dense = row["peak_gib"]
                 row["above_dense_gib"] = None if dense is None else row["peak_gib"] - dense
                 rows.append(row)
@@ -182,8 +203,10 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "what": "peak bytes allocated by one attention forward (no gradients), inputs excluded, traced on the "
-                    "CPU with every Triton launch and SDPA call stubbed (outputs allocated, nothing computed)",
+            "what": "peak bytes allocated by one attention forward without gradients (the '+bwd' ways: forward and "
+                    "backward, the gradients included), inputs excluded, traced on the CPU with every Triton launch "
+                    "and SDPA call stubbed (outputs allocated, nothing computed); kernels' own workspaces (cuDNN's, "
+                    "its backward's float32 dQ accumulator) are not counted",
             "command": "python benchmarks/attention_memory.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "torch": torch.__version__, "heads": HEADS, "head_dim": HEAD_DIM, "top_k": TOP_K,
             "gather_fwd_buffer_bytes": triton_gather.GATHER_FWD_BUFFER_BYTES,

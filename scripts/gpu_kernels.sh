@@ -7,7 +7,8 @@
 #    by default the gather, CUDA-graph and forced-link tests, to leave the call time to benchmark);
 # 2. benchmarks/attention.py, structured and random inputs: at 180k the tile kernels, gather (step
 #    1 and its backward on the tile kernel, and on cuDNN), gather's forward merged in place (no
-#    per-pair buffers: triton_gather.GATHER_MERGES), auto and dense cuDNN; at 16k and 64k
+#    per-pair buffers, a group of heads at a time: triton_gather.GATHER_MERGES), gather's buffered
+#    forward in query pieces of 64 MiB (moc-gather-pieces), auto and dense cuDNN; at 16k and 64k
 #    gather, gather replayed from one CUDA graph (MoC without its launch and host work), auto and
 #    dense cuDNN; each row split by kernel (--kernels).
 # The whole Wan forward at 180k is separate (about 4 minutes):
@@ -32,9 +33,9 @@ fi
 # 180k first (the targets), then 16k and 64k with the CUDA-graph row; each run writes its
 # JSON after every size and input kind, so a call cut short keeps what finished
 timeout $((430 - SECONDS)) python3 benchmarks/attention.py --sizes 180k --inputs structured random --repeats 5 \
-  --backends ${BACKENDS_180K:-moc-triton moc-gather moc-gather-sdpa-forced moc-gather-in-place moc-auto dense-cudnn} --kernels \
+  --backends ${BACKENDS_180K:-moc-triton moc-gather moc-gather-sdpa-forced moc-gather-in-place moc-gather-pieces moc-auto dense-cudnn} --kernels \
   --json "$OUT/attention_180k.json" 2>&1 | grep -v "Warning\|warn(" | tail -n 40 | cut -c1-700 | tee -a "$log"
 timeout $((585 - SECONDS)) python3 benchmarks/attention.py --sizes 16k 64k --inputs structured random --repeats 5 ${AUTO_GRAPHS:+--auto-graphs} \
-  --backends ${BACKENDS_SMALL:-moc-gather-sdpa-forced moc-gather-in-place moc-gather-graph moc-auto dense-cudnn} --kernels \
+  --backends ${BACKENDS_SMALL:-moc-gather-sdpa-forced moc-gather-in-place moc-gather-pieces moc-gather-graph moc-auto dense-cudnn} --kernels \
   --json "$OUT/attention_small.json" 2>&1 | grep -v "Warning\|warn(" | tail -n 40 | cut -c1-500 | tee -a "$log"
 ls -la "$OUT"

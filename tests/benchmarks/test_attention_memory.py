@@ -60,3 +60,15 @@ def test_pieces_bound_the_buffers_at_64k():
     biggest = max(t["mib"] for t in pieces["live_at_peak"] if t["tensor"].startswith("empty ("))
     assert biggest <= PIECE_BYTES / 2 ** 20
     assert pieces["peak_gib"] < buffers["peak_gib"] - 0.15
+
+
+def test_with_gradients_the_trace_sees_the_gradients_and_gathers_float32_dq():
+    """The "+bwd" ways: dense holds its output, log-sum-exp and the three gradients at its peak;
+    gather's backward adds its float32 dQ of the head group (all 12 heads at 16k)."""
+    with attention_memory.stubbed_kernels():
+        dense, gather = (attention_memory.trace("16k", way, top=50) for way in attention_memory.GRAD_WAYS)
+    N = 8 * 15 * 136
+    one = N * HEADS * HEAD_DIM * 2
+    assert round(dense["peak_gib"] * 2 ** 30) == 4 * one + N * HEADS * 4  # out, lse, dq, dk, dv
+    assert any(t["tensor"] == f"empty (1, 12, {N}, 128) float32" for t in gather["live_at_peak"])
+    assert gather["peak_gib"] > dense["peak_gib"]
