@@ -56,14 +56,23 @@ GATHER_BLOCK = {"cuda": (64, 64, 4), "cpu": (16, 16, 1)}  # BLOCK_M, BLOCK_N, wa
 # dQ. All heads at once held 15.3 GiB at MoC-180k forward + backward on the H200, against dense
 # cuDNN's 6.9 (12 heads x 128, benchmarks/results/attention_gather_180k_h200.json, when the
 # backward also kept a float32 dQ per pair slot and dK / dV); one head's partial outputs there take
-# 0.23 GB, so four heads run at once with gradients. Without gradients (rendering) the budget is a
-# quarter of that, one head at a time at MoC-180k: since step 1 writes the output itself and the
+# 0.23 GB, so two heads run at once with gradients (below). Without gradients (rendering) the
+# budget is half of that, one head at a time at MoC-180k: since step 1 writes the output itself and the
 # groups merge into it in place (2026-12-07), the forward's peak there was 3.61 GiB at 256 MiB,
 # 3.83 at 512 MiB and 4.26 at 1 GiB (4.43 before the in-place merge; dense cuDNN 3.25), its time
 # 65.8 ms each way (one H200, structured inputs, benchmarks/results/attention_fwd_budget_h200.json).
 # With gradients the smaller groups cost time (forward + backward 298.8 ms at 256 MiB, 272.0 at 512,
-# 268.7 at 1 GiB: the backward's per-group launches), so that budget stays.
-GATHER_BUFFER_BYTES = 1 << 30
+# 268.7 at 1 GiB on the H200, when the backward also ran cuDNN's forced-link backward per group;
+# it now runs once over all heads). 512 MiB since 2026-12-07 (not yet timed): at 64k one group of
+# all 12 heads held 0.93 GiB of partial outputs, the peak of forward + backward there (traced by
+# benchmarks/attention_memory.py: 0.44 GiB above dense at 1 GiB, 0.19 at 512 MiB, before dense
+# cuDNN's own float32 dQ accumulator of 0.37 GiB, which the trace does not see).
+GATHER_BUFFER_BYTES = 1 << 29
+# The backward sums the routed pairs' dQ in float32 for as many heads at a time as fit this many
+# bytes (where cuDNN ran step 1: its share of dQ is already in dq, rounded as the library returns
+# it, and each pass starts from it). One float32 dQ of all heads was the largest tensor of the
+# backward at 64k (0.37 GiB; benchmarks/attention_memory.py).
+GATHER_DQ_BYTES = 1 << 26
 GATHER_FWD_BUFFER_BYTES = 1 << 28
 # Without gradients a head whose partial outputs pass GATHER_FWD_PIECE_BYTES runs its queries in
 # pieces that fit it (query_rows_per_piece): the same pairs and the same arithmetic, so the same
@@ -543,6 +552,12 @@ class _GatherAttention(torch.autograd.Function):
         q, k, v, out = ctx.saved_tensors
         do = _last_dim_contiguous(do)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        if ctx.groups is not None:
+            # the forced links through cuDNN once over all heads (as step 1 ran; per head group the
+            # library ran slower), from the whole attention's statistics, straight into dq, dk, dv
+            lse = torch.cat([state[3] for state in ctx.states], dim=1) if len(ctx.states) > 1 else ctx.states[0][3]
+            sdpa_forced_backward(q, k, v, out, lse, do, ctx.groups, ctx.sm_scale, dq, dk, dv)
+            del lse
         for h0, h1, selection, lse, pairs, forced, plan in ctx.states:
             heads = slice(h0, h1)
             _group_backward(q[:, heads], k[:, heads], v[:, heads], out[:, heads], lse, do[:, heads], selection,
@@ -552,21 +567,21 @@ class _GatherAttention(torch.autograd.Function):
 
 def _group_backward(q, k, v, out, lse, do, selection: Selection, pairs: RoutedPairs, forced, plan,
                     groups: tuple[ForcedGroup, ...] | None, sm_scale: float, dq, dk, dv) -> None:
-    """Writes dQ, dK, dV of one head group into dq, dk, dv (head slices of the full gradients, in
-    q's dtype): q, k, v, out, do head slices (any strides), lse (B, H, Nq) float32 as the group's
-    forward made it (contiguous: the kernels index it by batch x head). Beside the gradients it
-    holds one float32 dQ of the group (the forced links' share, then each slot's added)."""
+    """Adds the routed pairs' dQ, dK, dV of one head group to dq, dk, dv (head slices of the full
+    gradients, in q's dtype): q, k, v, out, do head slices (any strides), lse (B, H, Nq) float32 as
+    the group's forward made it (contiguous: the kernels index it by batch x head). The forced
+    links' share: with `groups` (SDPA ran step 1) dq, dk, dv already hold it (the caller ran it
+    over all heads); else the tile kernels' backward writes it here first. dQ is summed in float32:
+    with `groups`, per pass of heads whose float32 dQ fits GATHER_DQ_BYTES (dq_heads_per_pass),
+    starting from the forced share as the library rounded it (exact in float32: the same sums as
+    one buffer for the group); else in one float32 dQ of the group (the tile kernels' share unrounded)."""
     B, H, Nq, D = q.shape
     R = selection.routed.shape[-1]
     C = selection.layout.num_chunks
     delta = _delta(out, do)
-    dq_acc = torch.empty(B, H, Nq, D, dtype=torch.float32, device=q.device)
-    # forced links, with the whole attention's statistics (out, lse and delta are the merged
-    # ones), into the final dK, dV and a float32 dQ: where SDPA ran step 1, the library's backward
-    # per forced group; else the tile kernels' backward on the forced selection's plan
-    if groups is not None:
-        sdpa_forced_backward(q, k, v, out, lse, do, groups, sm_scale, dq_acc, dk, dv)
-    else:
+    dq_acc = None
+    if groups is None:
+        dq_acc = torch.empty(B, H, Nq, D, dtype=torch.float32, device=q.device)
         if plan is None:
             forced = forced_only(selection)
             plan = kernel_plan(forced)
@@ -576,20 +591,41 @@ def _group_backward(q, k, v, out, lse, do, selection: Selection, pairs: RoutedPa
     # the queries that chose its chunk, both added to the forced links' share
     block_m, block_n, warps = _blocks(q)
     lt = selection.layout.tensors_on(q.device)
-    by_slot = slot_pairs(selection.routed, C, block_m)
-    for r in range(R):
-        _routed_bwd_dq[(triton.cdiv(Nq, block_m) + C, B * H)](
-            q, k, v, do, dq_acc, lse, delta, by_slot.query, by_slot.start[r], by_slot.count[r], by_slot.tile_end[r],
-            lt.chunk_start, lt.chunk_end, sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-            *do.stride()[:3], H, Nq, C, Nq * R, HEAD_DIM=D, C_PAD=chunk_bucket(C),
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-    del by_slot
+    per_pass = H if dq_acc is not None else dq_heads_per_pass(q)
+    for a in range(0, H, per_pass):
+        b = min(a + per_pass, H)
+        heads = slice(a, b)
+        if dq_acc is not None:
+            acc, routed, lse_h, delta_h = dq_acc, selection.routed, lse, delta
+        else:
+            acc = torch.empty(B, b - a, Nq, D, dtype=torch.float32, device=q.device).copy_(dq[:, heads])
+            routed = selection.routed[:, heads]
+            lse_h, delta_h = lse[:, heads].contiguous(), delta[:, heads].contiguous()
+        by_slot = slot_pairs(routed, C, block_m)
+        qh, kh, vh, doh = q[:, heads], k[:, heads], v[:, heads], do[:, heads]
+        for r in range(R):
+            _routed_bwd_dq[(triton.cdiv(Nq, block_m) + C, B * (b - a))](
+                qh, kh, vh, doh, acc, lse_h, delta_h, by_slot.query, by_slot.start[r], by_slot.count[r],
+                by_slot.tile_end[r], lt.chunk_start, lt.chunk_end, sm_scale, *qh.stride()[:3], *kh.stride()[:3],
+                *vh.stride()[:3], *doh.stride()[:3], b - a, Nq, C, Nq * R, HEAD_DIM=D, C_PAD=chunk_bucket(C),
+                BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        del by_slot
+        if dq_acc is None:
+            dq[:, heads].copy_(acc)
+            del acc
     kb_lo, kb_hi, kb_chunk = key_blocks(selection, block_n, q.device)
     _routed_bwd_dkdv[(kb_lo.numel(), B * H)](
         q, k, v, do, dk, dv, lse, delta, pairs.query, pairs.start, pairs.count, kb_lo, kb_hi, kb_chunk,
         sm_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
         *dv.stride()[:3], H, Nq, C, Nq * R, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-    dq.copy_(dq_acc)
+    if dq_acc is not None:
+        dq.copy_(dq_acc)
+
+
+def dq_heads_per_pass(q: torch.Tensor) -> int:
+    """How many heads' routed dQ are summed at once in float32 under GATHER_DQ_BYTES (at least one)."""
+    B, H, Nq, D = q.shape
+    return max(1, min(H, GATHER_DQ_BYTES // (B * Nq * D * 4)))
 
 
 def gather_moc_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, selection: Selection,
@@ -670,8 +706,9 @@ def heads_per_group(q: torch.Tensor, slots: int, grad: bool) -> int:
     return max(1, min(q.shape[1], budget // head_buffer_bytes(q, slots, grad)))
 
 
-__all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "GATHER_FWD_BUFFER_BYTES",
-           "GATHER_FWD_PIECE_BYTES", "GATHER_IN_PLACE_BUFFER_BYTES", "GATHER_MERGES", "GATHER_RENDER_MERGE", "IN_PLACE_PAIR_BYTES", "RoutedPairs",
-           "SlotPairs", "forced_attention", "forced_default", "forced_only", "gather_moc_attention",
-           "head_buffer_bytes", "heads_per_group", "in_place_head_bytes", "in_place_heads_per_group",
-           "merge_partials", "query_rows_per_piece", "routed_pairs", "slot_pairs"]
+__all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "GATHER_DQ_BYTES", "GATHER_FWD_BUFFER_BYTES",
+           "GATHER_FWD_PIECE_BYTES", "GATHER_IN_PLACE_BUFFER_BYTES", "GATHER_MERGES", "GATHER_RENDER_MERGE",
+           "IN_PLACE_PAIR_BYTES", "RoutedPairs", "SlotPairs", "dq_heads_per_pass", "forced_attention",
+           "forced_default", "forced_only", "gather_moc_attention", "head_buffer_bytes", "heads_per_group",
+           "in_place_head_bytes", "in_place_heads_per_group", "merge_partials", "query_rows_per_piece",
+           "routed_pairs", "slot_pairs"]

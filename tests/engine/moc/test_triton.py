@@ -650,6 +650,40 @@ def test_gather_without_gradients_in_query_pieces_is_the_same_output(monkeypatch
     assert rel(pieces, reference_attention(q.float(), k.float(), v.float(), sel)) < tolerance(q.dtype)
 
 
+@pytest.mark.parametrize("groups", ["one", "per_head"])
+def test_gather_backward_sums_dq_a_few_heads_at_a_time(monkeypatch, groups):
+    """Where step 1 ran through SDPA, the backward runs the forced links' backward once over all
+    heads and sums the routed dQ in float32 one pass of heads at a time (dq_heads_per_pass, under
+    GATHER_DQ_BYTES), starting from the forced share: the same gradients bit for bit as one pass
+    of every head, and the reference's; batch 2, a context offset, ragged slots, and the forward in
+    one head group or one group per head."""
+    from engine.moc import triton_gather
+    _, layout, q_offset = LAYOUTS[-1]
+    q, k, v = random_qkv(layout, 2, 3, 64, DTYPES[-1], seed=201)
+    q = q[:, :, q_offset:]
+    g = torch.Generator(device=DEVICE).manual_seed(8)
+    sel = route(q, k, layout, MoCConfig(top_k=3, tile=TILE), q_offset=q_offset, training=True, generator=g,
+                impl="reference")
+    if groups == "per_head":
+        monkeypatch.setattr(triton_gather, "GATHER_BUFFER_BYTES", 1)
+    do = torch.randn_like(q)
+
+    def grads():
+        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
+        out = triton_gather.gather_moc_attention(qq, kk, vv, sel, forced="sdpa")
+        assert sel.info["forced"] == ("triton" if CUDA and q.dtype == torch.float32 else "sdpa")
+        return torch.autograd.grad(out, (qq, kk, vv), do)
+
+    assert triton_gather.dq_heads_per_pass(q) == 3  # all heads in one pass at these sizes
+    whole = grads()
+    monkeypatch.setattr(triton_gather, "GATHER_DQ_BYTES", 1)
+    assert triton_gather.dq_heads_per_pass(q) == 1
+    passes = grads()
+    for a, b in zip(passes, whole):
+        assert torch.equal(a, b)
+    check_gather(q, k, v, sel, forced="sdpa")  # values and gradients against the reference, one head a pass
+
+
 def test_gather_equals_the_tile_kernel():
     layout = LAYOUTS[2][1]
     q, k, v = random_qkv(layout, 1, 2, 64, DTYPES[-1], seed=141)
