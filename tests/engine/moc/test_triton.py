@@ -600,18 +600,25 @@ def test_gather_in_place_merge_matches_reference(name, layout, q_offset, forced)
     assert rel(out, ref) < tolerance(dtype)
 
 
+def ragged_case(dtype, seed: int, draw: int):
+    """q, k, v (batch 2, 3 heads x 64) on the last test layout with its context offset, and a
+    training-mode selection (drop-off / drop-in: ragged slots): the head-group, piece and pass tests."""
+    _, layout, q_offset = LAYOUTS[-1]
+    q, k, v = random_qkv(layout, 2, 3, 64, dtype, seed=seed)
+    q = q[:, :, q_offset:]
+    g = torch.Generator(device=DEVICE).manual_seed(draw)
+    sel = route(q, k, layout, MoCConfig(top_k=3, tile=TILE), q_offset=q_offset, training=True, generator=g,
+                impl="reference")
+    return q, k, v, sel
+
+
 @pytest.mark.parametrize("heads_at_once", [1, 2])
 def test_gather_in_place_in_head_groups_matches_reference(monkeypatch, heads_at_once):
     """The in-place merge sorts and runs a group of heads at a time (in_place_heads_per_group, under
     GATHER_IN_PLACE_BUFFER_BYTES): one head at a time, or two then one of three, batch 2, a context
     offset and ragged slots, gives the float32 reference's output and the buffered merge's."""
     from engine.moc import triton_gather
-    _, layout, q_offset = LAYOUTS[-1]
-    q, k, v = random_qkv(layout, 2, 3, 64, DTYPES[0], seed=181 + heads_at_once)
-    q = q[:, :, q_offset:]
-    g = torch.Generator(device=DEVICE).manual_seed(6)
-    sel = route(q, k, layout, MoCConfig(top_k=3, tile=TILE), q_offset=q_offset, training=True, generator=g,
-                impl="reference")
+    q, k, v, sel = ragged_case(DTYPES[0], seed=181 + heads_at_once, draw=6)
     R = sel.routed.shape[-1]
     monkeypatch.setattr(triton_gather, "GATHER_IN_PLACE_BUFFER_BYTES",
                         heads_at_once * triton_gather.in_place_head_bytes(q, R))
@@ -631,12 +638,7 @@ def test_gather_without_gradients_in_query_pieces_is_the_same_output(monkeypatch
     time: the same output bit for bit as all queries at once, and the reference's; batch 2, a
     context offset and ragged slots."""
     from engine.moc import triton_gather
-    _, layout, q_offset = LAYOUTS[-1]
-    q, k, v = random_qkv(layout, 2, 3, 64, DTYPES[0], seed=191 + budget_rows)
-    q = q[:, :, q_offset:]
-    g = torch.Generator(device=DEVICE).manual_seed(7)
-    sel = route(q, k, layout, MoCConfig(top_k=3, tile=TILE), q_offset=q_offset, training=True, generator=g,
-                impl="reference")
+    q, k, v, sel = ragged_case(DTYPES[0], seed=191 + budget_rows, draw=7)
     R = sel.routed.shape[-1]
     with torch.no_grad():
         whole = triton_gather.gather_moc_attention(q, k, v, sel, merge="buffers")
@@ -658,12 +660,7 @@ def test_gather_backward_sums_dq_a_few_heads_at_a_time(monkeypatch, groups):
     of every head, and the reference's; batch 2, a context offset, ragged slots, and the forward in
     one head group or one group per head."""
     from engine.moc import triton_gather
-    _, layout, q_offset = LAYOUTS[-1]
-    q, k, v = random_qkv(layout, 2, 3, 64, DTYPES[-1], seed=201)
-    q = q[:, :, q_offset:]
-    g = torch.Generator(device=DEVICE).manual_seed(8)
-    sel = route(q, k, layout, MoCConfig(top_k=3, tile=TILE), q_offset=q_offset, training=True, generator=g,
-                impl="reference")
+    q, k, v, sel = ragged_case(DTYPES[-1], seed=201, draw=8)
     if groups == "per_head":
         monkeypatch.setattr(triton_gather, "GATHER_BUFFER_BYTES", 1)
     do = torch.randn_like(q)
