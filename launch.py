@@ -98,6 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="both-sided regeneration: the regenerated shot keeps its top-k over the earlier "
                         "shots and routes K more chunks among the later ones (default 2; 0: the later "
                         "chunks compete with the earlier ones in the one top-k)")
+    p.add_argument("--no-keep-context", action="store_true",
+                   help="give the context K/V cache's memory back after every render (default: keep it, so "
+                        "that another take of a shot skips reading the unchanged other shots again)")
     p.add_argument("--model", type=Path, help="local model folder (default: the shipped model in assets/default_model)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--cache-dir", type=Path, help="shot cache folder (default: ./cache)")
@@ -160,7 +163,8 @@ def load_engine(args, parallel, device: str, preview: bool):
 
     try:
         engine = StoryEngine.load(args.model, device=device, cache_dir=args.cache_dir, parallel=parallel,
-                                  options=SamplerOptions(preview=preview, open_top_k=args.open_top_k))
+                                  options=SamplerOptions(preview=preview, open_top_k=args.open_top_k,
+                                                         keep_context=not args.no_keep_context))
         if args.compile:
             engine.model.transformer.compile_blocks()
         return engine

@@ -8,9 +8,11 @@ Work is counted, not guessed: query tokens through the transformer (projections 
 with it) and self-attention FLOPs (QK^T + PV over the attended keys), plus wall time.
 
 Also: a both-sided regeneration with its context passes grouped (consecutive cached shots in one
-forward) against one pass per shot (`--only grouped` runs that part alone).
+forward) against one pass per shot (`--only grouped` runs that part alone); and more takes of a
+shot with the other shots' context K/V kept from the take before (SamplerOptions.keep_context)
+against reading them afresh for each take (`--only kept`).
 
-Run:  python benchmarks/context_cache.py [--shots 4 --frames 6 --steps 10] [--only grouped]   (CPU is fine)
+Run:  python benchmarks/context_cache.py [--shots 4 --frames 6 --steps 10] [--only grouped|kept]   (CPU is fine)
 Prints a table and writes benchmarks/results/context_cache.json.
 """
 
@@ -91,7 +93,8 @@ def grouped_context_passes(shots: int, frames: int, steps: int, repeats: int = 3
     best, passes, takes = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         engines = {tokens: StoryEngine.load(None, device="cpu", cache_dir=Path(tmp) / f"tokens{tokens}",
-                                            options=SamplerOptions(preview=False, context_pass_tokens=tokens))
+                                            options=SamplerOptions(preview=False, context_pass_tokens=tokens,
+                                                                   keep_context=False))
                    for tokens in (0, 1)}
         for engine in engines.values():
             engine.render(story)  # the cached takes both regenerations read
@@ -116,6 +119,45 @@ def grouped_context_passes(shots: int, frames: int, steps: int, repeats: int = 3
             "one_pass_per_shot_passes": passes[1], "repeats": repeats}
 
 
+def kept_context(shots: int, frames: int, steps: int, repeats: int = 3) -> dict:
+    """Through the engine: more takes of a middle shot (both sides as context, a new seed each),
+    the other shots' context K/V kept from the take before (SamplerOptions.keep_context, the
+    default: no context pass runs) against reading them afresh for every take. Both engines made
+    the same first take, so every later take must be the same bit for bit. Interleaved, best of each."""
+    import tempfile
+
+    from engine.engine import StoryEngine
+    story = make_story(shots, frames, steps).with_settings(mode="joint")
+    middle = shots // 2
+    first_seed = story.shots[middle].seed
+    best, passes, takes = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        engines = {keep: StoryEngine.load(None, device="cpu", cache_dir=Path(tmp) / f"keep{keep}",
+                                          options=SamplerOptions(preview=False, keep_context=keep))
+                   for keep in (True, False)}
+        for engine in engines.values():
+            story.shots[middle].seed = first_seed
+            engine.render(story)  # the cached takes the regenerations read (the same in both)
+            story.shots[middle].seed = 499
+            engine.render(story, regenerate=middle)  # the first take: reads every other shot
+        for rep in range(repeats):
+            for keep, engine in engines.items():
+                story.shots[middle].seed = 500 + rep
+                made = []
+                seconds = _timed(lambda engine=engine, made=made: made.append(
+                    engine.render(story, regenerate=middle)))
+                best[keep] = min(best.get(keep, seconds), seconds)
+                passes[keep] = made[0].summary["context_passes"]
+                takes[keep] = engine.cache.get(made[0].shots[middle].key).latents
+    diff = float((takes[True] - takes[False]).abs().max())
+    kept, fresh = best[True], best[False]
+    print(f"another take of shot {middle + 1} of {shots}, both sides: context kept {passes[True]} {kept:.2f} s, "
+          f"read afresh {passes[False]} {fresh:.2f} s -> {fresh / kept:.2f}x; max |latent difference| {diff:.2e}")
+    return {"regenerated_shot": middle, "max_abs_latent_difference": diff, "kept_seconds": kept,
+            "afresh_seconds": fresh, "ratio": fresh / kept, "kept_passes": passes[True],
+            "afresh_passes": passes[False], "repeats": repeats}
+
+
 def _timed(fn) -> float:
     started = time.perf_counter()
     fn()
@@ -127,9 +169,11 @@ def main(argv: list[str]) -> None:
     shots, frames, steps = int(opts.get("--shots", 4)), int(opts.get("--frames", 6)), int(opts.get("--steps", 10))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = ROOT / "benchmarks" / "results" / "context_cache.json"
-    if opts.get("--only") == "grouped":  # this part alone, merged into the JSON
+    parts = {"grouped": ("grouped_context_passes", grouped_context_passes), "kept": ("kept_context", kept_context)}
+    if opts.get("--only") in parts:  # this part alone, merged into the JSON
         result = json.loads(out.read_text()) if out.exists() else {}
-        result["grouped_context_passes"] = grouped_context_passes(shots, frames, steps)
+        name, part = parts[opts["--only"]]
+        result[name] = part(shots, frames, steps)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out.relative_to(ROOT)}")
         return
@@ -157,6 +201,7 @@ def main(argv: list[str]) -> None:
     print(f"max |latent difference| between the two: {diff:.2e}")
     result["regenerate_last_shot"] = regenerate_vs_full(shots, frames, steps)
     result["grouped_context_passes"] = grouped_context_passes(shots, frames, steps)
+    result["kept_context"] = kept_context(shots, frames, steps)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")

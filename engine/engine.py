@@ -67,6 +67,7 @@ from torch.profiler import record_function
 from engine.events import (Finished, Preview, Progress, RenderResult, RenderStopped, ShotDone, ShotResult,
                            Stopped)
 from engine.codec import middle_video_frame
+from engine.context_cache import ContextKV
 from engine.model import StoryModel
 from engine.parallel import SequenceParallel, check_heads
 from engine.moc.attention import resolve_backend, triton_available
@@ -110,6 +111,15 @@ def context_noise_seed(seed: int) -> int:
     return int(hashlib.sha256(f"context-noise:{seed}".encode()).hexdigest()[:15], 16)
 
 
+def context_pass_key(previous: str, shots: list, exclude: tuple[int, ...] = ()) -> str:
+    """Names what one context pass reads: `previous` (the key of the pass before it in the render's
+    order, or the story's common key for the first), and for each shot of the pass its take key,
+    caption, frames and memory links (a locked shot keeps its take under new links), plus the
+    shots it must not see. Equal keys: equal K/V, so a kept cache's pass need not run again."""
+    return _hash("context", previous, [(take, shot.caption, shot.frames, *_links(shot)) for take, shot in shots],
+                 sorted(exclude))
+
+
 def _hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
@@ -145,12 +155,15 @@ class TakeInfo:
     current: bool  # what a render of the story shows for this shot now
 
 
-def reading_progress(run, index: int, runs: int, steps: int, shots: list[int], i: int, n: int) -> Progress:
-    """The event of context pass i of n before run `index` (of `runs`): `shots` read as context."""
+def reading_progress(run, index: int, runs: int, steps: int, shots: list[int], i: int, n: int,
+                     kept: bool = False) -> Progress:
+    """The event of context pass i of n before run `index` (of `runs`): `shots` read as context,
+    or (kept) found in the context K/V cache the last render kept."""
     label = f"shot {shots[0] + 1}" if len(shots) == 1 else f"shots {shots[0] + 1}-{shots[-1] + 1}"
+    what = f"{label} as context, kept from the last render" if kept else f"reading {label} as context"
     return Progress(shot=run.shots[0] if len(run.shots) == 1 else None, step=0, total=steps, run=index, runs=runs,
                     shots=run.shots, context=shots[0], context_shots=tuple(shots),
-                    message=f"run {index + 1}/{runs}: reading {label} as context ({i + 1} of {n})")
+                    message=f"run {index + 1}/{runs}: {what} ({i + 1} of {n})")
 
 
 class StoryEngine:
@@ -170,6 +183,9 @@ class StoryEngine:
             raise ValueError("a StoryEngine needs a ShotCache; only a rank other than 0 of a sequence-parallel "
                              "group goes without (rank 0's cache serves it)")
         self._lock = threading.Lock()  # one render at a time per engine
+        # the context K/V cache the last render filled (SamplerOptions.keep_context): the next
+        # render that reads context skips the passes it still holds
+        self._kept_kv: ContextKV | None = None
 
     @staticmethod
     def load(model: str | Path | None = None, device: str = "auto", cache_dir: str | Path | None = None,
@@ -449,6 +465,7 @@ class StoryEngine:
             except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
                 if not is_out_of_memory(err):
                     raise
+                self._kept_kv = None
                 free_memory()
                 raise ResourceError(out_of_memory_message(story, self.model.device)) from err
             except OSError as err:
@@ -495,9 +512,18 @@ class StoryEngine:
                 frames = self.model.codec.preview(info.x0).numpy()
                 emit(Preview(shot=live[0] if len(live) == 1 else None, frames=frames, step=info.step, shots=live))
 
+        # a kept context cache serves a render that reads context, on one process; a render that
+        # samples without context gives its memory back first (one that samples nothing keeps it)
+        kept, self._kept_kv = self._kept_kv, None
+        reads = both or any(run.start > 0 for run in runs)
+        if kept is not None and (not (self.options.keep_context and self.parallel is None) or (runs and not reads)):
+            kept = None
+            free_memory()
         sampler = StorySampler(self.model, story, stop=stop, on_step=on_step, options=self.options,
-                               parallel=self.parallel)
+                               parallel=self.parallel, kv=kept)
+        del kept  # the sampler owns it now (and frees it first if this story needs another shape)
         encoded = 0
+        previous = self._common(story)  # the key of the last context pass read (context_pass_key)
         try:
             for r, run in enumerate(runs):
                 after = both and run.start == regenerate
@@ -510,16 +536,21 @@ class StoryEngine:
                 later_groups = sampler.context_groups(later) if later else []
                 passes = len(groups) + len(later_groups)
 
-                def read(group, i, exclude=()):
-                    emit(reading_progress(run, r, len(runs), story.settings.steps, group, i, passes))
+                def read(group, i, previous, exclude=()) -> str:
+                    key = context_pass_key(previous, [(takes[j].key, story.shots[j]) for j in group], exclude)
+                    kept = sampler.holds_pass(group, key)
+                    emit(reading_progress(run, r, len(runs), story.settings.steps, group, i, passes, kept))
                     sampler.encode_contexts(group, [takes[j].latents for j in group],
-                                            [context_noise_seed(int(takes[j].meta["seed"])) for j in group], exclude)
+                                            [context_noise_seed(int(takes[j].meta["seed"])) for j in group],
+                                            exclude, key)
+                    return key
                 for i, group in enumerate(groups):
-                    read(group, i)
+                    previous = read(group, i, previous)
                 if after:  # later shots as context: encoded without looking at the shot being replaced
                     sampler.hold_context(regenerate)
+                    later = previous  # the later passes never see the regenerated shot: not in their keys
                     for i, group in enumerate(later_groups, len(groups)):
-                        read(group, i, exclude=(regenerate,))
+                        later = read(group, i, later, exclude=(regenerate,))
                 encoded = run.start
                 emit(Progress(shot=run.shots[0] if len(run.shots) == 1 else None, step=0,
                               total=story.settings.steps, message=f"run {r + 1}/{len(runs)}: starting",
@@ -539,7 +570,9 @@ class StoryEngine:
                     results[s] = decide(lambda: self._store(p, take, seconds[s], out_dir, fps))
                     emit(ShotDone(s, results[s]))
         except RenderStopped as err:
+            self._keep_context(sampler)
             raise RenderStopped(str(err), tuple(sorted(results))) from None
+        self._keep_context(sampler)
         # 3. the whole story, routing report and summary
         shots = [results[i] for i in range(len(plans))]
         routing = self._report(story, [takes[i] for i in range(len(plans))])
@@ -557,6 +590,8 @@ class StoryEngine:
                 summary["both_sides_note"] = why_not
             summary["cache_saved_s"] = round(cache_saved, 3)  # what the cached takes cost when they were made
             summary["takes_gone"] = [p.index for p in plans if p.gone]  # remembered takes sampled anew
+            # context passes: run, and served from the K/V cache the last render kept
+            summary["context_passes"] = {"run": sampler.passes_run, "kept": sampler.passes_kept}
             atomic_write_text(out_dir / "routing.json", json_text(routing))
             atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
             return video, summary
@@ -565,6 +600,13 @@ class StoryEngine:
         result = RenderResult(shots=shots, story_video=story_video, routing=routing, summary=summary)
         emit(Finished(result))
         return result
+
+    def _keep_context(self, sampler: StorySampler) -> None:
+        """Keep the render's context K/V cache for the next one (SamplerOptions.keep_context); a
+        pass cut short left no record of itself (ContextKV.held), so a stopped render's cache is
+        as good as a finished one's."""
+        if self.options.keep_context and self.parallel is None:
+            self._kept_kv = sampler.kv if sampler.kv is not None else sampler.kept_kv  # (nothing sampled: as it was)
 
     # ---- the current takes, read without rendering ----------------------------------------------
 

@@ -67,6 +67,11 @@ class SamplerOptions:
     # regenerating shot 3 both-sided: 10.36 s grouped against 10.08 s, benchmarks/context_cache.py
     # --only grouped), and on the GPU it is not measured yet
     context_pass_tokens: int = 1
+    # keep the context K/V cache after a render that filled it (StoryEngine): the next render that
+    # reads context skips every pass whose inputs are unchanged (another take of the same shot reads
+    # the other shots again for nothing otherwise). It holds its memory between renders (at
+    # MoC-180k with guidance, 62 GiB on a GPU); a render that reads no context frees it first
+    keep_context: bool = True
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,11 @@ class StepInfo:
 class StorySampler:
     def __init__(self, model, story: Story, *, stop: threading.Event | None = None,
                  on_step: Callable[[StepInfo], None] | None = None, options: SamplerOptions = SamplerOptions(),
-                 parallel: SequenceParallel | None = None):
+                 parallel: SequenceParallel | None = None, kv: ContextKV | None = None):
+        """kv: the context K/V cache an earlier render of this model kept (SamplerOptions.keep_context):
+        used when its shape fits this story, its recorded passes skipped where their keys match."""
         self.model = model
+        self.kept_kv = kv
         # sequence parallelism: every rank runs this sampler in step; each forward is spread over
         # the ranks and returns the whole output on each. The context K/V cache and the routing
         # statistics hold this rank's heads (`heads`), the statistics merged after every forward set
@@ -132,6 +140,8 @@ class StorySampler:
         self._inputs: tuple | None = None  # (key, (text, cross plan, rotary)) of the last forward's shape
         self.context_latents: dict[int, torch.Tensor] = {}  # shot -> noisy context latents (recompute path)
         self.forwards = 0  # transformer forwards (work counter)
+        self.passes_run = 0  # context passes run (work counter)
+        self.passes_kept = 0  # context passes served from a kept cache instead of run (work counter)
         self.forward_tokens = 0  # query tokens pushed through the transformer (work counter)
         self.attn_flops_moc = 0.0  # self-attention FLOPs of every forward (work counter)
         self.attn_flops_dense = 0.0  # the same forwards with dense attention
@@ -154,9 +164,17 @@ class StorySampler:
     def _kv(self) -> ContextKV:
         if self.kv is None:
             tr = self.transformer
-            self.kv = ContextKV(tr.num_layers, self.batch, self.layout(len(self.shot_frames)).num_tokens,
-                                self.heads[1] - self.heads[0], tr.head_dim, dtype=self.model.dtype, device=self.device,
-                                route_keys=self.settings.moc.enabled and not self.settings.moc.descriptor_rope)
+            args = (tr.num_layers, self.batch, self.layout(len(self.shot_frames)).num_tokens,
+                    self.heads[1] - self.heads[0], tr.head_dim)
+            kwargs = {"dtype": self.model.dtype, "device": self.device,
+                      "route_keys": self.settings.moc.enabled and not self.settings.moc.descriptor_rope}
+            kept, self.kept_kv = self.kept_kv, None
+            if kept is not None and kept.spec == ContextKV.describe(*args, **kwargs):
+                kept.restart()
+                self.kv = kept
+            else:
+                del kept  # a cache of another shape: freed before the new one is allocated
+                self.kv = ContextKV(*args, **kwargs)
         return self.kv
 
     def _check_stop(self, where: str) -> None:
@@ -228,10 +246,20 @@ class StorySampler:
         a, b = self.layout(shot + 1).shot_range(shot)
         kv.mark_context(a, b)
 
-    def encode_context(self, shot: int, latents: torch.Tensor, noise_seed: int, exclude: tuple[int, ...] = ()) -> None:
+    def holds_pass(self, shots: list[int], key: str) -> bool:
+        """Whether the pass over `shots` named `key` would be served from the kept K/V cache."""
+        if self.kv is None and self.kept_kv is None or not self.options.context_cache:
+            return False
+        kv = self._kv()
+        layout = self.layout(shots[-1] + 1)
+        a, b = layout.shot_range(shots[0])[0], layout.shot_range(shots[-1])[1]
+        return kv.context_end == a and kv.holds(a, b, key)
+
+    def encode_context(self, shot: int, latents: torch.Tensor, noise_seed: int, exclude: tuple[int, ...] = (),
+                       key: str | None = None) -> bool:
         """Make shot `shot` (with every earlier shot already context) context for later shots.
         exclude: earlier shots this pass must not attend (blocked for it; a pin on them is dropped)."""
-        self.encode_contexts([shot], [latents], [noise_seed], exclude)
+        return self.encode_contexts([shot], [latents], [noise_seed], exclude, key)
 
     def can_group(self) -> bool:
         """Whether consecutive context shots may share one pass: only where no shot's queries can
@@ -279,12 +307,15 @@ class StorySampler:
         return groups
 
     def encode_contexts(self, shots: list[int], latents: list[torch.Tensor], noise_seeds: list[int],
-                        exclude: tuple[int, ...] = ()) -> None:
+                        exclude: tuple[int, ...] = (), key: str | None = None) -> bool:
         """Make `shots` (consecutive, in story order, every earlier shot already context) context
         for later shots in one pass: the shots' latents re-noised and denoised together at t_c,
         each attending its own shot and what routing picks among the earlier ones (`can_group`
         must hold for more than one shot). A pass that runs out of GPU memory is run again one
-        shot at a time. exclude: earlier shots these must not attend (blocked; a pin on them is dropped)."""
+        shot at a time. exclude: earlier shots these must not attend (blocked; a pin on them is dropped).
+        key: names everything the pass reads (the engine's `context_pass_key`); where the K/V cache
+        still holds that pass's output (kept from an earlier render) it is not run again.
+        Returns whether the pass was served from the kept cache."""
         shots = list(shots)
         if any(b != a + 1 for a, b in itertools.pairwise(shots)):
             raise ValueError(f"context shots of one pass must be consecutive, got {[s + 1 for s in shots]}")
@@ -292,12 +323,17 @@ class StorySampler:
             raise ValueError("several shots in one context pass need causal MoC routing with the context K/V cache")
         label = f"shot {shots[0] + 1}" if len(shots) == 1 else f"shots {shots[0] + 1}-{shots[-1] + 1}"
         self._check_stop(f"before the context pass of {label}")
+        if key is not None and self.holds_pass(shots, key):
+            layout = self.layout(shots[-1] + 1)
+            self.kv.mark_context(layout.shot_range(shots[0])[0], layout.shot_range(shots[-1])[1], key)
+            self.passes_kept += 1
+            return True
         xs = [self.noisy_context(s, x, seed) for s, x, seed in zip(shots, latents, noise_seeds)]
         if not self.options.context_cache:
             if exclude:
                 raise ValueError("excluding shots from a context pass needs the context K/V cache")
             self.context_latents.update(zip(shots, xs))
-            return
+            return False
         moc = None
         if exclude:
             if self.moc_config is None:
@@ -322,12 +358,14 @@ class StorySampler:
             torch.cuda.empty_cache()
             for s, x, seed in zip(shots, latents, noise_seeds):
                 self.encode_contexts([s], [x], [seed], exclude)
-            return
+            return False
         if self.parallel is not None:
             work.merge(self.parallel)
         self.attn_flops_moc += work.total_flops_moc
         self.attn_flops_dense += work.total_flops_dense
-        kv.mark_context(a, b)
+        kv.mark_context(a, b, key)
+        self.passes_run += 1
+        return False
 
     # ---- a run --------------------------------------------------------------------------------
 

@@ -72,7 +72,13 @@ def test_generate_then_regenerate_one_shot(client):
 
     # Regenerate the middle shot with a new seed; shot 0 is served from the cache unchanged.
     story.shots[1].seed = result["shots"][1]["seed"] + 1
-    _, regen_videos, regen = client.predict(story.to_dict(), 1, api_name="/regenerate")
+    job = client.submit(story.to_dict(), 1, api_name="/regenerate")
+    _, regen_videos, regen = job.result(timeout=120)
+    # before its steps, the stream named each context pass it ran: shot 0, then shot 2 (both sides)
+    running = [r for _, _, r in job.outputs() if r and r.get("state") == "running"]
+    assert [r["context"] for r in running if r["context"] is not None] == [0, 2], running
+    assert [r["context_shots"] for r in running if r["context"] is not None] == [[0], [2]], running
+    assert regen["summary"]["context_passes"] == {"run": 2, "kept": 0}
     context = f"first render {result['shots']}; regenerate {regen.get('shots', regen)}"  # for a failure report
     statuses = [s["status"] for s in regen["shots"]]
     assert statuses[0] == "cached" and statuses[1] == "generated" and statuses[2] != "generated", context
@@ -92,10 +98,8 @@ def test_generate_then_regenerate_one_shot(client):
     job = client.submit(story.to_dict(), 1, False, api_name="/regenerate")
     *_, one = job.result(timeout=120)
     assert [s["status"] for s in one["shots"]] == ["cached", "generated", "stale"], one["shots"]
-    # before its steps, the stream named the one context pass it ran (shot 0, read before shot 1)
-    running = [r for _, _, r in job.outputs() if r and r.get("state") == "running"]
-    assert [r["context"] for r in running if r["context"] is not None] == [0], running
-    assert [r["context_shots"] for r in running if r["context"] is not None] == [[0]], running
+    # its one context pass (shot 0) is the server's kept K/V of the regeneration before: not run again
+    assert one["summary"]["context_passes"] == {"run": 0, "kept": 1}
 
 
 def wait_for_step(job, at_least: int = 1, timeout: float = 120.0) -> dict:

@@ -105,6 +105,18 @@ def test_routing_demo_flag_prints_the_routing():
     assert "density" in out and "shot 3 frame 2:" in out
 
 
+def test_no_keep_context_flag_reaches_the_engine(monkeypatch, tiny_model_dir):
+    from engine.engine import StoryEngine
+    from launch import load_engine, parse_args
+    built = {}
+    monkeypatch.setattr(StoryEngine, "load", staticmethod(lambda *a, **kw: built.setdefault("options", kw["options"])))
+    for argv, keep in (([], True), (["--no-keep-context"], False)):
+        built.clear()
+        args = parse_args(["--model", str(tiny_model_dir), *argv])
+        load_engine(args, None, "cpu", preview=False)
+        assert built["options"].keep_context is keep
+
+
 def test_open_top_k_flag_is_checked():
     from launch import parse_args
     assert parse_args([]).open_top_k == 2 and parse_args(["--open-top-k", "0"]).open_top_k == 0
