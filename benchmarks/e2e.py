@@ -15,10 +15,12 @@ like any checkpoint. Parts (--parts, all by default):
   render    StoryEngine.render of the story (joint, then shot by shot) with MoC: H.264 for every
             shot and the story, the routing report, peak memory; with --render-dense also dense.
             Then regenerate one middle shot with the others as cached context (both sides),
-            against rendering all 8; with earlier shots only; with both sides again, consecutive
-            cached shots read in one context pass each as memory allows (context_pass_tokens=0),
-            and as by default once more; each row with its seconds by phase and each context
-            pass's seconds.
+            against rendering all 8; another take of it, the others' context K/V kept from the
+            regeneration before (SamplerOptions.keep_context: no context pass runs); then, each
+            reading its context afresh, with earlier shots only; with both sides again,
+            consecutive cached shots read in one context pass each as memory allows
+            (context_pass_tokens=0), and one pass per shot once more; each row with its seconds by
+            phase and each context pass's seconds.
 
 Every part runs with this process's GPU memory capped at what an 80 GB H100 offers (--memory-gib,
 79 GiB), so the lent H200 shows whether the story fits an H100; a render that does not fit records
@@ -450,6 +452,7 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, p
                "videos": videos, "videos_ok": all(v["codec"] == "h264" and v["frames"] > 0 for v in videos)}
         if result.summary.get("both_sides") is not None:
             row["both_sides"] = result.summary["both_sides"]
+        row["context_passes"] = result.summary.get("context_passes")  # run, and kept from the render before
         row["phases_s"] = phase_split(marks, t0, t0 + seconds)
         row["context_passes_s"] = context_passes(marks, t0 + seconds)
         if retries0 is not None:  # the allocator freed its cache and retried (each a device-wide wait)
@@ -469,19 +472,27 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, p
     row = render(again, "moc_joint_regenerate", regenerate=middle,
                  profiled_as="regenerate, both sides" if profile_regenerate else None)
     rows.append({**row, "regenerated_shot": middle})
+    # another take of the same shot, as a user trying takes makes it: the other shots' context K/V
+    # were kept by the regeneration before (SamplerOptions.keep_context, on by default), so none of
+    # the seven context passes runs again
+    options = engine.options
+    again.shots[middle].seed = 9_995
+    if "moc_joint_regenerate_kept" not in skip:
+        rows.append({**render(again, "moc_joint_regenerate_kept", regenerate=middle), "regenerated_shot": middle})
+    # the rows below read their context afresh (keep_context off), as the first regeneration did
+    engine.options = dataclasses.replace(options, keep_context=False)
     again.shots[middle].seed = 9_998  # another new take, so it is sampled again
     row = render(again, "moc_joint_regenerate_earlier", regenerate=middle, both_sides=False,
                  profiled_as="regenerate, earlier shots only" if profile_regenerate else None)
     rows.append({**row, "regenerated_shot": middle})
     # the same both-sided regeneration again, now with consecutive cached shots read in one context
     # pass each where memory allows (SamplerOptions.context_pass_tokens=0; one pass per shot is the
-    # default), then as by default once more: each against the other with the process equally warm
-    options = engine.options
+    # default), then one pass per shot once more: each against the other with the process equally warm
     for name, tokens, seed in (("moc_joint_regenerate_grouped", 0, 9_997),
                                ("moc_joint_regenerate_again", options.context_pass_tokens, 9_996)):
         if name in skip:
             continue
-        engine.options = dataclasses.replace(options, context_pass_tokens=tokens)
+        engine.options = dataclasses.replace(options, context_pass_tokens=tokens, keep_context=False)
         again.shots[middle].seed = seed
         rows.append({**render(again, name, regenerate=middle), "regenerated_shot": middle})
     engine.options = options
@@ -493,10 +504,13 @@ def part_render(engine, size, device, steps: int, out: Path, dense: bool, log, p
         with dense_backend("flash"):
             rows.append(render(make_story(size, steps, "joint", False, seed0=400), "dense_flash_joint"))
     by = {r["render"]: r for r in rows}
-    joint, again = by["moc_joint"]["seconds"], by["moc_joint_regenerate"]["seconds"]
-    earlier = by["moc_joint_regenerate_earlier"]["seconds"]
-    return {"rows": rows, "regenerate_speedup": round(joint / again, 3) if joint and again else None,
-            "regenerate_speedup_earlier_only": round(joint / earlier, 3) if joint and earlier else None}
+
+    def speedup(name: str) -> float | None:  # the joint render's seconds over this row's
+        joint, other = by["moc_joint"]["seconds"], by.get(name, {}).get("seconds")
+        return round(joint / other, 3) if joint and other else None
+    return {"rows": rows, "regenerate_speedup": speedup("moc_joint_regenerate"),
+            "regenerate_speedup_earlier_only": speedup("moc_joint_regenerate_earlier"),
+            "regenerate_speedup_kept_context": speedup("moc_joint_regenerate_kept")}
 
 
 def probe(path) -> dict:
@@ -564,7 +578,8 @@ def main(argv=None) -> int:
                         "and host operations (slower; their seconds then include the profiler)")
     p.add_argument("--no-shot-by-shot", action="store_true", help="render part: leave out the shot-by-shot render")
     p.add_argument("--skip", default="", help="render part: comma-separated render rows to leave out "
-                                              "(moc_joint_regenerate_grouped, moc_joint_regenerate_again)")
+                                              "(moc_joint_regenerate_kept, moc_joint_regenerate_grouped, "
+                                              "moc_joint_regenerate_again)")
     p.add_argument("--layers", type=int, default=None, help="transformer layers (default: 30; tiny: 2)")
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer's blocks first (StoryTransformer.compile_blocks; the first "
@@ -642,6 +657,7 @@ def main(argv=None) -> int:
         result["render"] = render["rows"]
         result["regenerate_speedup"] = render["regenerate_speedup"]
         result["regenerate_speedup_earlier_only"] = render["regenerate_speedup_earlier_only"]
+        result["regenerate_speedup_kept_context"] = render["regenerate_speedup_kept_context"]
     print(json.dumps({k: v for k, v in result.items() if k.endswith("speedup") or "speedup_vs" in k}))
     write_json()
     if "scaling" in parts:

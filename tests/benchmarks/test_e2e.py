@@ -44,9 +44,17 @@ def test_renders_write_videos_and_regenerate_keeps_the_other_shots(run):
     work, data = run
     rows = {r["render"]: r for r in data["render"]}
     assert set(rows) == {"moc_joint", "moc_joint_regenerate", "moc_joint_regenerate_earlier", "moc_shot_by_shot",
-                         "moc_joint_regenerate_grouped", "moc_joint_regenerate_again"}
-    for name in ("moc_joint_regenerate_grouped", "moc_joint_regenerate_again"):
+                         "moc_joint_regenerate_kept", "moc_joint_regenerate_grouped", "moc_joint_regenerate_again"}
+    for name in ("moc_joint_regenerate_kept", "moc_joint_regenerate_grouped", "moc_joint_regenerate_again"):
         assert rows[name]["statuses"] == ["cached", "generated", "cached"] and rows[name]["both_sides"] is True
+    # another take of the regenerated shot reads no context: both passes kept from the one before;
+    # the rows after it read theirs afresh
+    assert rows["moc_joint_regenerate"]["context_passes"] == {"run": 2, "kept": 0}
+    assert rows["moc_joint_regenerate_kept"]["context_passes"] == {"run": 0, "kept": 2}
+    assert rows["moc_joint_regenerate_kept"]["phases_s"]["context"] < rows["moc_joint_regenerate"]["phases_s"]["context"]
+    assert rows["moc_joint_regenerate_again"]["context_passes"] == {"run": 2, "kept": 0}
+    assert rows["moc_joint_regenerate_earlier"]["context_passes"] == {"run": 1, "kept": 0}
+    assert data["regenerate_speedup_kept_context"] > 0
     assert all(r["videos_ok"] for r in rows.values())
     joint = rows["moc_joint"]["videos"]
     assert [v["codec"] for v in joint] == ["h264"] * 4 and [v["frames"] for v in joint] == [5, 5, 5, 15]
