@@ -657,7 +657,7 @@ def test_gather_backward_sums_dq_a_few_heads_at_a_time(monkeypatch, groups):
     """Where step 1 ran through SDPA, the backward runs the forced links' backward once over all
     heads and sums the routed dQ in float32 one pass of heads at a time (dq_heads_per_pass, under
     GATHER_DQ_BYTES), starting from the forced share: the same gradients bit for bit as one pass
-    of every head, and the reference's; batch 2, a context offset, ragged slots, and the forward in
+    of every head (on a GPU dQ to cuDNN's own run-to-run rounding), and the reference's; batch 2, a context offset, ragged slots, and the forward in
     one head group or one group per head."""
     from engine.moc import triton_gather
     q, k, v, sel = ragged_case(DTYPES[-1], seed=201, draw=8)
@@ -676,8 +676,13 @@ def test_gather_backward_sums_dq_a_few_heads_at_a_time(monkeypatch, groups):
     monkeypatch.setattr(triton_gather, "GATHER_DQ_BYTES", 1)
     assert triton_gather.dq_heads_per_pass(q) == 1
     passes = grads()
-    for a, b in zip(passes, whole):
-        assert torch.equal(a, b)
+    for name, a, b in zip("qkv", passes, whole):
+        if CUDA and name == "q":
+            # cuDNN's SDPA backward accumulates dQ with atomics: on an H100 two runs of the same
+            # call differ by an ulp (6.1e-5 at this scale, measured), one head a pass or not
+            torch.testing.assert_close(a, b, rtol=0, atol=5e-4)
+        else:
+            assert torch.equal(a, b)
     check_gather(q, k, v, sel, forced="sdpa")  # values and gradients against the reference, one head a pass
 
 
