@@ -20,8 +20,10 @@ q, k, v copied into its buffers each call): MoC without its launch and host work
 Columns: fwd_ms is routing + attention forward (for dense: attention); fwd_bwd_ms adds the
 backward (dq, dk, dv); routing_ms is the fused routing alone (descriptors, top-k, Selection);
 attn_ms is the attention given the selection (plan or BlockMask build included); density is the
-attended fraction of (query, key) pairs; work is the fraction the Triton kernel walks (its key
-ranges, before rounding to blocks); union_chunks_per_tile is the mean size of a 128-query tile's
+attended fraction of (query, key) pairs; work is the fraction the kernel that ran walks: the tile
+kernels their tiles' key ranges (before rounding to blocks), gather the forced links at their
+pairs and each routed chunk's query rows padded to whole BLOCK_M tiles (`gather_work`); work ÷
+density is what the kernel does beyond the routed pairs; union_chunks_per_tile is the mean size of a 128-query tile's
 chunk union (routed_chunks_per_tile: its routed part, against k; kernel_union_chunks_per_tile: the
 same for the Triton kernel's tiles, whose rows are sorted by routed set); peak_mem_gib is the peak of
 torch's allocator over one forward + backward, inputs and gradients included.
@@ -61,7 +63,8 @@ from engine.moc.graphed import GraphedAttention  # noqa: E402
 import engine.moc.attention as moc_attention_module
 from engine.moc.interpret import interpreter_numpy_shim
 from engine.moc import triton_gather
-from engine.moc.triton_gather import GATHER_BLOCK, forced_attention, forced_only, gather_moc_attention  # noqa: E402
+from engine.moc.triton_gather import (GATHER_BLOCK, forced_attention, forced_only, gather_moc_attention,  # noqa: E402
+                                      gather_work)
 
 FRAME_TOKENS = {"16k": 136, "64k": 544, "180k": 1500}
 HEADS, HEAD_DIM, TOP_K = 12, 128, 5
@@ -172,10 +175,21 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
     sel = routing()
     stats = sel.stats()
     work = kernel_union = float("nan")
-    if "moc-triton" in backends:
+    if "moc-triton" in backends or "moc-auto" in backends:
         plan = kernel_plan(sel)
         work = float(plan.ranges.keys_per_tile().sum() * sel.tile / (heads * N * N))  # tile rows x keys walked
         kernel_union = float(plan.tiles.tile_count.float().mean())
+    # what gather walks: the forced links at their pairs, each routed chunk's rows padded to BLOCK_M tiles
+    walked_gather = gather_work(sel, GATHER_BLOCK["cuda" if q.is_cuda else "cpu"][0])
+
+    def walked(backend: str, dispatch: str | None) -> float | None:
+        """The walked work of the path that ran: the tile kernels' unions or gather's padded pairs."""
+        path = (dispatch or "dense") if backend == "moc-auto" else backend
+        if path in ("moc-triton", "triton") or path.startswith("triton-"):
+            return rounded(work, 4)
+        if path.startswith(("moc-gather", "gather")):
+            return rounded(walked_gather, 4)
+        return None
     routing_ms = time_ms(routing, repeats)
     moc_attend = {
         "moc-triton": lambda s: triton_moc_attention(q, k, v, s),
@@ -283,7 +297,7 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
                 "fwd_ms": round(fwd_ms, 3), "fwd_bwd_ms": round(fwd_bwd_ms, 3) if backward else None,
                 "routing_ms": round(routing_ms, 3) if backend.startswith("moc") and dispatch != "dense" else 0.0,
                 "attn_ms": round(attn_ms, 3), "attn_tflops": round(flops / attn_ms / 1e9, 1),
-                "density": round(density, 4), "work": rounded(work, 4) if backend == "moc-triton" else None,
+                "density": round(density, 4), "work": walked(backend, dispatch),
                 "union_chunks_per_tile": rounded(union, 2), "routed_chunks_per_tile": rounded(routed_union, 2),
                 "kernel_union_chunks_per_tile": rounded(kernel_union, 2) if backend == "moc-triton" else None,
                 "peak_mem_gib": rounded(peak, 3), "fwd_peak_mem_gib": rounded(fwd_peak, 3),
@@ -379,6 +393,25 @@ def forced_summary(by: dict, size: str, inputs: str) -> list[str]:
     return out
 
 
+def walked_work_rows(sizes: list[str], inputs: list[str]) -> list[dict]:
+    """Gather's walked work (`gather_work`, the GPU's BLOCK_M) against the density of the same
+    selection, routed where this runs (no kernel: the reference routing), for each size and input."""
+    block_m = GATHER_BLOCK["cuda"][0]
+    rows = []
+    for size in sizes:
+        layout = moc_layout(frame_tokens=FRAME_TOKENS[size])
+        for kind in inputs:
+            make = structured_qkv if kind == "structured" else random_qkv
+            q, k, _ = make(layout, HEADS, HEAD_DIM, seed=0)
+            sel = route(q, k, layout, MoCConfig(top_k=TOP_K))
+            density, work = sel.density(), gather_work(sel, block_m)
+            rows.append({"size": size, "inputs": kind, "density": round(density, 4), "gather_work": round(work, 4),
+                         "work_over_density": round(work / density, 4)})
+            print(f"{size} {kind}: density {density:.4f}; gather walks {work:.4f} with {block_m}-row tiles, "
+                  f"{work / density:.3f}x the density", flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
@@ -403,7 +436,15 @@ def main():
     parser.add_argument("--auto-graphs", action="store_true",
                         help="let moc-auto without gradients replay a captured CUDA graph at 12k-32k keys "
                              "(engine.moc.attention.AUTO_GRAPHS, off by default); recorded in the JSON")
+    parser.add_argument("--work-only", action="store_true",
+                        help="no timing: route the inputs at --sizes here (the CPU will do, about 40 s for all "
+                             "three) and print gather's walked work against the density for its GPU tiles")
     args = parser.parse_args()
+    if args.work_only:
+        rows = walked_work_rows(args.sizes, args.inputs)
+        if args.json:
+            args.json.write_text(json.dumps({"gather_block": list(GATHER_BLOCK["cuda"]), "rows": rows}, indent=2) + "\n")
+        return
     if args.auto_graphs:
         moc_attention_module.AUTO_GRAPHS = True
     if args.render_merge:

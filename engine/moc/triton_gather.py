@@ -180,6 +180,21 @@ def slot_pairs(routed: torch.Tensor, num_chunks: int, block_m: int) -> SlotPairs
                                                                   for x in (start, counts, tiles)))
 
 
+def gather_work(selection: Selection, block_m: int) -> float:
+    """What gather's forward walks, as a fraction of all (query, key) pairs: the forced links at
+    their pairs (step 1 runs them as dense rectangles: each shot's queries against exactly their
+    forced keys), plus, per routed slot and key chunk, the slot's pairs of that chunk rounded up to
+    whole BLOCK_M tiles, times the chunk's keys. With block_m = 1 it is the density; over it, what
+    the tiles' padding adds (benchmarks/attention.py's `work` column)."""
+    layout, routed = selection.layout, selection.routed
+    B, H, Nq, _ = routed.shape
+    clen = layout.tensors_on(routed.device).chunk_len.to(torch.int64)
+    forced = float((selection.forced.to(torch.int64) @ clen)[selection.query_chunks].sum()) * B * H
+    count = slot_pairs(routed, layout.num_chunks, block_m).count.to(torch.int64)  # (R, B * H, C)
+    walked = float(((count + block_m - 1) // block_m * block_m * clen).sum())
+    return (forced + walked) / (B * H * Nq * selection.num_keys)
+
+
 @triton.jit
 def _pair_tile(t, off_hz, chunk_tile_end, chunk_pair_start, chunk_pair_count, C, P,
                C_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -709,6 +724,6 @@ def heads_per_group(q: torch.Tensor, slots: int, grad: bool) -> int:
 __all__ = ["FORCED_DEFAULT", "FORCED_IMPLS", "GATHER_BUFFER_BYTES", "GATHER_DQ_BYTES", "GATHER_FWD_BUFFER_BYTES",
            "GATHER_FWD_PIECE_BYTES", "GATHER_IN_PLACE_BUFFER_BYTES", "GATHER_MERGES", "GATHER_RENDER_MERGE",
            "IN_PLACE_PAIR_BYTES", "RoutedPairs", "SlotPairs", "dq_heads_per_pass", "forced_attention",
-           "forced_default", "forced_only", "gather_moc_attention", "head_buffer_bytes", "heads_per_group",
+           "forced_default", "forced_only", "gather_moc_attention", "gather_work", "head_buffer_bytes", "heads_per_group",
            "in_place_head_bytes", "in_place_heads_per_group", "merge_partials", "query_rows_per_piece",
            "routed_pairs", "slot_pairs"]

@@ -34,6 +34,9 @@ def test_tiny_run_times_gather_both_ways_and_the_forced_links_alone(tmp_path, mo
     assert by["forced-sdpa"]["lse_err_vs_triton"] < 1e-4
     assert by["forced-sdpa"]["fwd_bwd_ms"] is None and by["moc-gather"]["fwd_bwd_ms"] > 0
     assert by["forced-sdpa"]["density"] < by["moc-gather"]["density"]  # the forced links are part of it
+    for name in backends[:4]:  # every gather row: what it walks, its padded pairs, at least the density
+        assert by[name]["work"] == by["moc-gather"]["work"] >= by[name]["density"]
+    assert by["forced-sdpa"]["work"] is None
     for r in rows:  # the per-kernel split of one forward, heaviest first
         split = r["kernels"]
         assert split and all(k["ms"] > 0 and k["calls"] >= 1 for k in split)
@@ -89,3 +92,5 @@ def test_auto_rows_record_what_ran_with_and_without_gradients():
     (row,) = rows
     assert isinstance(row["dispatch"], str) and isinstance(row["dispatch_grad"], str)
     assert row["fwd_bwd_ms"] > 0
+    if row["dispatch"] in ("gather", "triton"):  # the walked work of what ran
+        assert row["work"] >= row["density"]

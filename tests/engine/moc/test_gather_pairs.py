@@ -71,3 +71,32 @@ def test_sorted_by_counts_and_orders_like_a_stable_sort_at_both_id_widths():
                 assert int(counts[row, gid]) == want
                 assert int(start[row, gid]) == int((key[row] < gid).sum())
             assert int(counts[row].sum()) == int((key[row] < groups).sum())
+
+
+def test_gather_work_is_the_density_with_one_row_tiles_and_adds_each_chunks_padding():
+    """benchmarks/attention.py's `work` for gather: with BLOCK_M = 1 nothing is padded, so it is the
+    density; with 4-row tiles every (slot, chunk) group of query rows rounds up to whole tiles,
+    counted here by hand."""
+    import pytest
+
+    from engine.moc import MoCConfig, TokenLayout
+    from engine.moc.routing import route
+    from engine.moc.triton_gather import gather_work
+    layout = TokenLayout(frame_tokens=7, shot_frames=(3, 2, 4), text_tokens=(5, 3), text_shots=(-1, 1))
+    g = torch.Generator().manual_seed(4)
+    B, H, D = 2, 3, 8
+    q, k = (torch.randn(B, H, layout.num_tokens, D, generator=g) for _ in range(2))
+    sel = route(q, k, layout, MoCConfig(top_k=2))
+    assert gather_work(sel, 1) == pytest.approx(sel.density(), rel=1e-12)
+    clen = layout.tensors.chunk_len.tolist()
+    forced = float((sel.forced.double() @ layout.tensors.chunk_len.double())[sel.query_chunks].sum()) * B * H
+    padded = 0
+    for b in range(B):
+        for h in range(H):
+            for r in range(sel.routed.shape[-1]):
+                for c in range(layout.num_chunks):
+                    rows = int((sel.routed[b, h, :, r] == c).sum())
+                    padded += -(-rows // 4) * 4 * clen[c]
+    want = (forced + padded) / (B * H * layout.num_tokens * layout.num_tokens)
+    assert gather_work(sel, 4) == pytest.approx(want, rel=1e-12)
+    assert gather_work(sel, 4) > sel.density()
