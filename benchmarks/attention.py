@@ -185,7 +185,7 @@ def bench_size(size: str, inputs: str, backends: tuple[str, ...], repeats: int, 
     def walked(backend: str, dispatch: str | None) -> float | None:
         """The walked work of the path that ran: the tile kernels' unions or gather's padded pairs."""
         path = (dispatch or "dense") if backend == "moc-auto" else backend
-        if path in ("moc-triton", "triton") or path.startswith("triton-"):
+        if path in ("moc-triton", "triton"):
             return rounded(work, 4)
         if path.startswith(("moc-gather", "gather")):
             return rounded(walked_gather, 4)

@@ -65,7 +65,8 @@ class SamplerOptions:
     # tokens; 0 = as many as the GPU's free memory holds beside the context K/V cache (all of them on
     # the CPU). One per shot by default: on the CPU grouping was no faster (the default 4-shot story,
     # regenerating shot 3 both-sided: 10.36 s grouped against 10.08 s, benchmarks/context_cache.py
-    # --only grouped), and on the GPU it is not measured yet
+    # --only grouped), nor on an H100 at MoC-180k (2 grouped passes 9.2 s against 7 single ones
+    # 6.7 s, 6 GiB higher peak: benchmarks/results/e2e_render_kept_h100.json)
     context_pass_tokens: int = 1
     # keep the context K/V cache after a render that filled it (StoryEngine): the next render that
     # reads context skips every pass whose inputs are unchanged (another take of the same shot reads

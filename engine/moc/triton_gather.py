@@ -63,7 +63,9 @@ GATHER_BLOCK = {"cuda": (64, 64, 4), "cpu": (16, 16, 1)}  # BLOCK_M, BLOCK_N, wa
 # 65.8 ms each way (one H200, structured inputs, benchmarks/results/attention_fwd_budget_h200.json).
 # With gradients the smaller groups cost time (forward + backward 298.8 ms at 256 MiB, 272.0 at 512,
 # 268.7 at 1 GiB on the H200, when the backward also ran cuDNN's forced-link backward per group;
-# it now runs once over all heads). 512 MiB since 2026-12-07 (not yet timed): at 64k one group of
+# it now runs once over all heads). 512 MiB since 2026-12-07 (H100, 2026-12-08: forward + backward
+# at 180k 261.9 ms, 4.85x dense cuDNN; peak at 64k 1.97 GiB against dense's 2.12; benchmarks/results/
+# attention_*_bwd*_h100.json): at 64k one group of
 # all 12 heads held 0.93 GiB of partial outputs, the peak of forward + backward there (traced by
 # benchmarks/attention_memory.py: 0.44 GiB above dense at 1 GiB, 0.19 at 512 MiB, before dense
 # cuDNN's own float32 dQ accumulator of 0.37 GiB, which the trace does not see).
